@@ -1,0 +1,49 @@
+"""JSON round-trip for the toolchain's config dataclasses (nested dataclasses and tuples included)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from typing import Any, TypeVar
+
+from quantface.errors import ConfigError
+
+T = TypeVar("T", bound="JsonConfig")
+
+
+class JsonConfig:
+    """Mixin for dataclasses: ``to_json`` / ``from_json``. Unknown keys are an error, not ignored."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls: type[T], raw: dict[str, Any]) -> T:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{cls.__name__} must be a JSON object, got {type(raw).__name__}")
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} keys: {', '.join(unknown)}")
+        kwargs = {}
+        for key, value in raw.items():
+            hint = hints[key]
+            if isinstance(hint, type) and issubclass(hint, JsonConfig) and isinstance(value, dict):
+                value = hint.from_dict(value)
+            elif isinstance(value, list) and typing.get_origin(hint) is tuple:
+                value = tuple(value)
+            kwargs[key] = value
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls: type[T], text: str) -> T:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{cls.__name__} is not valid JSON: {exc}") from None
+        return cls.from_dict(raw)

@@ -1,0 +1,73 @@
+import json
+
+import numpy as np
+import pytest
+
+from quantface.cli import main
+from quantface.jobs import EvalConfig, ModelSpec
+from quantface.data import read_image
+
+
+def test_eval_writes_json_with_required_fields(image_folder, tiny_weights, tmp_path, capsys):
+    out = tmp_path / "res" / "eval.json"
+    rc = main(["eval", "--weights", str(tiny_weights), "--data", str(image_folder), "--limit", "3", "--seed", "1",
+               "--size", "32", "--json", str(out)])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    for key in ("n", "psnr", "ssim", "psnr_lq", "ssim_lq", "per_image", "seed", "size"):
+        assert key in r
+    assert r["n"] == 3 and len(r["per_image"]) == 3 and r["seed"] == 1 and r["size"] == 32
+    assert r["psnr"] == pytest.approx(np.mean([p["psnr"] for p in r["per_image"]]))
+    assert set(r["per_image"][0]) == {"file", "psnr", "ssim", "psnr_lq", "ssim_lq"}
+    assert "n=3" in capsys.readouterr().out
+    assert [p.name for p in out.parent.iterdir()] == ["eval.json"]  # no temp file left behind
+
+
+def test_eval_is_reproducible(image_folder, tiny_weights, tmp_path):
+    runs = []
+    for name in ("a.json", "b.json"):
+        main(["eval", "--weights", str(tiny_weights), "--data", str(image_folder), "--size", "32",
+              "--json", str(tmp_path / name)])
+        runs.append(json.loads((tmp_path / name).read_text()))
+    assert runs[0]["per_image"] == runs[1]["per_image"]
+
+
+def test_restore_folder_skips_bad_files(image_folder, tiny_weights, tmp_path, capsys):
+    (image_folder / "broken.jpg").write_bytes(b"junk")
+    out = tmp_path / "restored"
+    rc = main(["restore", "--weights", str(tiny_weights), "--input", str(image_folder), "--output", str(out),
+               "--size", "32"])
+    assert rc == 0
+    assert sorted(p.name for p in out.iterdir()) == [f"{i:03d}.png" for i in range(5)]
+    assert read_image(out / "000.png").shape == (32, 32, 3)
+    err = capsys.readouterr().err
+    assert "skipped 1 unreadable file(s)" in err and "broken.jpg" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["restore", "--input", "/no/such/path", "--output", "x"], "input path /no/such/path does not exist"),
+    (["eval", "--data", "/no/such/dir"], "input path /no/such/dir does not exist"),
+    (["eval", "--data", ".", "--size", "50"], "--size 50 must be a positive multiple of 16"),
+    (["eval", "--data", ".", "--limit", "0"], "--limit 0 must be at least 1"),
+    (["demo", "--weights", "/no/weights"], "model file /no/weights.json does not exist"),
+])
+def test_user_errors_are_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {message}"
+
+
+def test_demo_writes_grid_and_summary(tiny_weights, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--weights", str(tiny_weights), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["faces"][0] == "astronaut" and len(summary["faces"]) == 6
+    grid = read_image(out / "grid.png")
+    assert grid.shape[0] > grid.shape[1]  # one row per face, two columns
+    assert "before/after grid" in capsys.readouterr().out
+
+
+def test_configs_round_trip_to_json():
+    cfg = EvalConfig(data="d", json_out="o.json", model=ModelSpec(weights="w"), limit=4, seed=2, size=64)
+    assert EvalConfig.from_json(cfg.to_json()) == cfg
