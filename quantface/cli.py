@@ -18,12 +18,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="reference", choices=MODEL_NAMES, help="network to run (default: reference)")
     p.add_argument("--weights", default=None,
                    help="weights stem overriding the embedded ones: <stem>.safetensors + <stem>.json")
+    p.add_argument("--recipe", default=None, help="calibration recipe folder: run the fake-quant model")
 
 
 def _model_spec(a: argparse.Namespace):
     from quantface.jobs import ModelSpec
 
-    return ModelSpec(name=a.model, weights=a.weights)
+    return ModelSpec(name=a.model, weights=a.weights, recipe=a.recipe)
 
 
 def _cmd_restore(a: argparse.Namespace) -> int:
@@ -50,8 +51,22 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         print(f"skipped {len(r['skipped'])} unreadable file(s):", file=sys.stderr)
         for s in r["skipped"]:
             print(f"  {s}", file=sys.stderr)
+    if "psnr_to_fp" in r:
+        print(f"vs FP model: PSNR {r['psnr_to_fp']:.2f} dB  SSIM {r['ssim_to_fp']:.4f}")
     if a.json:
         print(f"wrote {a.json}")
+    return 0
+
+
+def _cmd_calibrate(a: argparse.Namespace) -> int:
+    from calibration import CalibConfig, calibrate
+
+    cfg = CalibConfig(method=a.method, bits=a.bits, data=a.data, out=a.out, model=a.model, weights=a.weights,
+                      seed=a.seed, size=a.size, limit=a.limit, stat_images=a.stat_images, rank=a.rank, alpha=a.alpha,
+                      steps=a.steps, batch_size=a.batch_size, lr=a.lr, scale_lr=a.scale_lr,
+                      lpips_backbone=a.lpips_backbone, lpips_lin=a.lpips_lin, lpips_net=a.lpips_net,
+                      fp_layers=tuple(a.fp_layers), resume=not a.no_resume, threads=a.threads)
+    calibrate(cfg)
     return 0
 
 
@@ -95,6 +110,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--second-stage", action="store_true", help="two-stage degradation")
     p.add_argument("--json", default=None, help="write the results here")
     p.set_defaults(func=_cmd_eval)
+
+    from calibration import METHODS, CalibConfig
+
+    d = CalibConfig()
+    p = sub.add_parser("calibrate", help="calibrate a quantized model and write its recipe")
+    p.add_argument("--model", default="reference", choices=MODEL_NAMES)
+    p.add_argument("--weights", default=None, help="weights stem overriding the embedded ones")
+    p.add_argument("--method", default=d.method, choices=list(METHODS))
+    p.add_argument("--bits", default=d.bits, help="W<b>A<b>, e.g. W8A8, W6A6, W4A6, W4A4")
+    p.add_argument("--data", default=d.data, help="folder of HQ calibration faces (degraded with --seed)")
+    p.add_argument("--out", required=True, help="recipe folder to write")
+    p.add_argument("--steps", type=int, default=None, help="refinement steps (default per method)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--size", type=int, default=None, help="working size (default: the model's)")
+    p.add_argument("--limit", type=int, default=None, help="use the first N calibration images")
+    p.add_argument("--stat-images", type=int, default=d.stat_images, help="images for statistics and ranges")
+    p.add_argument("--rank", type=int, default=d.rank, help="low-rank r (QD-LoRA: r + r, merged to 2r)")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="smoothing migration strength")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help="learning rate of the low-rank branches")
+    p.add_argument("--scale-lr", type=float, default=None, help="learning rate of quantizer scales (default: --lr)")
+    p.add_argument("--lpips-backbone", default=None, help="local LPIPS backbone weights (perceptual loss)")
+    p.add_argument("--lpips-lin", default=None, help="local LPIPS linear-head weights")
+    p.add_argument("--lpips-net", default=d.lpips_net, choices=["vgg", "alex"])
+    p.add_argument("--fp-layers", nargs="*", default=[], help="glob patterns of layers kept in full precision")
+    p.add_argument("--no-resume", action="store_true", help="ignore an interrupted run's checkpoint")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=_cmd_calibrate)
     return parser
 
 

@@ -29,14 +29,28 @@ from quantface.pipeline import RestorationPipeline, TorchBackend
 
 @dataclass
 class ModelSpec(JsonConfig):
-    """Which network to run: a model name and, optionally, a weights stem overriding the embedded one."""
+    """Which network to run: a model name, optionally a weights stem overriding the embedded one, and
+    optionally a calibration recipe turning it into the fake-quant model."""
 
     name: str = "reference"
     weights: str | None = None
+    recipe: str | None = None
+
+    def fp_model(self):
+        return load_model(self.name, self.weights)
+
+    def model(self):
+        """The FP model, or the fake-quant model when a recipe is given."""
+        fp = self.fp_model()
+        if self.recipe is None:
+            return fp
+        from calibration.recipe import apply_recipe
+
+        return apply_recipe(fp, self.recipe)
 
     def pipeline(self, batch_size: int = 8) -> tuple[RestorationPipeline, int]:
         """The restoration pipeline for this model and the model's working size."""
-        model = load_model(self.name, self.weights)
+        model = self.model()
         return RestorationPipeline(TorchBackend(model), batch_size), model.config.working_size
 
 
@@ -70,21 +84,24 @@ def evaluate(cfg: EvalConfig) -> dict:
     loaded = load_folder(cfg.data, size, cfg.limit)
     degradation = DegradationConfig(second_stage=cfg.second_stage)
     lqs = [degrade(hq, cfg.seed, i, degradation)[0] for i, hq in enumerate(loaded.images)]
-    t0 = time.perf_counter()
-    restored: list[np.ndarray] = []
-    for i in tqdm(range(0, len(lqs), cfg.batch_size), desc="eval", unit="batch", dynamic_ncols=True):
-        restored.extend(pipeline(lqs[i:i + cfg.batch_size]))
-    seconds = time.perf_counter() - t0
+    restored, seconds = _timed_restore(pipeline, lqs, cfg.batch_size, "eval")
     per_image = [
         {"file": p.name, "psnr": psnr(out, hq), "ssim": ssim(out, hq), "psnr_lq": psnr(lq, hq), "ssim_lq": ssim(lq, hq)}
         for p, hq, lq, out in zip(loaded.paths, loaded.images, lqs, restored)
     ]
-    keys = ("psnr", "ssim", "psnr_lq", "ssim_lq")
+    keys = ["psnr", "ssim", "psnr_lq", "ssim_lq"]
+    if cfg.model.recipe is not None:  # a quantized model: also score it against the FP model's output
+        fp_spec = ModelSpec(name=cfg.model.name, weights=cfg.model.weights)
+        fp_out, _ = _timed_restore(fp_spec.pipeline(cfg.batch_size)[0], lqs, cfg.batch_size, "eval FP")
+        for r, out, ref in zip(per_image, restored, fp_out):
+            r["psnr_to_fp"], r["ssim_to_fp"] = psnr(out, ref), ssim(out, ref)
+        keys += ["psnr_to_fp", "ssim_to_fp"]
     result = {
         "n": len(per_image),
         **{k: float(np.mean([r[k] for r in per_image])) for k in keys},
         "model": cfg.model.name,
         "weights": cfg.model.weights or "embedded",
+        "recipe": cfg.model.recipe,
         "data": str(cfg.data),
         "seed": cfg.seed,
         "size": size,
@@ -97,6 +114,15 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.json_out:
         atomic_write_bytes(cfg.json_out, (json.dumps(result, indent=2) + "\n").encode())
     return result
+
+
+def _timed_restore(pipeline: RestorationPipeline, lqs: list[np.ndarray], batch_size: int, desc: str
+                   ) -> tuple[list[np.ndarray], float]:
+    t0 = time.perf_counter()
+    out: list[np.ndarray] = []
+    for i in tqdm(range(0, len(lqs), batch_size), desc=desc, unit="batch", dynamic_ncols=True):
+        out.extend(pipeline(lqs[i:i + batch_size]))
+    return out, time.perf_counter() - t0
 
 
 @dataclass

@@ -12,7 +12,6 @@ metadata), written atomically, so resuming never unpickles anything.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -20,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from quantface.checkpoint import load_checkpoint, save_checkpoint
 from quantface.config import JsonConfig
 from quantface.data import load_folder
 from quantface.degradation import DegradationConfig, degrade
@@ -81,39 +80,6 @@ def make_batch(hq_pool: np.ndarray, cfg: TrainConfig, step: int) -> tuple[torch.
     return images_to_tensor(lqs), images_to_tensor(hqs)
 
 
-def _save_checkpoint(path: Path, model: ReferenceRestorer, opt: torch.optim.Adam, step: int,
-                     cfg: TrainConfig) -> None:
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
-    names = dict(model.named_parameters())
-    for name, p in names.items():
-        state = opt.state.get(p)
-        if state:
-            tensors[f"adam.exp_avg.{name}"] = state["exp_avg"].contiguous()
-            tensors[f"adam.exp_avg_sq.{name}"] = state["exp_avg_sq"].contiguous()
-            tensors[f"adam.step.{name}"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1)
-    meta = {"step": str(step), "train_config": cfg.to_json(), "model_config": model.config.to_json()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
-
-
-def _load_checkpoint(path: Path, model: ReferenceRestorer, opt: torch.optim.Adam) -> int:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    tensors = load_file(str(path))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    for name, p in model.named_parameters():
-        if f"adam.exp_avg.{name}" in tensors:
-            opt.state[p] = {
-                "step": tensors[f"adam.step.{name}"].reshape(()).clone(),
-                "exp_avg": tensors[f"adam.exp_avg.{name}"].clone(),
-                "exp_avg_sq": tensors[f"adam.exp_avg_sq.{name}"].clone(),
-            }
-    return int(meta["step"])
-
-
 def train(cfg: TrainConfig, model_config: ReferenceConfig | None = None) -> Path:
     """Train the reference restorer; returns the folder holding ``reference.safetensors``/``.json``."""
     if cfg.threads:
@@ -127,7 +93,7 @@ def train(cfg: TrainConfig, model_config: ReferenceConfig | None = None) -> Path
     ckpt = out / "checkpoint.safetensors"
     start = 0
     if cfg.resume and ckpt.exists():
-        start = _load_checkpoint(ckpt, model, opt)
+        start = load_checkpoint(ckpt, dict(model.named_parameters()), opt)
         print(f"resumed from {ckpt} at step {start}")
 
     t0 = time.time()
@@ -154,7 +120,8 @@ def train(cfg: TrainConfig, model_config: ReferenceConfig | None = None) -> Path
         opt.step()
         bar.set_postfix(l1=f"{l1.item():.4f}", ssim=f"{s.item():.3f}", lr=f"{_lr_at(cfg, step):.1e}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            _save_checkpoint(ckpt, model, opt, step + 1, cfg)
+            save_checkpoint(ckpt, dict(model.named_parameters()), opt, step + 1,
+                            {"train_config": cfg.to_json(), "model_config": model.config.to_json()})
     bar.close()
     model.eval()
     save_weights(model, out / "reference")

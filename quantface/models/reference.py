@@ -245,6 +245,7 @@ class UNet(nn.Module):
     def __init__(self, config: ReferenceConfig):
         super().__init__()
         ch, attn = config.unet_channels, config.unet_attention
+        self.sinusoid_dim = ch[0]
         self.temb_dim = 4 * ch[0]
         self.time_in = nn.Linear(ch[0], self.temb_dim)
         self.time_out = nn.Linear(self.temb_dim, self.temb_dim)
@@ -276,7 +277,7 @@ class UNet(nn.Module):
         return h if isinstance(block, nn.Identity) else block(h, context)
 
     def forward(self, z: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        temb = self.time_out(F.silu(self.time_in(timestep_embedding(t, self.time_in.in_features))))
+        temb = self.time_out(F.silu(self.time_in(timestep_embedding(t, self.sinusoid_dim))))
         h = self.conv_in(z)
         skips = []
         for block, attn, down in zip(self.down_blocks, self.down_attn, self.downs):

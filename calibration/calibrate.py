@@ -1,0 +1,196 @@
+"""One entry point for every method: ``calibrate(CalibConfig) -> recipe folder``.
+
+Stages (each method's ``MethodSpec`` switches them on or off):
+
+1. data: calibration HQ faces, degraded with (seed, index), and the FP model's outputs for them;
+2. wrap every Conv2d / Linear in a ``QuantLayer`` (FP layers by pattern stay untouched);
+3. statistics on ``stat_images`` images: per-input-channel max|X| of every layer;
+4. fold transforms: smoothing s = max|X|^α / max|W|^(1−α), randomized Hadamard, SVD split;
+5. quantizers: per-channel weight scales on the (residual) weight, per-tensor activation ranges
+   from the *transformed* inputs; LoRA branches added;
+6. refinement: distillation (QD-LoRA / EfficientDM) or module-wise MSE (PassionSR);
+7. freeze (merge branches, fix integer codes) and write the recipe.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from calibration.config import CalibConfig
+from calibration.layers import QuantLayer, wrap_layers
+from calibration.methods import DEFAULT_STEPS, MethodSpec, get_method
+from calibration.recipe import save_recipe
+from quantface.data import load_folder
+from quantface.degradation import degrade
+from quantface.errors import ConfigError
+from quantface.hadamard import random_hadamard
+from quantface.models import load_model
+from quantface.pipeline import images_to_tensor
+from quantface.quant import act_qparams, weight_scale
+
+# Values kept per layer and batch for activation-range search (random positions).
+SAMPLES_PER_BATCH = 1 << 14
+
+
+@dataclass
+class CalibData:
+    """Degraded calibration inputs and the FP model's outputs for them, (N, 3, H, W) in [-1, 1]."""
+
+    lq: torch.Tensor
+    fp_out: torch.Tensor
+
+    @classmethod
+    def build(cls, fp_model: torch.nn.Module, cfg: CalibConfig, size: int) -> "CalibData":
+        loaded = load_folder(cfg.data, size, cfg.limit)
+        if loaded.skipped:
+            print(loaded.report())
+        lq = images_to_tensor([degrade(hq, cfg.seed, i)[0] for i, hq in enumerate(loaded.images)])
+        outs = []
+        with torch.inference_mode():
+            for i in range(0, len(lq), 16):
+                outs.append(fp_model(lq[i:i + 16]))
+        return cls(lq=lq, fp_out=torch.cat(outs))
+
+    def __len__(self) -> int:
+        return len(self.lq)
+
+
+def _batches(x: torch.Tensor, n: int, batch_size: int):
+    for i in range(0, min(n, len(x)), batch_size):
+        yield x[i:min(i + batch_size, n)]
+
+
+class _InputObserver:
+    """Forward pre-hook recording, per layer, per-channel max|x| and a random sample of values of
+    the layer's input after its online transform (what its activation quantizer will see)."""
+
+    def __init__(self, layers: dict[str, QuantLayer], transformed: bool, seed: int):
+        self.absmax: dict[str, torch.Tensor] = {}
+        self.samples: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+        self.lo: dict[str, torch.Tensor] = {}
+        self.hi: dict[str, torch.Tensor] = {}
+        self.generator = torch.Generator().manual_seed(seed)
+        self.handles = [layer.register_forward_pre_hook(self._hook(name, transformed))
+                        for name, layer in layers.items()]
+
+    def _hook(self, name: str, transformed: bool):
+        def hook(module: QuantLayer, args):
+            x = args[0].detach()
+            if transformed:
+                x = module.transform_input(x)
+            ch = x.movedim(module.channel_dim, -1).reshape(-1, x.shape[module.channel_dim])
+            amax = ch.abs().amax(0)
+            self.absmax[name] = amax if name not in self.absmax else torch.maximum(self.absmax[name], amax)
+            self.lo[name] = torch.minimum(self.lo.get(name, ch.min()), ch.min())
+            self.hi[name] = torch.maximum(self.hi.get(name, ch.max()), ch.max())
+            flat = x.flatten()
+            idx = torch.randint(0, flat.numel(), (min(SAMPLES_PER_BATCH, flat.numel()),), generator=self.generator)
+            self.samples[name].append(flat[idx])
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def observe(model: torch.nn.Module, layers: dict[str, QuantLayer], data: CalibData, cfg: CalibConfig,
+            transformed: bool, desc: str) -> _InputObserver:
+    obs = _InputObserver(layers, transformed, cfg.seed)
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(list(_batches(data.lq, cfg.stat_images, 8)), desc=desc, dynamic_ncols=True):
+                model(batch)
+    finally:
+        obs.remove()
+    return obs
+
+
+def smoothing_scale(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's s_j = max|X_j|^α / max|W_j|^(1−α), the weight max taken over output channels
+    and kernel positions of input channel j."""
+    w_max = weight.detach().abs().transpose(0, 1).flatten(1).amax(1)
+    s = act_absmax.clamp_min(1e-5) ** alpha / w_max.clamp_min(1e-5) ** (1.0 - alpha)
+    return s.clamp(1e-4, 1e4)
+
+
+def prepare(model: torch.nn.Module, data: CalibData, cfg: CalibConfig, spec: MethodSpec
+            ) -> dict[str, QuantLayer]:
+    """Stages 2–5 on ``model`` (modified in place); returns its quant layers."""
+    patterns = cfg.fp_layers
+    layers = wrap_layers(model, include=lambda name: not any(fnmatch.fnmatch(name, p) for p in patterns))
+    if not layers:
+        raise ConfigError("no layer is left to quantize: the --fp-layers patterns match every layer")
+    if spec.smoothing:
+        raw = observe(model, layers, data, cfg, transformed=False, desc="channel statistics")
+        for name, layer in layers.items():
+            layer.fold_smoothing(smoothing_scale(raw.absmax[name], layer.weight, cfg.alpha))
+    for index, (name, layer) in enumerate(layers.items()):
+        if spec.hadamard:
+            seed = cfg.seed * 100003 + index
+            layer.fold_rotation(torch.from_numpy(random_hadamard(layer.in_channels, seed)).float(), seed)
+        if spec.svd_rank:
+            layer.split_lowrank(spec.svd_rank * cfg.rank)
+        layer.set_weight_quant(cfg.weight_bits, weight_scale(layer.weight, cfg.weight_bits, spec.scale_init))
+    obs = observe(model, layers, data, cfg, transformed=True, desc="activation ranges")
+    for name, layer in layers.items():
+        sample = torch.cat(obs.samples[name])
+        if spec.scale_init == "minmax":
+            sample = torch.cat([sample, obs.lo[name].reshape(1), obs.hi[name].reshape(1)])
+        scale, zp = act_qparams(sample, cfg.act_bits, spec.scale_init)
+        layer.set_act_quant(cfg.act_bits, scale, zp)
+    if spec.lora_rank:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        for layer in layers.values():
+            layer.add_lora(spec.lora_rank * cfg.rank, gen)
+    return layers
+
+
+@dataclass
+class CalibrationResult:
+    recipe: Path  # the recipe folder written
+    model: torch.nn.Module  # the calibrated fake-quant model (frozen), as the recipe describes it
+    seconds: float
+
+
+def calibrate(cfg: CalibConfig) -> CalibrationResult:
+    """Run ``cfg.method`` on ``cfg.model`` and write the recipe to ``cfg.out``."""
+    spec = get_method(cfg.method)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    t0 = time.time()
+    fp_model = load_model(cfg.model, cfg.weights)
+    size = cfg.size or fp_model.config.working_size
+    data = CalibData.build(fp_model, cfg, size)
+    print(f"{cfg.method} {cfg.bits}: {len(data)} calibration images at {size}px")
+    qmodel = copy.deepcopy(fp_model)
+    layers = prepare(qmodel, data, cfg, spec)
+    steps = cfg.steps if cfg.steps is not None else DEFAULT_STEPS.get(spec.refine or "", 0)
+    if spec.refine == "distill" and steps:
+        from calibration.distill import distill
+
+        distill(qmodel, layers, data, cfg, spec, steps)
+    elif spec.refine == "modulewise" and steps:
+        from calibration.modulewise import modulewise_calibrate
+
+        modulewise_calibrate(fp_model, qmodel, layers, data, cfg, steps)
+    for layer in layers.values():
+        layer.freeze()
+    # Frozen means inference only. It also matters for bit-exactness: torch's matmul folds batch
+    # dimensions differently when an operand requires grad, so a recipe reloaded without grads
+    # would differ from this model in the last bits.
+    qmodel.requires_grad_(False)
+    seconds = time.time() - t0
+    out = save_recipe(qmodel, fp_model, cfg, spec, {"calibration_seconds": round(seconds, 1), "steps": steps,
+                                                    "images": len(data), "size": size})
+    print(f"recipe written to {out} ({seconds:.0f}s)")
+    return CalibrationResult(out, qmodel.eval(), seconds)

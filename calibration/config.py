@@ -1,0 +1,73 @@
+"""Typed configuration of one calibration run (round-trips to JSON; stored inside every recipe)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from quantface.config import JsonConfig
+from quantface.errors import ConfigError
+from quantface.quant import check_bits
+
+BITS_PATTERN = re.compile(r"^W(\d)A(\d)$")
+
+
+def parse_bits(bits: str) -> tuple[int, int]:
+    """'W4A4' → (4, 4)."""
+    m = BITS_PATTERN.match(bits)
+    if not m:
+        raise ConfigError(f"--bits {bits!r} is not of the form W<b>A<b>, e.g. W4A4")
+    w, a = int(m.group(1)), int(m.group(2))
+    check_bits(w)
+    check_bits(a)
+    return w, a
+
+
+@dataclass
+class CalibConfig(JsonConfig):
+    method: str = "quantface"
+    bits: str = "W4A4"
+    data: str = "../shared/data/faces_hq/calib"
+    out: str = "recipes/quantface_w4a4"
+    model: str = "reference"
+    weights: str | None = None  # weights stem overriding the embedded model's
+    seed: int = 0
+    size: int | None = None  # working size; default the model's
+    limit: int | None = None  # calibration images used (default: all)
+    stat_images: int = 64  # images whose activations set smoothing and ranges
+    rank: int = 8  # r: SVD branch rank r and LoRA rank r (QuantFace); 2r for single-branch baselines
+    alpha: float = 0.5  # smoothing migration strength
+    steps: int | None = None  # distillation steps; default per method
+    batch_size: int = 4
+    lr: float = 1e-5
+    scale_lr: float | None = None  # learning rate of quantizer scales; default: lr
+    lambda_perceptual: float = 0.5
+    lambda_mse: float = 0.5
+    lpips_backbone: str | None = None  # local LPIPS backbone weights (VGG16/AlexNet features)
+    lpips_lin: str | None = None  # local LPIPS linear-head weights
+    lpips_net: str = "vgg"
+    fp_layers: tuple[str, ...] = field(default_factory=tuple)  # glob patterns of layers kept in FP
+    checkpoint_every: int = 25
+    resume: bool = True
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        parse_bits(self.bits)
+        if self.rank < 1:
+            raise ConfigError(f"--rank {self.rank} must be at least 1")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"--alpha {self.alpha} must be in [0, 1]")
+        if self.steps is not None and self.steps < 0:
+            raise ConfigError(f"--steps {self.steps} must be non-negative")
+        if self.batch_size < 1 or self.stat_images < 1:
+            raise ConfigError("batch size and statistics images must be positive")
+        if (self.lpips_backbone is None) != (self.lpips_lin is None):
+            raise ConfigError("LPIPS needs both --lpips-backbone and --lpips-lin")
+
+    @property
+    def weight_bits(self) -> int:
+        return parse_bits(self.bits)[0]
+
+    @property
+    def act_bits(self) -> int:
+        return parse_bits(self.bits)[1]

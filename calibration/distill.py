@@ -1,0 +1,89 @@
+"""Distillation of the low-rank branches (QD-LoRA, paper §3.3; EfficientDM's single LoRA branch).
+
+Only the branches' factors — and, for methods with ``learn_scales``, the quantizer scales — are
+trained; quantized residual weights stay fixed. The target is the FP model's output for the same
+degraded input; the loss is λ1·perceptual + λ2·MSE, perceptual being LPIPS when local LPIPS weights
+are given, else 1 − SSIM (differentiable, no weights needed). Batches are a function of (seed, step),
+and the trainable state plus Adam's moments are checkpointed (safetensors) so an interrupted run
+resumes to the same result.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from calibration.config import CalibConfig
+from calibration.layers import QuantLayer
+from calibration.methods import MethodSpec
+from quantface.checkpoint import load_checkpoint, save_checkpoint
+from quantface.metrics import ssim_map
+
+CHECKPOINT_NAME = "distill_checkpoint.safetensors"
+
+
+def perceptual_loss(cfg: CalibConfig):
+    """LPIPS(pred, target) from local weights if configured, else 1 − SSIM; inputs in [-1, 1]."""
+    if cfg.lpips_backbone:
+        from quantface.lpips import load_lpips
+
+        net = load_lpips(cfg.lpips_net, cfg.lpips_backbone, cfg.lpips_lin)
+        return lambda pred, target: net(pred, target).mean()
+    return lambda pred, target: 1.0 - ssim_map((pred.clamp(-1, 1) + 1) / 2, (target + 1) / 2).mean()
+
+
+def trainable_parameters(layers: dict[str, QuantLayer], spec: MethodSpec) -> dict[str, list[torch.nn.Parameter]]:
+    branches, scales = [], []
+    for layer in layers.values():
+        for b in (layer.lowrank, layer.lora):
+            if b is not None:
+                branches += [b.down, b.up]
+        if spec.learn_scales:
+            scales += [p for p in (layer.w_scale, layer.a_scale) if p is not None]
+    return {"branches": branches, "scales": scales}
+
+
+def _named(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> dict[str, torch.nn.Parameter]:
+    wanted = {id(p) for p in params}
+    return {n: p for n, p in model.named_parameters() if id(p) in wanted}
+
+
+def distill(qmodel: torch.nn.Module, layers: dict[str, QuantLayer], data, cfg: CalibConfig, spec: MethodSpec,
+            steps: int) -> None:
+    groups = trainable_parameters(layers, spec)
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+    for p in groups["branches"] + groups["scales"]:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam([
+        {"params": groups["branches"], "lr": cfg.lr},
+        {"params": groups["scales"], "lr": cfg.scale_lr if cfg.scale_lr is not None else cfg.lr},
+    ])
+    named = _named(qmodel, groups["branches"] + groups["scales"])
+    ckpt = Path(cfg.out).parent / f".{Path(cfg.out).name}.{CHECKPOINT_NAME}"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    start = load_checkpoint(ckpt, named, opt) if cfg.resume and ckpt.exists() else 0
+    if start:
+        print(f"resumed distillation from {ckpt} at step {start}")
+    perceptual = perceptual_loss(cfg)
+    qmodel.train()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"distill {spec.name}", dynamic_ncols=True)
+    for step in bar:
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        idx = torch.randint(0, len(data), (cfg.batch_size,), generator=g)
+        pred = qmodel(data.lq[idx])
+        target = data.fp_out[idx]
+        loss = cfg.lambda_perceptual * perceptual(pred, target) + cfg.lambda_mse * torch.mean((pred - target) ** 2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.5f}")
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
+            save_checkpoint(ckpt, named, opt, step + 1)
+    bar.close()
+    qmodel.eval()
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+    ckpt.unlink(missing_ok=True)

@@ -1,0 +1,246 @@
+"""The fake-quant layer every calibration method builds on.
+
+``QuantLayer`` replaces one ``nn.Conv2d`` or ``nn.Linear``. With input x and original weight W::
+
+    x' = (x · 1/s) · Q                              online: smoothing, then randomized Hadamard Q
+    W' = (W · diag(s)) · Q = L1·L2 + R              offline: folded, then split by SVD (paper Eq. 9)
+    y  = Q_a(x') ∗ Q_w(R) + x' ∗ (L1·L2) + x' ∗ (A·B) + bias                       (paper Eq. 10)
+
+where ∗ is the layer's op (conv at every kernel position, or matmul), Q_a is per-tensor asymmetric
+activation fake-quantization and Q_w per-output-channel symmetric weight fake-quantization
+(``quantface.quant``). Both low-rank branches run in full precision on the *unquantized* x', as in
+SVDQuant, and export as a parallel path. Every piece is optional: no s, no Q, no branches and no
+quantizers is the original layer, bit for bit.
+
+After calibration a layer is *frozen*: its residual is replaced by integer codes and their
+dequantized values, and the two branches are merged into one of rank 2r; a recipe stores exactly the
+frozen state, so loading a recipe reproduces the calibrated model bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantface.errors import ConfigError
+from quantface.hadamard import fold_into_weight, rotate_channels
+from quantface.quant import EPS, dequantize, fake_quantize, qrange, quantize
+
+
+class LowRank(nn.Module):
+    """A rank-r branch x ↦ up(down(x)): down is a k×k conv (the layer's geometry) or a Linear to r
+    channels, up a 1×1 conv or Linear back to the layer's outputs. Full precision."""
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, conv_args: dict | None):
+        super().__init__()
+        # Contiguous copies: a strided view would make the conv pick other kernels than a reloaded
+        # recipe's contiguous tensors, and the two would differ in the last bits.
+        self.down = nn.Parameter(down.detach().contiguous().clone())  # (r, in, kh, kw) or (r, in)
+        self.up = nn.Parameter(up.detach().contiguous().clone())  # (out, r, 1, 1) or (out, r)
+        self.conv_args = conv_args
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv_args is not None:
+            return F.conv2d(F.conv2d(x, self.down, None, **self.conv_args), self.up)
+        return F.linear(F.linear(x, self.down), self.up)
+
+    def product(self) -> torch.Tensor:
+        """The branch as one weight with the layer's shape (up · down)."""
+        if self.conv_args is not None:
+            return torch.einsum("or,rikl->oikl", self.up[:, :, 0, 0], self.down)
+        return self.up @ self.down
+
+
+class QuantLayer(nn.Module):
+    def __init__(self, layer: nn.Conv2d | nn.Linear, name: str = ""):
+        super().__init__()
+        self.name = name
+        if isinstance(layer, nn.Conv2d):
+            if layer.groups != 1 or layer.padding_mode != "zeros":
+                raise ConfigError(f"layer {name}: only ungrouped, zero-padded convolutions can be quantized")
+            self.conv_args: dict | None = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
+        elif isinstance(layer, nn.Linear):
+            self.conv_args = None
+        else:
+            raise ConfigError(f"layer {name} is a {type(layer).__name__}, not a Conv2d or Linear")
+        # The weight the quantized product uses: W, then W' after folding, then R after the SVD split.
+        self.register_buffer("weight", layer.weight.detach().clone())
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
+        self.register_buffer("smooth", None)  # s, shape (in,)
+        self.register_buffer("rotation", None)  # Q, shape (in, in), orthogonal
+        self.rotation_seed: int | None = None
+        self.lowrank: LowRank | None = None  # SVD branch L1·L2
+        self.lora: LowRank | None = None  # LoRA branch A·B
+        self.weight_bits: int | None = None
+        self.act_bits: int | None = None
+        self.w_scale: nn.Parameter | None = None  # (out,)
+        self.a_scale: nn.Parameter | None = None  # ()
+        self.register_buffer("a_zero_point", None)  # (), integer-valued
+        self.register_buffer("weight_codes", None)  # int8 codes once frozen
+        self.register_buffer("weight_dq", None)  # dequantized codes once frozen
+
+    # ---- geometry -------------------------------------------------------------------------
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def channel_dim(self) -> int:
+        return 1 if self.conv_args is not None else -1
+
+    @property
+    def frozen(self) -> bool:
+        return self.weight_dq is not None
+
+    def _op(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.conv_args is not None:
+            return F.conv2d(x, w, bias, **self.conv_args)
+        return F.linear(x, w, bias)
+
+    def _channel_view(self, v: torch.Tensor) -> torch.Tensor:
+        return v.view(-1, 1, 1) if self.conv_args is not None else v
+
+    # ---- the online activation transform ------------------------------------------------------
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.smooth is not None:
+            x = x * self._channel_view(1.0 / self.smooth)
+        if self.rotation is not None:
+            x = rotate_channels(x, self.rotation, self.channel_dim)
+        return x
+
+    # ---- offline folding ----------------------------------------------------------------------
+    def fold_smoothing(self, s: torch.Tensor) -> None:
+        """x ↦ x/s online, W ↦ W·diag(s) offline (before any rotation)."""
+        if self.smooth is not None or self.rotation is not None or self.lowrank is not None:
+            raise ConfigError(f"layer {self.name}: smoothing must be folded first and only once")
+        shape = (1, -1, 1, 1) if self.conv_args is not None else (1, -1)
+        self.weight = self.weight * s.view(shape)
+        self.smooth = s.detach().clone()
+
+    def fold_rotation(self, q: torch.Tensor, seed: int) -> None:
+        """x ↦ x·Q online, W ↦ W·Q offline (per kernel position for convs)."""
+        if self.rotation is not None or self.lowrank is not None:
+            raise ConfigError(f"layer {self.name}: the rotation must be folded before the SVD split, once")
+        self.weight = fold_into_weight(self.weight, q.to(self.weight.dtype))
+        self.rotation = q.detach().clone()
+        self.rotation_seed = seed
+
+    def split_lowrank(self, rank: int) -> None:
+        """W' = L1·L2 + R by truncated SVD (L1 = U_r·Σ_r, L2 = V_rᵀ); the layer keeps R."""
+        w = self.weight.flatten(1).double()
+        u, sigma, vh = torch.linalg.svd(w, full_matrices=False)
+        r = min(rank, sigma.numel())
+        l1 = (u[:, :r] * sigma[:r]).to(self.weight.dtype)
+        l2 = vh[:r].to(self.weight.dtype)
+        if self.conv_args is not None:
+            branch = LowRank(l2.reshape(r, *self.weight.shape[1:]), l1[:, :, None, None], self.conv_args)
+        else:
+            branch = LowRank(l2, l1, None)
+        self.lowrank = branch
+        self.weight = self.weight - branch.product().detach()
+
+    def add_lora(self, rank: int, generator: torch.Generator) -> None:
+        """LoRA branch: A Gaussian (std 1/√fan_in), B zero, so the layer's output is unchanged."""
+        fan_in = self.weight[0].numel()
+        down = torch.randn((rank, *self.weight.shape[1:]), generator=generator) / fan_in**0.5
+        up = torch.zeros((self.out_channels, rank, 1, 1) if self.conv_args is not None else (self.out_channels, rank))
+        self.lora = LowRank(down.to(self.weight.dtype), up.to(self.weight.dtype), self.conv_args)
+
+    def merge_branches(self) -> None:
+        """Concatenate the SVD and LoRA branches into one branch of rank r_svd + r_lora."""
+        branches = [b for b in (self.lowrank, self.lora) if b is not None]
+        if len(branches) < 2:
+            self.lowrank, self.lora = (branches[0] if branches else None), None
+            return
+        down = torch.cat([b.down.detach() for b in branches], 0)
+        up = torch.cat([b.up.detach() for b in branches], 1)
+        self.lowrank, self.lora = LowRank(down, up, self.conv_args), None
+
+    # ---- quantizers -------------------------------------------------------------------------
+    def set_weight_quant(self, bits: int | None, scale: torch.Tensor | None) -> None:
+        self.weight_bits = bits
+        self.w_scale = None if bits is None else nn.Parameter(scale.detach().clone().clamp_min(EPS))
+
+    def set_act_quant(self, bits: int | None, scale: torch.Tensor | None, zero_point: torch.Tensor | None) -> None:
+        self.act_bits = bits
+        self.a_scale = None if bits is None else nn.Parameter(scale.detach().clone().reshape(()).clamp_min(EPS))
+        self.a_zero_point = None if bits is None else zero_point.detach().clone().reshape(())
+
+    def _w_scale_view(self) -> torch.Tensor:
+        return self.w_scale.view(-1, *([1] * (self.weight.dim() - 1)))
+
+    def quantized_weight(self) -> torch.Tensor:
+        if self.frozen:
+            return self.weight_dq
+        if self.weight_bits is None:
+            return self.weight
+        qmin, qmax = qrange(self.weight_bits, signed=True)
+        return fake_quantize(self.weight, self._w_scale_view().clamp_min(EPS), 0.0, qmin, qmax)
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_bits is None:
+            return x
+        qmin, qmax = qrange(self.act_bits, signed=False)
+        return fake_quantize(x, self.a_scale.clamp_min(EPS), self.a_zero_point, qmin, qmax)
+
+    def freeze(self) -> None:
+        """Fix the weight codes (and merge branches); from now on the forward uses stored values only."""
+        self.merge_branches()
+        if self.weight_bits is None:
+            return
+        qmin, qmax = qrange(self.weight_bits, signed=True)
+        with torch.no_grad():
+            scale = self.w_scale.detach().clamp_min(EPS)
+            self.w_scale = nn.Parameter(scale, requires_grad=False)
+            codes = quantize(self.weight, self._w_scale_view(), 0.0, qmin, qmax)
+            self.load_frozen(codes.to(torch.int8), scale)
+
+    def load_frozen(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
+        """Install integer weight codes and their per-channel scales (from ``freeze`` or a recipe)."""
+        self.weight_codes = codes.to(torch.int8)
+        self.w_scale = nn.Parameter(scale.detach().clone(), requires_grad=False)
+        self.weight_dq = dequantize(self.weight_codes.float(), self._w_scale_view(), 0.0)
+
+    # ---- forward ------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.transform_input(x)
+        out = self._op(self.quantized_input(x), self.quantized_weight(), self.bias)
+        for branch in (self.lowrank, self.lora):
+            if branch is not None:
+                out = out + branch(x)
+        return out
+
+    def extra_repr(self) -> str:
+        parts = [self.name, f"W{self.weight_bits or 'fp'}A{self.act_bits or 'fp'}"]
+        if self.smooth is not None:
+            parts.append("smooth")
+        if self.rotation is not None:
+            parts.append("hadamard")
+        for label, b in (("svd", self.lowrank), ("lora", self.lora)):
+            if b is not None:
+                parts.append(f"{label}_rank={b.rank}")
+        return ", ".join(parts)
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLayer)}
+
+
+def wrap_layers(model: nn.Module, include: callable = lambda name: True) -> dict[str, QuantLayer]:
+    """Replace every Conv2d / Linear whose name passes ``include`` by a ``QuantLayer`` (in place)."""
+    targets = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear)) and include(name)]
+    for name, layer in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QuantLayer(layer, name))
+    return quant_layers(model)

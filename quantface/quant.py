@@ -1,0 +1,163 @@
+"""Uniform affine quantization: the one home of the b-bit math used by calibration *and* export.
+
+Convention (ONNX ``QuantizeLinear`` / ``DequantizeLinear``, chosen so the exported graph computes
+exactly what calibration simulated)::
+
+    q  = clamp(round_half_to_even(x / s) + z, q_min, q_max)        # integer code
+    x̂  = (q − z) · s                                                # dequantized value
+
+The paper's Eq. 4 writes the same grid with the zero point subtracted inside the clamp; the two are
+the same set of representable values. Weights are symmetric (z = 0) per output channel on the signed
+grid [−2^(b−1), 2^(b−1) − 1]; activations are asymmetric per tensor on the unsigned grid
+[0, 2^b − 1]. ``torch.round`` rounds half to even, like ONNX.
+
+Training uses the straight-through estimator (paper Eq. 5): ``RoundSTE`` passes the gradient of
+rounding through unchanged while its forward is bit-identical to ``torch.round``; the gradient with
+respect to the scale follows from the dequantization (LSQ-style), so scales can be learned.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantface.errors import ConfigError
+
+MIN_BITS, MAX_BITS = 2, 8
+# Smallest scale we allow: keeps x / s finite for all-zero channels.
+EPS = 1e-8
+
+
+def check_bits(bits: int) -> int:
+    if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ConfigError(f"bit width {bits!r} is outside the supported range {MIN_BITS}..{MAX_BITS}")
+    return bits
+
+
+def qrange(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer code range of a b-bit grid: signed [−2^(b−1), 2^(b−1)−1], unsigned [0, 2^b−1]."""
+    check_bits(bits)
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+
+
+class RoundSTE(torch.autograd.Function):
+    """round() forward (half to even, bit-identical to torch.round); identity gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | float, qmin: int, qmax: int
+             ) -> torch.Tensor:
+    """Integer codes (as a float tensor holding integers) of ``x``; ``scale`` broadcasts against ``x``."""
+    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | float) -> torch.Tensor:
+    return (q - zero_point) * scale
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | float, qmin: int, qmax: int
+                  ) -> torch.Tensor:
+    """dequantize(quantize(x)) with the straight-through estimator; forward equals the two calls above."""
+    q = torch.clamp(RoundSTE.apply(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing quantization parameters
+# --------------------------------------------------------------------------------------------
+
+def _per_channel_absmax(w: torch.Tensor) -> torch.Tensor:
+    return w.detach().abs().flatten(1).amax(1)
+
+
+def weight_scale(w: torch.Tensor, bits: int, method: str = "mse", grid: int = 40) -> torch.Tensor:
+    """Symmetric per-output-channel scales, shape (out,), for a Linear (out, in) or Conv (out, in, kh, kw)
+    weight. ``minmax``: s = max|w| / (2^(b−1) − 1). ``mse``: the clipping ratio in [0.3, 1] (``grid``
+    candidates) per channel that minimises the channel's quantization MSE."""
+    qmin, qmax = qrange(bits, signed=True)
+    absmax = _per_channel_absmax(w).clamp_min(EPS)
+    base = absmax / qmax
+    if method == "minmax":
+        return base
+    if method != "mse":
+        raise ConfigError(f"unknown weight scale method {method!r} (minmax, mse)")
+    flat = w.detach().flatten(1)
+    best_err = torch.full_like(base, float("inf"))
+    best = base.clone()
+    for ratio in torch.linspace(0.3, 1.0, grid, dtype=w.dtype):
+        s = (base * ratio).clamp_min(EPS)[:, None]
+        err = ((dequantize(quantize(flat, s, 0.0, qmin, qmax), s, 0.0) - flat) ** 2).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, s[:, 0], best)
+    return best
+
+
+def act_qparams_from_range(lo: torch.Tensor | float, hi: torch.Tensor | float, bits: int
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric per-tensor (scale, zero_point) covering [lo, hi] (the range is widened to hold 0,
+    so zero is exactly representable, as ONNX requires for padding)."""
+    qmin, qmax = qrange(bits, signed=False)
+    lo_t = torch.as_tensor(lo, dtype=torch.float32).clamp(max=0.0)
+    hi_t = torch.as_tensor(hi, dtype=torch.float32).clamp(min=0.0)
+    scale = ((hi_t - lo_t) / (qmax - qmin)).clamp_min(EPS)
+    zero_point = torch.clamp(torch.round(qmin - lo_t / scale), qmin, qmax)
+    return scale, zero_point
+
+
+def act_qparams(sample: torch.Tensor, bits: int, method: str = "mse", percentile: float = 99.99,
+                grid: int = 60) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor activation (scale, zero_point) from a sample of activation values.
+
+    ``minmax``: the sample's range. ``percentile``: the [100−p, p] percentiles. ``mse``: the range
+    shrunk towards zero by the candidate ratio (``grid`` steps in [0.2, 1], low and high sides shrunk
+    independently in a 2-step coordinate search) that minimises the quantization MSE of the sample."""
+    x = sample.detach().flatten().float()
+    lo, hi = x.min(), x.max()
+    if method == "minmax":
+        return act_qparams_from_range(lo, hi, bits)
+    if method == "percentile":
+        k = torch.tensor([1.0 - percentile / 100.0, percentile / 100.0])
+        q = torch.quantile(x[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0))[:2**24]], k)
+        return act_qparams_from_range(q[0], q[1], bits)
+    if method != "mse":
+        raise ConfigError(f"unknown activation scale method {method!r} (minmax, percentile, mse)")
+    qmin, qmax = qrange(bits, signed=False)
+
+    def err(a: torch.Tensor, b: torch.Tensor) -> float:
+        s, z = act_qparams_from_range(a, b, bits)
+        return float(((dequantize(quantize(x, s, z, qmin, qmax), s, z) - x) ** 2).mean())
+
+    ratios = torch.linspace(0.2, 1.0, grid)
+    best_lo, best_hi = lo, hi
+    for _ in range(2):  # coordinate descent: high side, then low side, twice
+        best_hi = hi * ratios[int(torch.tensor([err(best_lo, hi * r) for r in ratios]).argmin())]
+        best_lo = lo * ratios[int(torch.tensor([err(lo * r, best_hi) for r in ratios]).argmin())]
+    return act_qparams_from_range(best_lo, best_hi, bits)
+
+
+# --------------------------------------------------------------------------------------------
+# Packing integer codes for storage (recipes) and export
+# --------------------------------------------------------------------------------------------
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Signed 4-bit codes in [−8, 7] → uint8, two per byte (low nibble first), flattened; pads with 0."""
+    flat = codes.flatten().to(torch.int16)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    nibbles = (flat & 0xF).to(torch.uint8)
+    return nibbles[0::2] | (nibbles[1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of ``pack_int4``: int8 tensor of ``numel`` signed codes."""
+    lo = (packed & 0xF).to(torch.int16)
+    hi = (packed >> 4).to(torch.int16)
+    both = torch.stack([lo, hi], 1).flatten()[:numel]
+    return torch.where(both > 7, both - 16, both).to(torch.int8)

@@ -1,0 +1,178 @@
+"""Calibration on tiny seeded models: exact equivalence of the transforms, branch merging, every
+method end to end, and the recipe reproducing the calibrated model bit for bit."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from calibration import METHODS, CalibConfig, calibrate
+from calibration.calibrate import CalibData, smoothing_scale
+from calibration.layers import QuantLayer, wrap_layers
+from calibration.methods import get_method
+from calibration.recipe import RecipeError, apply_recipe, load_recipe
+from quantface.errors import ConfigError
+from quantface.hadamard import random_hadamard
+from quantface.models.reference import ReferenceRestorer
+from quantface.models.store import load_weights
+from tests.conftest import TINY
+
+
+def _rel_err(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("layer", [nn.Conv2d(6, 5, 3, padding=1, stride=2), nn.Linear(12, 7)])
+def test_unconfigured_quant_layer_is_the_layer(layer):
+    x = torch.randn(2, 6, 9, 9) if isinstance(layer, nn.Conv2d) else torch.randn(2, 4, 12)
+    assert torch.equal(QuantLayer(layer)(x), layer(x))
+
+
+def test_rotation_scaling_and_svd_split_preserve_the_model(tiny_model):
+    """Before quantization the balanced model equals the original: max relative error ≤ 1e-4."""
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        ref = tiny_model(x)
+    model = copy.deepcopy(tiny_model)
+    g = torch.Generator().manual_seed(0)
+    for i, layer in enumerate(wrap_layers(model).values()):
+        act_max = torch.rand(layer.in_channels, generator=g) * 10 + 0.1
+        layer.fold_smoothing(smoothing_scale(act_max, layer.weight, 0.5))
+        layer.fold_rotation(torch.from_numpy(random_hadamard(layer.in_channels, i)).float(), i)
+        layer.split_lowrank(2)
+        layer.add_lora(2, g)
+    with torch.no_grad():
+        assert _rel_err(model(x), ref) <= 1e-4
+
+
+def test_merged_branches_match_unmerged_to_1e5():
+    layer = QuantLayer(nn.Conv2d(8, 6, 3, padding=1))
+    g = torch.Generator().manual_seed(0)
+    layer.split_lowrank(3)
+    layer.add_lora(3, g)
+    with torch.no_grad():
+        layer.lora.up.normal_(generator=g)  # a trained-looking LoRA branch
+        x = torch.randn(2, 8, 10, 10)
+        before = layer(x)
+        layer.merge_branches()
+        assert layer.lora is None and layer.lowrank.rank == 6
+        assert (layer(x) - before).abs().max() <= 1e-5
+
+
+def _cfg(image_folder, tmp_path, method, **kw):
+    return CalibConfig(method=method, bits=kw.pop("bits", "W4A4"), data=str(image_folder),
+                       out=str(tmp_path / "recipes" / method), weights=str(kw.pop("weights")), size=32, stat_images=4,
+                       rank=2, batch_size=2, steps=kw.pop("steps", 2), **kw)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_calibrates_and_its_recipe_reproduces_it_bit_for_bit(method, image_folder, tmp_path,
+                                                                         tiny_weights, tiny_model):
+    result = calibrate(_cfg(image_folder, tmp_path, method, weights=tiny_weights))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    reloaded = apply_recipe(tiny_model, result.recipe)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), result.model(x))
+    meta = json.loads((result.recipe / "recipe.json").read_text())
+    spec = get_method(method)
+    layers = meta["layers"]
+    assert meta["method"] == method and meta["bits"] == "W4A4"
+    assert len(layers) == len([m for m in tiny_model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))])
+    for entry in layers.values():
+        assert entry["weight_bits"] == 4 and entry["act_bits"] == 4
+        assert (entry["hadamard"] is not None) == spec.hadamard
+        assert (entry["smoothing"] is not None) == spec.smoothing
+        out_ch, fan_in = entry["weight_shape"][0], int(torch.tensor(entry["weight_shape"][1:]).prod())
+        svd = min(2 * spec.svd_rank, out_ch, fan_in)  # r = 2; the SVD rank is capped by the matrix
+        assert entry["lowrank_rank"] == svd + 2 * spec.lora_rank  # merged into one branch
+        assert 0 <= entry["act_zero_point"] <= 15
+    # Nothing but the recipe is left in the output's parent (no temp folder, no checkpoint).
+    assert sorted(p.name for p in result.recipe.parent.iterdir()) == [method]
+
+
+def test_fp_layers_are_left_alone(image_folder, tmp_path, tiny_weights):
+    result = calibrate(_cfg(image_folder, tmp_path, "minmax", weights=tiny_weights, fp_layers=("encoder.*",)))
+    layers = json.loads((result.recipe / "recipe.json").read_text())["layers"]
+    assert layers and not any(name.startswith("encoder.") for name in layers)
+    with pytest.raises(ConfigError, match="no layer is left"):
+        calibrate(_cfg(image_folder, tmp_path, "minmax", weights=tiny_weights, fp_layers=("*",)))
+
+
+def test_distillation_resumes_to_the_same_result(image_folder, tmp_path, tiny_weights):
+    straight = calibrate(_cfg(image_folder, tmp_path / "a", "quantface", weights=tiny_weights, steps=4, lr=1e-3))
+    # Interrupt after the checkpoint at step 2 by running 2 steps with a checkpoint kept...
+    cfg = _cfg(image_folder, tmp_path / "b", "quantface", weights=tiny_weights, steps=4, lr=1e-3,
+               checkpoint_every=2)
+    from calibration import distill as distill_mod
+
+    real = distill_mod.distill
+
+    def interrupted(qmodel, layers, data, cfg_, spec, steps):
+        real(qmodel, layers, data, cfg_, spec, 3)  # checkpoint written at step 2, then "crash"
+        raise KeyboardInterrupt
+
+    distill_mod.distill = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            calibrate(cfg)
+    finally:
+        distill_mod.distill = real
+    resumed = calibrate(cfg)
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(straight.model(x), resumed.model(x))
+
+
+def test_distillation_moves_towards_the_fp_model(image_folder, tmp_path, tiny_weights):
+    """Training the branches must reduce the distance to the FP output on the calibration inputs."""
+    kw = dict(weights=tiny_weights, lr=1e-2, bits="W4A4")
+    before = calibrate(_cfg(image_folder, tmp_path / "0", "quantface", steps=0, **kw)).model
+    after = calibrate(_cfg(image_folder, tmp_path / "1", "quantface", steps=30, **kw)).model
+    data = CalibData.build(load_weights(tiny_weights), _cfg(image_folder, tmp_path, "quantface", **kw), 32)
+    with torch.no_grad():
+        err = [float(((m(data.lq) - data.fp_out) ** 2).mean()) for m in (before, after)]
+    assert err[1] < err[0]
+
+
+def test_recipe_errors(image_folder, tmp_path, tiny_weights, tiny_model):
+    path = calibrate(_cfg(image_folder, tmp_path, "minmax", weights=tiny_weights)).recipe
+    meta = json.loads((path / "recipe.json").read_text())
+
+    def write(m):
+        (path / "recipe.json").write_text(json.dumps(m))
+
+    other = ReferenceRestorer(TINY)  # same shapes, other weights
+    with pytest.raises(RecipeError, match="other model weights"):
+        apply_recipe(other, path)
+    write({**meta, "version": 99})
+    with pytest.raises(RecipeError, match="version 99"):
+        load_recipe(path)
+    bad_layer = dict(meta["layers"])
+    first = next(iter(bad_layer))
+    bad_layer[first] = {**bad_layer[first], "weight_scale": "nope"}
+    write({**meta, "layers": bad_layer})
+    with pytest.raises(RecipeError, match="lacks tensor nope"):
+        load_recipe(path)
+    write(meta)
+    blob = (path / "recipe.safetensors").read_bytes()
+    (path / "recipe.safetensors").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(RecipeError, match="truncated or modified"):
+        load_recipe(path)
+    (path / "recipe.json").write_text("{not json")
+    with pytest.raises(RecipeError, match="not valid JSON"):
+        load_recipe(path)
+    with pytest.raises(RecipeError, match="has no recipe.json"):
+        load_recipe(tmp_path / "nowhere")
+
+
+def test_calib_config_round_trip_and_validation():
+    cfg = CalibConfig(method="svdquant", bits="W6A6", fp_layers=("decoder.conv_out",))
+    assert CalibConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ConfigError, match="W<b>A<b>"):
+        CalibConfig(bits="W4")
+    with pytest.raises(ConfigError, match="outside the supported range"):
+        CalibConfig(bits="W9A4")
+    with pytest.raises(ConfigError, match="unknown calibration method"):
+        get_method("gptq")
