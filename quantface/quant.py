@@ -61,11 +61,44 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | 
     return (q - zero_point) * scale
 
 
+class _FakeQuantize(torch.autograd.Function):
+    """dequantize(quantize(x)) in one node. Backward (STE + LSQ): ∂x̂/∂x = 1 where the code is not
+    clamped, else 0; ∂x̂/∂s = (q − z) − x/s where not clamped, else (q − z). Saves only x and s and
+    recomputes the rest, which keeps distillation's memory and time down."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax):  # type: ignore[override]
+        ctx.save_for_backward(x, scale)
+        ctx.zero_point, ctx.qmin, ctx.qmax = zero_point, qmin, qmax
+        return dequantize(quantize(x, scale, zero_point, qmin, qmax), scale, zero_point)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, scale = ctx.saved_tensors
+        z = ctx.zero_point
+        v = x / scale
+        code = torch.round(v) + z
+        inside = (code >= ctx.qmin) & (code <= ctx.qmax)
+        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            q = torch.clamp(code, ctx.qmin, ctx.qmax)
+            g = grad * ((q - z) - v * inside)
+            # Sum over the dimensions along which the scale was broadcast.
+            while g.dim() > scale.dim():
+                g = g.sum(0)
+            for d, n in enumerate(scale.shape):
+                if n == 1 and g.shape[d] != 1:
+                    g = g.sum(d, keepdim=True)
+            grad_s = g
+        return grad_x, grad_s, None, None, None
+
+
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | float, qmin: int, qmax: int
                   ) -> torch.Tensor:
-    """dequantize(quantize(x)) with the straight-through estimator; forward equals the two calls above."""
-    q = torch.clamp(RoundSTE.apply(x / scale) + zero_point, qmin, qmax)
-    return (q - zero_point) * scale
+    """dequantize(quantize(x)) with the straight-through estimator; the forward is bit-identical to
+    those two calls, the gradient w.r.t. the scale is LSQ's (paper Eq. 5)."""
+    return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax)
 
 
 # --------------------------------------------------------------------------------------------

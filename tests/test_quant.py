@@ -108,3 +108,27 @@ def test_int4_pack_round_trip(n):
     packed = pack_int4(codes)
     assert packed.dtype == torch.uint8 and packed.numel() == (n + 1) // 2
     assert torch.equal(unpack_int4(packed, n), codes)
+
+
+def _reference_fake_quantize(x, s, z, lo, hi):
+    """The composed definition (RoundSTE, autograd does the rest) the fused op must equal."""
+    from quantface.quant import RoundSTE
+
+    return (torch.clamp(RoundSTE.apply(x / s) + z, lo, hi) - z) * s
+
+
+@pytest.mark.parametrize("scale_shape", [(), (6, 1, 1, 1)])
+def test_fused_fake_quantize_matches_composed_definition(scale_shape):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(6, 4, 5, 5, generator=g, dtype=torch.float64) * 2
+    s0 = torch.rand(scale_shape, generator=g, dtype=torch.float64) * 0.3 + 0.05
+    outs = []
+    for fn in (fake_quantize, _reference_fake_quantize):
+        x, s = x0.clone().requires_grad_(), s0.clone().requires_grad_()
+        y = fn(x, s, torch.tensor(3.0, dtype=torch.float64), 0, 15)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y)).sum().backward()
+        outs.append((y.detach(), x.grad, s.grad))
+    assert torch.equal(outs[0][0], outs[1][0])
+    # Autograd of the composition multiplies by (1/s)·s, the fused op by exactly 1: equal to rounding.
+    assert torch.allclose(outs[0][1], outs[1][1], rtol=1e-12, atol=1e-15)
+    assert torch.allclose(outs[0][2], outs[1][2], rtol=1e-10, atol=1e-12)

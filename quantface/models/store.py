@@ -16,6 +16,7 @@ from quantface.models.reference import ReferenceConfig, ReferenceRestorer
 def save_weights(model: ReferenceRestorer, stem: str | Path) -> None:
     """Write ``<stem>.safetensors`` and ``<stem>.json`` (both atomically)."""
     stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     tmp = stem.with_name(stem.name + ".safetensors.tmp")
     save_file(tensors, str(tmp))
