@@ -14,17 +14,20 @@ from quantface.errors import QuantFaceError
 from quantface.models import MODEL_NAMES
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, onnx: bool = True) -> None:
     p.add_argument("--model", default="reference", choices=MODEL_NAMES, help="network to run (default: reference)")
     p.add_argument("--weights", default=None,
                    help="weights stem overriding the embedded ones: <stem>.safetensors + <stem>.json")
     p.add_argument("--recipe", default=None, help="calibration recipe folder: run the fake-quant model")
+    if onnx:
+        p.add_argument("--onnx", default=None, help="exported ONNX graph: run it with ONNX Runtime (CPU)")
 
 
 def _model_spec(a: argparse.Namespace):
     from quantface.jobs import ModelSpec
 
-    return ModelSpec(name=a.model, weights=a.weights, recipe=a.recipe)
+    onnx = None if a.command == "validate" else a.onnx  # validate's --onnx is the graph under test
+    return ModelSpec(name=a.model, weights=a.weights, recipe=a.recipe, onnx=onnx)
 
 
 def _cmd_restore(a: argparse.Namespace) -> int:
@@ -79,6 +82,36 @@ def _cmd_demo(a: argparse.Namespace) -> int:
           f"SSIM {s['astronaut_ssim_input']:.4f} -> restored PSNR {s['astronaut_psnr_restored']:.2f} dB "
           f"SSIM {s['astronaut_ssim_restored']:.4f}")
     print(f"before/after grid: {s['grid']}")
+    return 0
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from export import ExportConfig, export_onnx
+
+    if a.fp32 and a.recipe:
+        print("error: --fp32 exports the unquantized model; drop --recipe or --fp32", file=sys.stderr)
+        return 2
+    if not a.fp32 and not a.recipe:
+        print("error: give --recipe RECIPE_DIR (or --fp32 for the unquantized baseline graph)", file=sys.stderr)
+        return 2
+    r = export_onnx(ExportConfig(model=a.model, weights=a.weights, recipe=a.recipe, profile=a.profile, out=a.out,
+                                 size=a.size, batch=a.batch, rotation=not a.no_rotation))
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(r.node_counts.items()) if v)
+    print(f"wrote {r.path} ({r.bytes / 1e6:.2f} MB, profile {a.profile if a.recipe else 'fp32'}): {counts}")
+    return 0
+
+
+def _cmd_validate(a: argparse.Namespace) -> int:
+    from export.validate import ValidateConfig, validate
+
+    r = validate(ValidateConfig(onnx=a.onnx, data=a.data, model=_model_spec(a), limit=a.limit, seed=a.seed,
+                                threads=a.threads, repeats=a.repeats, json_out=a.json))
+    print(f"parity ONNX vs PyTorch: PSNR {r['parity_psnr']:.2f} dB, max-abs {r['parity_max_abs']:.2e} (n={r['n']})")
+    print(f"quality: PSNR {r['psnr']:.2f} dB SSIM {r['ssim']:.4f} to GT; PSNR {r['psnr_to_fp']:.2f} dB to FP")
+    print(f"latency: {r['latency_ms_median']:.1f} ms median (batch {r['latency_batch']}, {r['threads']} threads); "
+          f"size: {r['file_bytes'] / 1e6:.2f} MB")
+    if a.json:
+        print(f"wrote {a.json}")
     return 0
 
 
@@ -138,6 +171,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="ignore an interrupted run's checkpoint")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("export", help="export a recipe (or the FP model) as a QDQ ONNX graph")
+    p.add_argument("--model", default="reference", choices=MODEL_NAMES)
+    p.add_argument("--weights", default=None, help="weights stem overriding the embedded ones")
+    p.add_argument("--recipe", default=None, help="calibration recipe folder")
+    p.add_argument("--fp32", action="store_true", help="export the unquantized baseline graph")
+    p.add_argument("--profile", default="reference", choices=["reference", "ort-cpu", "qnn"])
+    p.add_argument("--out", required=True, help="ONNX file to write")
+    p.add_argument("--size", type=int, default=None, help="static input side (default: the model's working size)")
+    p.add_argument("--batch", type=int, default=1, help="static batch size")
+    p.add_argument("--no-rotation", action="store_true",
+                   help="leave out the Hadamard nodes (wrong outputs; only to measure their cost)")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("validate", help="ONNX Runtime vs PyTorch on real faces: parity, quality, latency, size")
+    _add_model_args(p, onnx=False)
+    p.add_argument("--onnx", required=True, help="the exported ONNX graph to validate")
+    p.add_argument("--data", required=True, help="folder of HQ faces (degraded with --seed)")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs for the latency median")
+    p.add_argument("--json", default=None, help="write the report here")
+    p.set_defaults(func=_cmd_validate)
     return parser
 
 

@@ -29,12 +29,18 @@ from quantface.pipeline import RestorationPipeline, TorchBackend
 
 @dataclass
 class ModelSpec(JsonConfig):
-    """Which network to run: a model name, optionally a weights stem overriding the embedded one, and
-    optionally a calibration recipe turning it into the fake-quant model."""
+    """Which network to run: a model name, optionally a weights stem overriding the embedded one,
+    optionally a calibration recipe turning it into the fake-quant model, or an exported ONNX graph
+    run by ONNX Runtime instead of PyTorch."""
 
     name: str = "reference"
     weights: str | None = None
     recipe: str | None = None
+    onnx: str | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.recipe is not None or self.onnx is not None
 
     def fp_model(self):
         return load_model(self.name, self.weights)
@@ -49,7 +55,14 @@ class ModelSpec(JsonConfig):
         return apply_recipe(fp, self.recipe)
 
     def pipeline(self, batch_size: int = 8) -> tuple[RestorationPipeline, int]:
-        """The restoration pipeline for this model and the model's working size."""
+        """The restoration pipeline for this model and its working size (an ONNX graph's input size)."""
+        if self.onnx is not None:
+            from export.api import OnnxBackend
+
+            backend = OnnxBackend(self.onnx)
+            side = backend.input_shape[-1]
+            size = side if isinstance(side, int) else self.fp_model().config.working_size
+            return RestorationPipeline(backend, batch_size), size
         model = self.model()
         return RestorationPipeline(TorchBackend(model), batch_size), model.config.working_size
 
@@ -90,7 +103,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         for p, hq, lq, out in zip(loaded.paths, loaded.images, lqs, restored)
     ]
     keys = ["psnr", "ssim", "psnr_lq", "ssim_lq"]
-    if cfg.model.recipe is not None:  # a quantized model: also score it against the FP model's output
+    if cfg.model.quantized:  # a quantized model or an exported graph: also score it against FP
         fp_spec = ModelSpec(name=cfg.model.name, weights=cfg.model.weights)
         fp_out, _ = _timed_restore(fp_spec.pipeline(cfg.batch_size)[0], lqs, cfg.batch_size, "eval FP")
         for r, out, ref in zip(per_image, restored, fp_out):
@@ -102,6 +115,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         "model": cfg.model.name,
         "weights": cfg.model.weights or "embedded",
         "recipe": cfg.model.recipe,
+        "onnx": cfg.model.onnx,
         "data": str(cfg.data),
         "seed": cfg.seed,
         "size": size,

@@ -71,3 +71,28 @@ def test_demo_writes_grid_and_summary(tiny_weights, tmp_path, capsys):
 def test_configs_round_trip_to_json():
     cfg = EvalConfig(data="d", json_out="o.json", model=ModelSpec(weights="w"), limit=4, seed=2, size=64)
     assert EvalConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_calibrate_export_validate_chain(image_folder, tiny_weights, tmp_path, capsys):
+    """The CLI chain on a tiny model: calibrate → export → validate → eval --onnx."""
+    recipe, onnx_path = tmp_path / "recipe", tmp_path / "out" / "model.onnx"
+    w = ["--weights", str(tiny_weights)]
+    assert main(["calibrate", *w, "--method", "quantface", "--bits", "W4A4", "--data", str(image_folder),
+                 "--out", str(recipe), "--size", "32", "--steps", "1", "--rank", "2", "--stat-images", "2"]) == 0
+    assert main(["export", *w, "--recipe", str(recipe), "--profile", "ort-cpu", "--out", str(onnx_path)]) == 0
+    report = tmp_path / "validate.json"
+    assert main(["validate", *w, "--onnx", str(onnx_path), "--recipe", str(recipe), "--data", str(image_folder),
+                 "--limit", "2", "--repeats", "2", "--threads", "1", "--json", str(report)]) == 0
+    r = json.loads(report.read_text())
+    assert r["parity_psnr"] >= 40 and r["n"] == 2 and r["threads"] == 1 and r["file_bytes"] > 0
+    ev = tmp_path / "eval.json"
+    assert main(["eval", *w, "--onnx", str(onnx_path), "--data", str(image_folder), "--limit", "2",
+                 "--json", str(ev)]) == 0
+    e = json.loads(ev.read_text())
+    assert e["size"] == 32 and "psnr_to_fp" in e
+    assert "parity ONNX vs PyTorch" in capsys.readouterr().out
+
+
+def test_export_needs_recipe_or_fp32(tmp_path, capsys):
+    assert main(["export", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "--recipe" in capsys.readouterr().err

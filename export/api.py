@@ -1,0 +1,142 @@
+"""Public API of the exporter: ``export_onnx(ExportConfig) -> ExportResult`` and ``OnnxBackend``.
+
+``build_onnx`` composes the passes, in order::
+
+    trace_to_onnx            torch.onnx.export (TorchScript) with one placeholder per quantized layer
+    remove_identities        drop Identity nodes (torch emits one per shared parameter)
+    constants_to_initializers
+    lower_quant_layers       placeholders → Smooth / Hadamard / Clip / Q / DQ / Conv|MatMul / low-rank
+    fold_constants           Shape nodes and the input-independent subgraph (timestep path, shape
+                             arithmetic) → initializers
+    annotate_shapes          static shapes of every value recorded in value_info
+    add_metadata             per-layer bits, profile, recipe sha256, tool version, ...
+
+and ``export_onnx`` checks (``onnx.checker``, full check) and writes the result atomically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from calibration.layers import quant_layers
+from calibration.recipe import apply_recipe, load_recipe
+from export.config import ExportConfig
+from export.errors import ExportError
+from export.fold import annotate_shapes, constants_to_initializers, fold_constants, remove_identities
+from export.graph import op_counts
+from export.lower import lower_quant_layers
+from export.profiles import get_profile
+from export.save import add_metadata, save_atomic
+from export.trace import INPUT_NAME, trace_to_onnx
+from quantface import __version__
+from quantface.errors import ConfigError
+from quantface.models import load_model
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    bytes: int  # on disk, external data included
+    node_counts: dict[str, int]  # main-graph nodes by op type (custom ops as "domain::Op")
+    constant_layers: list[str] = field(default_factory=list)  # quantized layers folded into constants
+
+
+def _quantized_layer_present(model: onnx.ModelProto, name: str) -> bool:
+    nodes = {n.name for n in model.graph.node}
+    return f"{name}_Conv" in nodes or f"{name}_MatMul" in nodes
+
+
+def build_onnx(cfg: ExportConfig) -> tuple[onnx.ModelProto, list[str]]:
+    """The ONNX model ``cfg`` describes, in memory (not yet checked or written), and the quantized
+    layers folded into constants because they do not depend on the input (the timestep path)."""
+    profile = get_profile(cfg.profile)
+    fp_model = load_model(cfg.model, cfg.weights)
+    config = fp_model.config
+    size = cfg.size or config.working_size
+    if size % config.size_multiple:
+        raise ConfigError(f"--size {size} is not a multiple of {config.size_multiple}, which the model needs")
+    recipe = load_recipe(cfg.recipe) if cfg.recipe else None
+    torch_model = apply_recipe(fp_model, recipe) if recipe else fp_model  # RecipeError if it does not fit
+    layers = quant_layers(torch_model)
+    passes = [
+        remove_identities,
+        constants_to_initializers,
+        partial(lower_quant_layers, layers=layers, profile=profile, rotation=cfg.rotation),
+        fold_constants,
+        annotate_shapes,
+    ]
+    model = trace_to_onnx(torch_model, cfg.batch, size)
+    for run in passes:
+        model = run(model)
+    constant = sorted(n for n in layers if not _quantized_layer_present(model, n))
+    entries: dict[str, object] = {
+        "tool_version": __version__,
+        "model": cfg.model,
+        "profile": profile.name,
+        "rotation": cfg.rotation,
+        "input": {"name": INPUT_NAME, "shape": [cfg.batch, config.image_channels, size, size], "range": [-1, 1]},
+        "recipe_sha256": recipe.sha256 if recipe else "",
+        "method": recipe.meta.get("method", "") if recipe else "fp32",
+        "layer_bits": {n: {"weight_bits": e["weight_bits"], "act_bits": e["act_bits"]}
+                       for n, e in (recipe.layers.items() if recipe else [])},
+        "constant_layers": constant,
+    }
+    model = add_metadata(model, entries)
+    model.producer_name, model.producer_version = "quantface", __version__
+    return model, constant
+
+
+def export_onnx(cfg: ExportConfig) -> ExportResult:
+    """Export ``cfg`` to ``cfg.out`` (atomically; see ``export.save``)."""
+    model, constant = build_onnx(cfg)
+    written = save_atomic(model, cfg.out)
+    return ExportResult(Path(cfg.out), written, op_counts(model), constant)
+
+
+class OnnxBackend:
+    """Runs an exported model with ONNX Runtime's CPU execution provider, as a pipeline backend:
+    (N, 3, H, W) float32 in [-1, 1] → the model's output. A model exported for a static batch b is
+    run b images at a time (the last chunk padded by repeating its last image)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        path = Path(path)
+        if not path.is_file():
+            raise ExportError(f"ONNX model {path} does not exist")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own pybind error types for unreadable models
+            raise ExportError(f"ONNX model {path} cannot be loaded by ONNX Runtime: "
+                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.input_shape = list(inp.shape)
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        expected = self.input_shape[1:]
+        if batch.ndim != 4 or any(isinstance(e, int) and e != g for e, g in zip(expected, batch.shape[1:])):
+            raise ConfigError(f"the ONNX model takes input of shape (N, {', '.join(map(str, expected))}), "
+                              f"got {tuple(batch.shape)}")
+        b = self.input_shape[0]
+        if not isinstance(b, int) or len(batch) == b:
+            return self.session.run(None, {self.input_name: batch})[0]
+        outs = []
+        for i in range(0, len(batch), b):
+            chunk = batch[i:i + b]
+            n = len(chunk)
+            if n < b:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, axis=0)])
+            outs.append(self.session.run(None, {self.input_name: chunk})[0][:n])
+        return np.concatenate(outs)

@@ -1,0 +1,178 @@
+"""Passes that fold everything that does not depend on the input image into initializers.
+
+The fixed timestep makes a whole sub-network constant: the sinusoidal embedding, the UNet's time
+MLP (``unet.time_in``, ``unet.time_out``) and every ResBlock's ``temb_proj``; the static input shape
+makes every ``Shape`` → ``Gather`` → ``Concat`` chain constant. Rather than special-casing the
+model, ``fold_constants`` finds the input-independent part of the *finished* (quantized) graph and
+evaluates it once with ONNX Runtime (graph optimizations off: plain op semantics), so the constants
+are exactly what the runtime would have computed — including the QDQ of the quantized time layers,
+whose nodes therefore disappear from the exported graph (``constant_layers`` lists them).
+
+Kept although input-independent: ``DequantizeLinear`` of stored weight codes — the point of a QDQ
+graph is to ship integer codes, not their float values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper, shape_inference
+
+from export.errors import ExportError
+from export.graph import consumers, make_initializer, producers, remove_dead, shape_view
+
+
+def remove_identities(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Requires: nothing. Ensures: no ``Identity`` node (consumers read its input directly), except
+    one whose output is a graph output."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    rename = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.output[0] not in outputs}
+
+    def resolve(name: str) -> str:
+        while name in rename:
+            name = rename[name]
+        return name
+
+    keep = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in rename)]
+    for node in keep:
+        for i, name in enumerate(node.input):
+            node.input[i] = resolve(name)
+    del graph.node[:]
+    graph.node.extend(keep)
+    return model
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Requires: nothing. Ensures: no ``Constant`` node; their values are initializers."""
+    graph = model.graph
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            attr = node.attribute[0]
+            value = helper.get_attribute_value(attr)
+            if attr.name == "value":
+                array = numpy_helper.to_array(value)
+            else:  # value_float(s) / value_int(s)
+                array = np.asarray(value, dtype=np.float32 if "float" in attr.name else np.int64)
+            graph.initializer.append(numpy_helper.from_array(array, node.output[0]))
+        else:
+            keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    return model
+
+
+def _fold_known_shapes(model: onnx.ModelProto) -> int:
+    """Replace each ``Shape`` node whose input has a static inferred shape by an int64 initializer;
+    returns how many were replaced."""
+    inferred = shape_inference.infer_shapes(shape_view(model), strict_mode=False, data_prop=True)
+    shapes = {}
+    for v in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
+        t = v.type.tensor_type
+        if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
+            shapes[v.name] = [d.dim_value for d in t.shape.dim]
+    for init in model.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    graph = model.graph
+    keep, folded = [], 0
+    for node in graph.node:
+        if node.op_type != "Shape" or node.input[0] not in shapes:
+            keep.append(node)
+            continue
+        dims = shapes[node.input[0]]
+        attrs = {a.name: a.i for a in node.attribute}
+        start, end = attrs.get("start", 0), attrs.get("end", len(dims))
+        graph.initializer.append(numpy_helper.from_array(np.array(dims[start:end], np.int64), node.output[0]))
+        folded += 1
+    del graph.node[:]
+    graph.node.extend(keep)
+    return folded
+
+
+def _is_weight_dq(node: onnx.NodeProto, initializers: set[str]) -> bool:
+    return node.op_type == "DequantizeLinear" and all(i in initializers for i in node.input if i)
+
+
+def _fold_static_values(model: onnx.ModelProto) -> int:
+    """Evaluate the input-independent nodes feeding input-dependent ones (or graph outputs) into
+    initializers; returns how many values were folded."""
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    dynamic = {i.name for i in graph.input}
+    static_nodes = []
+    for node in graph.node:  # topological order
+        if any(i in dynamic for i in node.input if i):
+            dynamic.update(node.output)
+        else:
+            static_nodes.append(node)
+    users = consumers(graph)
+    made_by = producers(graph)
+    outputs = {o.name for o in graph.output}
+    frontier = sorted({v for n in static_nodes for v in n.output
+                       if v in outputs or any(u.output[0] in dynamic for u in users.get(v, []))})
+    frontier = [v for v in frontier if not _is_weight_dq(made_by[v], inits)]
+    if not frontier:
+        return 0
+    values = _evaluate(model, static_nodes, frontier)
+    keep = [n for n in graph.node if not (set(n.output) & set(values))]
+    del graph.node[:]
+    graph.node.extend(keep)
+    graph.initializer.extend(make_initializer(name, arr) for name, arr in values.items())
+    remove_dead(model)
+    return len(values)
+
+
+def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Requires: static graph input shapes; no ``Constant`` node (``constants_to_initializers``).
+    Ensures: no ``Shape`` node; every node depends on the graph input's values, except
+    ``DequantizeLinear`` of initializers (stored weight codes); folded values are initializers; dead
+    nodes and initializers removed; the exporter's ``value_info`` (partly symbolic, stale where nodes
+    were rewritten) dropped. Shapes and values are folded alternately until nothing changes, since
+    each can unlock the other (a shape behind an ``Expand`` of the timestep, say)."""
+    del model.graph.value_info[:]
+    while True:
+        changed = _fold_known_shapes(model) + _fold_static_values(model)
+        left = [n for n in model.graph.node if n.op_type == "Shape"]
+        if not left:
+            return remove_dead(model)
+        if not changed:
+            raise ExportError(f"node {left[0].name}: the shape of {left[0].input[0]} is not static")
+
+
+def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], outputs: list[str]) -> dict[str, np.ndarray]:
+    """Run ``nodes`` (which read only initializers) with ONNX Runtime, returning ``outputs``."""
+    sub = onnx.ModelProto()
+    sub.CopyFrom(model)
+    g = sub.graph
+    del g.node[:], g.input[:], g.output[:], g.value_info[:]
+    g.node.extend(nodes)
+    g.output.extend(helper.make_empty_tensor_value_info(name) for name in outputs)
+    sub = remove_dead(sub)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(sub.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return dict(zip(outputs, session.run(outputs, {})))
+
+
+def annotate_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Requires: static graph input shapes. Ensures: ``value_info`` records the static shape of every
+    intermediate value (ONNX shape inference, strict); ExportError names the first that is not."""
+    del model.graph.value_info[:]
+    try:
+        inferred = shape_inference.infer_shapes(shape_view(model), strict_mode=True, data_prop=True)
+    except shape_inference.InferenceError as exc:
+        raise ExportError(f"ONNX shape inference fails on the exported graph: {str(exc).splitlines()[0]}") from None
+    known = {v.name for v in inferred.graph.value_info
+             if all(d.HasField("dim_value") for d in v.type.tensor_type.shape.dim)}
+    outputs = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        for v in node.output:
+            if v not in known and v not in outputs:
+                raise ExportError(f"node {node.name}: the shape of {v} is not static")
+    model.graph.value_info.extend(inferred.graph.value_info)
+    return model

@@ -1,0 +1,181 @@
+"""Pass: replace each ``quantface_export::QuantLayer`` placeholder by the layer's QDQ subgraph.
+
+For a layer ``P`` (its recipe name, e.g. ``unet.conv_in``) with input x and the placeholder's
+output y, in order (every node optional, as the recipe says)::
+
+    x ─ P_Smooth (Mul 1/s) ─ P_Hadamard ─┬─ P_Clip ─ P_QuantizeLinear ─ P_DequantizeLinear ─┐
+                                         │     P.weight_codes ─ P_weight_DequantizeLinear ─┴─ P_Conv / P_MatMul
+                                         │                                                      (+ P_BiasAdd)
+                                         └─ P_LowRankDown ─ P_LowRankUp ──────────────────────── P_LowRankAdd ─ y
+
+* Smoothing stays an explicit ``Mul`` by 1/s (not folded into the previous op, whose output other
+  layers may share, nor into the rotation's signs, so ``rotation=False`` removes exactly the
+  Hadamard nodes and nothing else).
+* ``P_Hadamard`` is ``export.rotation``'s node (function call, or its body inline for ``qnn``).
+* Activations: per-tensor ``QuantizeLinear`` → ``DequantizeLinear`` with the recipe's scale and zero
+  point in the profile's container; ``P_Clip`` keeps codes in [0, 2^b − 1] when the container is
+  wider than b bits (see ``export.profiles``).
+* Weights: the recipe's integer codes as an initializer in the profile's container, dequantized per
+  output channel with the recipe's scales and zero point 0. Conv weights are (out, in, kh, kw) with
+  ``axis=0``; Linear weights are stored transposed, (in, out), for ``MatMul`` with ``axis=1`` — the
+  output channel in both cases (the standard QDQ form of MatMul).
+* The merged low-rank branch (rank 2r) runs in full precision from x' — after the rotation, before
+  the activation QDQ, as in calibration: a k×k conv (the layer's stride, padding, dilation) to rank
+  2r then a 1×1 conv back, or two MatMuls for a Linear.
+
+Requires: placeholders from ``export.trace``; one ``QuantLayer`` per placeholder (from
+``calibration.recipe.apply_recipe``). Ensures: no placeholder or ``quantface_export`` import left;
+the ``quantface`` domain and its function(s) present iff a Hadamard node was emitted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from calibration.layers import QuantLayer
+from export.errors import ExportError
+from export.graph import GraphBuilder, replace_nodes
+from export.profiles import CONTAINER_BITS, Profile
+from export.rotation import DOMAIN, VERSION, emit_rotation, hadamard_functions
+from export.trace import MARKER_DOMAIN, MARKER_OP
+from quantface.quant import qrange
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def _conv_attrs(layer: QuantLayer, kernel: tuple[int, ...]) -> dict:
+    args = layer.conv_args
+    if isinstance(args["padding"], str):
+        raise ExportError(f"layer {layer.name}: string padding {args['padding']!r} is not supported by the exporter")
+    pads = list(args["padding"])
+    return dict(kernel_shape=list(kernel), strides=list(args["stride"]), pads=pads + pads,
+                dilations=list(args["dilation"]))
+
+
+def _activation_qdq(b: GraphBuilder, p: str, x: str, layer: QuantLayer, profile: Profile) -> list[onnx.NodeProto]:
+    bits = layer.act_bits
+    container = profile.act_type(bits)
+    scale = np.float32(layer.a_scale.detach())
+    zero = int(layer.a_zero_point)
+    qmin, qmax = qrange(bits, signed=False)
+    if not qmin <= zero <= qmax:
+        raise ExportError(f"layer {p}: activation zero point {zero} is outside the {bits}-bit range")
+    nodes = []
+    if CONTAINER_BITS[container] > bits:
+        lo = b.initializer(f"{p}.act_min", np.array((qmin - zero) * scale, np.float32))
+        hi = b.initializer(f"{p}.act_max", np.array((qmax - zero) * scale, np.float32))
+        nodes.append(b.node("Clip", [x, lo, hi], f"{p}_Clip"))
+        x = nodes[-1].output[0]
+    s = b.initializer(f"{p}.act_scale", np.array(scale, np.float32))
+    z = b.initializer(f"{p}.act_zero_point", np.array(zero), container)
+    nodes.append(b.node("QuantizeLinear", [x, s, z], f"{p}_QuantizeLinear"))
+    nodes.append(b.node("DequantizeLinear", [nodes[-1].output[0], s, z], f"{p}_DequantizeLinear"))
+    return nodes
+
+
+def _weight(b: GraphBuilder, p: str, layer: QuantLayer, profile: Profile, conv: bool) -> tuple[str, list]:
+    """Name of the (dequantized) weight the main op consumes, and the nodes producing it."""
+    if layer.weight_bits is None:
+        w = _np(layer.quantized_weight())
+        return b.initializer(f"{p}.weight", w if conv else w.T), []
+    codes = _np(layer.weight_codes).astype(np.int64)
+    lo, hi = qrange(layer.weight_bits, signed=True)
+    if codes.min() < lo or codes.max() > hi:
+        raise ExportError(f"layer {p}: weight codes exceed the {layer.weight_bits}-bit range")
+    container = profile.weight_type(layer.weight_bits)
+    scale = _np(layer.w_scale).astype(np.float32).reshape(-1)
+    codes_name = b.initializer(f"{p}.weight_codes", codes if conv else codes.T, container)
+    s = b.initializer(f"{p}.weight_scale", scale)
+    z = b.initializer(f"{p}.weight_zero_point", np.zeros(scale.shape, np.int64), container)
+    dq = b.node("DequantizeLinear", [codes_name, s, z], f"{p}_weight_DequantizeLinear", axis=0 if conv else 1)
+    return dq.output[0], [dq]
+
+
+def lower_layer(b: GraphBuilder, layer: QuantLayer, x: str, y: str, profile: Profile, rotation: bool
+                ) -> list[onnx.NodeProto]:
+    """The nodes of one quantized layer, from input value ``x`` to output value ``y``."""
+    p = layer.name
+    conv = layer.conv_args is not None
+    nodes: list[onnx.NodeProto] = []
+    if layer.smooth is not None:
+        inv = (1.0 / layer.smooth).detach().cpu().numpy().astype(np.float32)  # bit-identical to the torch forward
+        nodes.append(b.node("Mul", [x, b.initializer(f"{p}.smooth_inv", inv.reshape(-1, 1, 1) if conv else inv)],
+                            f"{p}_Smooth"))
+        x = nodes[-1].output[0]
+    if layer.rotation is not None and rotation:
+        try:
+            nodes += emit_rotation(b, p, x, _np(layer.rotation), conv, profile.inline_rotation)
+        except ValueError as exc:
+            raise ExportError(f"layer {p}: {exc}") from None
+        x = nodes[-1].output[0]
+    x_main = x
+    if layer.act_bits is not None:
+        nodes += _activation_qdq(b, p, x, layer, profile)
+        x_main = nodes[-1].output[0]
+    w, w_nodes = _weight(b, p, layer, profile, conv)
+    nodes += w_nodes
+    branch = layer.lowrank
+    has_bias = layer.bias is not None
+    bias = b.initializer(f"{p}.bias", _np(layer.bias)) if has_bias else None
+    last_main = branch is None and (conv or not has_bias)
+    if conv:
+        attrs = _conv_attrs(layer, tuple(layer.weight.shape[2:]))
+        nodes.append(b.node("Conv", [x_main, w] + ([bias] if bias else []), f"{p}_Conv",
+                            output=y if last_main else None, **attrs))
+    else:
+        nodes.append(b.node("MatMul", [x_main, w], f"{p}_MatMul", output=y if last_main else None))
+        if bias:
+            nodes.append(b.node("Add", [nodes[-1].output[0], bias], f"{p}_BiasAdd", output=y if branch is None else None))
+    if branch is not None:
+        main = nodes[-1].output[0]
+        down, up = _np(branch.down), _np(branch.up)
+        if conv:
+            d = b.node("Conv", [x, b.initializer(f"{p}.lowrank_down", down)], f"{p}_LowRankDown",
+                       **_conv_attrs(layer, tuple(down.shape[2:])))
+            u = b.node("Conv", [d.output[0], b.initializer(f"{p}.lowrank_up", up)], f"{p}_LowRankUp")
+        else:
+            d = b.node("MatMul", [x, b.initializer(f"{p}.lowrank_down", down.T)], f"{p}_LowRankDown")
+            u = b.node("MatMul", [d.output[0], b.initializer(f"{p}.lowrank_up", up.T)], f"{p}_LowRankUp")
+        nodes += [d, u, b.node("Add", [main, u.output[0]], f"{p}_LowRankAdd", output=y)]
+    return nodes
+
+
+def lower_quant_layers(model: onnx.ModelProto, layers: dict[str, QuantLayer], profile: Profile,
+                       rotation: bool = True) -> onnx.ModelProto:
+    """Replace every placeholder by ``lower_layer``'s nodes (see the module docstring)."""
+    graph = model.graph
+    b = GraphBuilder(graph)
+    graph_outputs = {o.name for o in graph.output}
+    replacements: dict[int, list[onnx.NodeProto]] = {}
+    renamed: dict[str, str] = {}  # placeholder output → "<layer>_output" (graph outputs keep their name)
+    seen: set[str] = set()
+    for i, node in enumerate(graph.node):
+        if node.domain != MARKER_DOMAIN:
+            continue
+        name = helper.get_attribute_value(node.attribute[0]).decode()
+        if node.op_type != MARKER_OP or name not in layers:
+            raise ExportError(f"placeholder {node.name} names no quantized layer ({name!r})")
+        seen.add(name)
+        y = node.output[0]
+        renamed[y] = y if y in graph_outputs else f"{name}_output"
+        replacements[i] = lower_layer(b, layers[name], renamed.get(node.input[0], node.input[0]), renamed[y],
+                                      profile, rotation)
+    missing = sorted(set(layers) - seen)
+    if missing:
+        raise ExportError(f"quantized layers missing from the traced graph: {', '.join(missing[:3])}")
+    replace_nodes(graph, replacements)
+    for node in graph.node:
+        for j, v in enumerate(node.input):
+            if v in renamed:
+                node.input[j] = renamed[v]
+    imports = [o for o in model.opset_import if o.domain != MARKER_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(imports)
+    if any(n.domain == DOMAIN for n in graph.node):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, VERSION))
+        model.functions.extend(hadamard_functions())
+    return model

@@ -1,0 +1,62 @@
+"""Export profiles: which integer containers hold the recipe's b-bit codes, and how the rotation is
+emitted, for each target runtime.
+
+Every mapping (``w`` = weight bits, ``a`` = activation bits, both in 2..8 per ``quantface.quant``)::
+
+    profile    weight container            activation container            Hadamard rotation
+    ---------  --------------------------  ------------------------------  ---------------------------------
+    reference  INT4 if w ≤ 4, else INT8    UINT4 if a ≤ 4, else UINT8      quantface::Hadamard function node
+    ort-cpu    INT8                        UINT8                           quantface::Hadamard function node
+    qnn        INT8                        UINT8 if a ≤ 8, else UINT16     plain Mul + Conv 1×1 / MatMul
+
+* ``reference`` is the exact, most compact graph (opset 21 4-bit types), for checking and archiving.
+  4-bit containers are used for 2- and 3-bit codes too: the narrowest container holding the codes.
+* ``ort-cpu`` uses the 8-bit containers ONNX Runtime's CPU kernels are fastest with.
+* ``qnn`` targets ONNX Runtime's QNN execution provider (Qualcomm HTP): no model-local functions
+  (so the rotation is emitted as its body, inline), unsigned 8/16-bit activations, signed 8-bit
+  per-channel weights. ``quantface.quant`` caps bits at 8, so the UINT16 row is never used today.
+
+Exact b-bit grid: whenever the container is wider than the bits, a float ``Clip`` to
+``[(0 − z)·s, (2^b − 1 − z)·s]`` precedes the activation's ``QuantizeLinear``, so its codes stay in
+[0, 2^b − 1] exactly as calibration simulated; weights need none (their codes are stored in range).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from onnx import TensorProto
+
+from quantface.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    int4_weights: bool  # INT4 container for weights of ≤ 4 bits
+    uint4_acts: bool  # UINT4 container for activations of ≤ 4 bits
+    inline_rotation: bool  # emit the Hadamard body inline instead of a quantface::Hadamard node
+
+    def weight_type(self, bits: int) -> int:
+        return TensorProto.INT4 if self.int4_weights and bits <= 4 else TensorProto.INT8
+
+    def act_type(self, bits: int) -> int:
+        if self.uint4_acts and bits <= 4:
+            return TensorProto.UINT4
+        return TensorProto.UINT8 if bits <= 8 else TensorProto.UINT16
+
+
+CONTAINER_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.INT8: 8, TensorProto.UINT8: 8,
+                  TensorProto.UINT16: 16}
+
+PROFILES: dict[str, Profile] = {p.name: p for p in [
+    Profile("reference", int4_weights=True, uint4_acts=True, inline_rotation=False),
+    Profile("ort-cpu", int4_weights=False, uint4_acts=False, inline_rotation=False),
+    Profile("qnn", int4_weights=False, uint4_acts=False, inline_rotation=True),
+]}
+
+
+def get_profile(name: str) -> Profile:
+    if name not in PROFILES:
+        raise ConfigError(f"unknown export profile {name!r}; available: {', '.join(PROFILES)}")
+    return PROFILES[name]

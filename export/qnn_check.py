@@ -1,0 +1,106 @@
+"""Static pre-flight check of an ONNX model against what ONNX Runtime's QNN execution provider can
+hand to Qualcomm's HTP: ``qnn_report(model)`` lists the nodes and values it would not take.
+
+Checked:
+
+* ops: only the ``ai.onnx`` ops of ``QNN_OPS`` — the op builders registered by ONNX Runtime's QNN
+  EP (``onnxruntime/core/providers/qnn/builder/op_builder_factory.cc``); custom-domain ops and
+  model-local functions (QNN cannot run them) are reported;
+* shapes: every graph input, output and intermediate value has a static shape;
+* activations: ``QuantizeLinear`` produces uint8 or uint16 (and ``DequantizeLinear`` of computed
+  values reads one of those);
+* weights: ``DequantizeLinear`` of an initializer reads int8 or int4 codes, per output channel
+  (1-D scale as long as the quantized axis), with zero points 0 (QNN's weights are symmetric).
+
+Not checked (run a real QNN EP session on the device for those): per-op attribute and rank limits,
+and whether the float (non-QDQ) ops — normalisations, softmax, the low-rank branch, the rotation —
+have an FP16 path on the target HTP (v73 and newer run them in FP16; older ones fall back to CPU).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper, shape_inference
+
+from export.graph import shape_view
+
+QNN_OPS = frozenset("""
+Abs Add And ArgMax ArgMin Asin Atan AveragePool BatchNormalization Cast Ceil Clip Concat Conv
+ConvTranspose Cos CumSum DepthToSpace DequantizeLinear Div Einsum Elu Equal Exp Expand Flatten Floor
+Gather GatherElements GatherND Gelu Gemm GlobalAveragePool GlobalMaxPool Greater GreaterOrEqual
+GridSample HardSigmoid HardSwish InstanceNormalization Inverse LRN LayerNormalization LeakyRelu Less
+LessOrEqual Log LogSoftmax LpNormalization LSTM MatMul Max MaxPool Mean Min Mod Mul Neg Not Or Pad Pow
+PRelu QuantizeLinear RandomUniformLike Reciprocal ReduceL2 ReduceMax ReduceMean ReduceMin ReduceProd
+ReduceSum Relu Reshape Resize RMSNormalization Round STFT ScatterElements ScatterND Sigmoid Sign Sin
+Slice Softmax SpaceToDepth Split Sqrt Squeeze Sub Sum Tanh ThresholdedRelu Tile TopK Transpose
+Unsqueeze Upsample Where
+""".split())
+
+ACTIVATION_TYPES = {TensorProto.UINT8, TensorProto.UINT16}
+WEIGHT_TYPES = {TensorProto.INT8, TensorProto.INT4}
+
+
+def _name(t: int) -> str:
+    return TensorProto.DataType.Name(t)
+
+
+def _static(v: onnx.ValueInfoProto) -> bool:
+    t = v.type.tensor_type
+    return t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim)
+
+
+def qnn_report(model: onnx.ModelProto | str | Path) -> list[str]:
+    """One line per problem (empty: nothing this check knows of stops QNN HTP)."""
+    base_dir = None
+    if not isinstance(model, onnx.ModelProto):
+        base_dir = str(Path(model).parent)
+        model = onnx.load(str(model), load_external_data=False)  # dims and types suffice, but zero points
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    problems: list[str] = []
+    for f in model.functions:
+        overload = f" (overload {f.overload})" if f.overload else ""
+        problems.append(f"model-local function {f.domain}::{f.name}{overload}: QNN cannot run functions")
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            problems.append(f"node {node.name}: custom op {node.domain}::{node.op_type}")
+        elif node.op_type not in QNN_OPS:
+            problems.append(f"node {node.name}: op {node.op_type} is not supported by the QNN EP")
+
+    inferred = shape_inference.infer_shapes(shape_view(model), strict_mode=False)
+    values = {v.name: v for v in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output)}
+    for kind, group in (("input", graph.input), ("output", graph.output)):
+        problems += [f"graph {kind} {v.name}: shape is not static" for v in group if not _static(v)]
+    for node in graph.node:
+        for out in node.output:
+            if out and (out not in values or not _static(values[out])):
+                problems.append(f"node {node.name}: output {out} has no static shape")
+
+    for node in graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "QuantizeLinear":
+            zp = inits.get(node.input[2]) if len(node.input) > 2 else None
+            t = attrs.get("output_dtype") or (zp.data_type if zp is not None else TensorProto.UINT8)
+            if t not in ACTIVATION_TYPES:
+                problems.append(f"node {node.name}: activations quantized to {_name(t)} (QNN takes UINT8/UINT16)")
+        elif node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            codes = inits[node.input[0]]
+            if codes.data_type not in WEIGHT_TYPES:
+                problems.append(f"node {node.name}: weights stored as {_name(codes.data_type)} (QNN takes INT8/INT4)")
+            scale = inits.get(node.input[1])
+            axis = attrs.get("axis", 1)
+            per_channel = (scale is not None and len(scale.dims) == 1 and len(codes.dims) > 1
+                           and scale.dims[0] == codes.dims[axis % len(codes.dims)])
+            if not per_channel:
+                problems.append(f"node {node.name}: weights are not quantized per output channel")
+            zp = inits.get(node.input[2]) if len(node.input) > 2 else None
+            if zp is not None and np.any(numpy_helper.to_array(zp, base_dir or "") != 0):
+                problems.append(f"node {node.name}: weight zero points are not 0")
+        elif node.op_type == "DequantizeLinear":
+            zp = inits.get(node.input[2]) if len(node.input) > 2 else None
+            if zp is not None and zp.data_type not in ACTIVATION_TYPES:
+                problems.append(f"node {node.name}: activations dequantized from {_name(zp.data_type)}")
+    return problems

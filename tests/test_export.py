@@ -1,0 +1,316 @@
+"""The QDQ ONNX exporter on the tiny model (32×32): graph structure against the recipe, numerical
+parity with the PyTorch fake-quant model, the FP32 graph, atomic writing and clear errors.
+
+One quantized layer in the exported graph (names are the recipe's layer names)::
+
+    x ─ P_Smooth ─ P_Hadamard ─┬─ [P_Clip] ─ P_QuantizeLinear ─ P_DequantizeLinear ─┐
+                               │        P.weight_codes ─ P_weight_DequantizeLinear ─┴─ P_Conv ─┐
+                               └─ P_LowRankDown ─ P_LowRankUp ──────────────────────── P_LowRankAdd ─ y
+
+Calibrations and exports are cached per module (``_Cache``) so the file runs in well under a minute.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto
+
+from calibration import CalibConfig, calibrate
+from calibration.recipe import RecipeError, apply_recipe, load_recipe
+from export import ExportConfig, ExportError, OnnxBackend, export_onnx, qnn_report
+from export import save as save_mod
+from export.graph import all_names
+from export.save import read_metadata
+from quantface import __version__
+from quantface.data import write_image
+from quantface.errors import ConfigError, QuantFaceError
+from quantface.models.reference import ReferenceRestorer
+from quantface.pipeline import RestorationPipeline, TorchBackend
+from tests.conftest import TINY, smooth_image
+
+SIZE = 32
+PARITY_PSNR_DB = 40.0  # ORT vs PyTorch fake-quant, outputs mapped to [0, 1]
+FP32_MAX_ABS = 1e-4  # ORT FP32 graph vs the PyTorch FP model
+# Layers on the fixed-timestep path: input-independent, so folded into constants by export.fold.
+TIMESTEP_LAYERS = {"unet.time_in", "unet.time_out", "unet.down_blocks.0.temb_proj", "unet.mid_block1.temb_proj",
+                   "unet.mid_block2.temb_proj", "unet.up_blocks.0.temb_proj"}
+CASES = [("quantface", "W4A4"), ("minmax", "W4A4"), ("svdquant", "W6A6")]  # rotation+LoRA / plain / 6-bit
+PROFILES = ["reference", "ort-cpu", "qnn"]
+
+
+def _tiny_fp() -> ReferenceRestorer:
+    torch.manual_seed(0)  # the same weights as conftest's ``tiny_model``
+    return ReferenceRestorer(TINY).eval()
+
+
+class _Cache:
+    """Tiny weights, calibration images, recipes and exports shared by the module's tests."""
+
+    def __init__(self, root: Path):
+        from quantface.models.store import save_weights
+
+        self.root = root
+        self.fp = _tiny_fp()
+        self.weights = root / "weights" / "tiny"
+        save_weights(self.fp, self.weights)
+        rng = np.random.default_rng(0)
+        for i in range(4):
+            write_image(root / "faces" / f"{i:03d}.png", smooth_image(rng, SIZE))
+        self.recipes: dict[tuple[str, str], Path] = {}
+        self.exports: dict[tuple, Path] = {}
+
+    def recipe(self, method: str, bits: str) -> Path:
+        key = (method, bits)
+        if key not in self.recipes:
+            cfg = CalibConfig(method=method, bits=bits, data=str(self.root / "faces"),
+                              out=str(self.root / "recipes" / f"{method}_{bits}"), weights=str(self.weights),
+                              size=SIZE, stat_images=4, rank=2, batch_size=2, steps=2)
+            self.recipes[key] = calibrate(cfg).recipe
+        return self.recipes[key]
+
+    def export(self, method: str | None, bits: str = "W4A4", profile: str = "reference", **kw) -> Path:
+        key = (method, bits, profile, tuple(sorted(kw.items())))
+        if key not in self.exports:
+            out = self.root / "onnx" / f"{method}_{bits}_{profile}_{len(self.exports)}.onnx"
+            recipe = str(self.recipe(method, bits)) if method else None
+            export_onnx(ExportConfig(weights=str(self.weights), recipe=recipe, profile=profile, out=str(out), **kw))
+            self.exports[key] = out
+        return self.exports[key]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> _Cache:
+    return _Cache(tmp_path_factory.mktemp("export"))
+
+
+def _psnr01(a: np.ndarray, b: np.ndarray) -> float:
+    a01, b01 = (np.clip(a, -1, 1) + 1) / 2, (np.clip(b, -1, 1) + 1) / 2
+    return float(10 * np.log10(1.0 / max(np.mean((a01 - b01) ** 2), 1e-20)))
+
+
+def _input(batch: int = 2, seed: int = 1) -> np.ndarray:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(batch, 3, SIZE, SIZE, generator=g) * 2 - 1).numpy()
+
+
+def _initializer_types(model: onnx.ModelProto) -> dict[str, int]:
+    return {i.name: i.data_type for i in model.graph.initializer}
+
+
+# ---------------------------------------------------------------------------------------- structure
+@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("method,bits", CASES)
+def test_graph_structure_follows_the_recipe(cache, method, bits, profile):
+    path = cache.export(method, bits, profile)
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path))
+    recipe = load_recipe(cache.recipe(method, bits))
+    layers = recipe.layers
+    meta = read_metadata(model)
+    nodes = {n.name: n for n in model.graph.node}
+    ops = [n.op_type for n in model.graph.node]
+    types = _initializer_types(model)
+    assert set(json.loads(meta["constant_layers"])) == TIMESTEP_LAYERS
+    live = {n: e for n, e in layers.items() if n not in TIMESTEP_LAYERS}
+    w_bits, a_bits = int(bits[1]), int(bits[3])
+
+    # Q/DQ counts: one Q and one DQ per quantized activation, one DQ per quantized weight.
+    n_act = sum(e["act_bits"] is not None for e in live.values())
+    n_w = sum(e["weight_bits"] is not None for e in live.values())
+    assert ops.count("QuantizeLinear") == n_act
+    assert ops.count("DequantizeLinear") == n_act + n_w
+    for name, e in live.items():
+        assert nodes[f"{name}_QuantizeLinear"].op_type == "QuantizeLinear"
+        assert nodes[f"{name}_DequantizeLinear"].input[0] == nodes[f"{name}_QuantizeLinear"].output[0]
+        wdq = nodes[f"{name}_weight_DequantizeLinear"]
+        conv = e["kind"] == "conv"
+        assert (f"{name}_Conv" if conv else f"{name}_MatMul") in nodes
+        assert {a.name: a.i for a in wdq.attribute}["axis"] == (0 if conv else 1)  # the output channel
+        w_type = TensorProto.INT4 if (profile == "reference" and w_bits <= 4) else TensorProto.INT8
+        a_type = TensorProto.UINT4 if (profile == "reference" and a_bits <= 4) else TensorProto.UINT8
+        assert types[f"{name}.weight_codes"] == w_type
+        assert types[f"{name}.act_zero_point"] == a_type
+        assert (f"{name}_Clip" in nodes) == (a_type == TensorProto.UINT8 and a_bits < 8)
+        assert (f"{name}_LowRankAdd" in nodes) == bool(e["lowrank_rank"])
+        assert (f"{name}_Smooth" in nodes) == bool(e["smoothing"])
+    for name in TIMESTEP_LAYERS:
+        assert not any(n.startswith(f"{name}_") for n in nodes)
+
+    # The rotation: a quantface::Hadamard function node, or inline Mul + Conv/MatMul for QNN.
+    rotated = [n for n, e in live.items() if e["hadamard"]]
+    assert bool(rotated) == (method == "quantface")
+    functions = {(f.domain, f.name, f.overload) for f in model.functions}
+    if rotated and profile != "qnn":
+        assert functions == {("quantface", "Hadamard", "nchw"), ("quantface", "Hadamard", "channels_last")}
+        assert [nodes[f"{n}_Hadamard"].domain for n in rotated] == ["quantface"] * len(rotated)
+        assert ops.count("Hadamard") == len(rotated)
+    else:
+        assert not functions and "Hadamard" not in ops
+        assert all(o.domain != "quantface" for o in model.opset_import)
+        assert sum(n.endswith("_Hadamard_Mul") for n in nodes) == len(rotated if profile == "qnn" else [])
+
+    # No trace of the unmerged LoRA branch; metadata as the recipe says.
+    assert not [n for n in all_names(model) if "lora" in n.lower()]
+    assert json.loads(meta["layer_bits"]) == {n: {"weight_bits": e["weight_bits"], "act_bits": e["act_bits"]}
+                                             for n, e in layers.items()}
+    assert meta["profile"] == profile and meta["tool_version"] == __version__
+    assert meta["recipe_sha256"] == json.loads((recipe.path / "recipe.json").read_text())["tensors_sha256"]
+    report = qnn_report(path)
+    if profile == "qnn":
+        assert report == []
+    if rotated and profile != "qnn":
+        assert any("custom op quantface::Hadamard" in line for line in report)
+    if profile == "reference" and a_bits <= 4:
+        assert any("UINT4" in line for line in report)
+
+
+def test_qnn_report_flags_what_htp_cannot_take():
+    from onnx import helper, numpy_helper
+
+    codes = numpy_helper.from_array(np.zeros((4, 4), np.uint8), "w")  # unsigned, per-tensor weights
+    nodes = [helper.make_node("DequantizeLinear", ["w", "s"], ["wd"], name="w_dq"),
+             helper.make_node("MatMul", ["x", "wd"], ["y"], name="mm"),
+             helper.make_node("Mish", ["y"], ["z"], name="mish"),
+             helper.make_node("QuantizeLinear", ["z", "s", "zp"], ["q"], name="q_int8"),
+             helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["out"], name="dq_int8")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 4])],
+                              [codes, numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+                               numpy_helper.from_array(np.array(0, np.int8), "zp")])
+    report = "\n".join(qnn_report(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])))
+    for expected in ("graph input x: shape is not static", "node mish: op Mish is not supported",
+                     "w_dq: weights stored as UINT8", "w_dq: weights are not quantized per output channel",
+                     "q_int8: activations quantized to INT8", "dq_int8: activations dequantized from INT8",
+                     "node mm: output y has no static shape"):
+        assert expected in report
+
+
+# ---------------------------------------------------------------------------------------- parity
+@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("method,bits", CASES)
+def test_onnx_runtime_matches_the_fake_quant_model(cache, method, bits, profile):
+    """ORT on the exported graph vs ``apply_recipe`` in PyTorch, same input: PSNR ≥ 40 dB on [0, 1]
+    (observed: ~140–150 dB, max |Δ| ≈ 1e-6 — the same integer codes up to float summation order)."""
+    x = _input()
+    qmodel = apply_recipe(cache.fp, cache.recipe(method, bits))
+    with torch.no_grad():
+        ref = qmodel(torch.from_numpy(x)).numpy()
+        fp = cache.fp(torch.from_numpy(x)).numpy()
+    out = OnnxBackend(cache.export(method, bits, profile), threads=1)(x)
+    psnr = _psnr01(out, ref)
+    print(f"{method} {bits} {profile}: PSNR {psnr:.1f} dB, max |Δ| {np.abs(out - ref).max():.2e}")
+    assert psnr >= PARITY_PSNR_DB
+    assert np.abs(out - ref).max() < np.abs(out - fp).max()  # it is the quantized model, not the FP one
+
+
+def test_fp32_export_matches_the_torch_model(cache):
+    path = cache.export(None)
+    model = onnx.load(str(path))
+    ops = {n.op_type for n in model.graph.node}
+    assert not ops & {"QuantizeLinear", "DequantizeLinear", "Hadamard", "Shape", "Constant", "Identity", "Cos"}
+    assert "/encoder/conv_in/Conv" in {n.name for n in model.graph.node}  # torch's module-path names
+    assert [i.name for i in model.graph.input] == ["lq"] and [o.name for o in model.graph.output] == ["restored"]
+    x = _input()
+    with torch.no_grad():
+        ref = cache.fp(torch.from_numpy(x)).numpy()
+    assert np.abs(OnnxBackend(path)(x) - ref).max() <= FP32_MAX_ABS
+    assert read_metadata(model)["method"] == "fp32"
+
+
+@pytest.mark.parametrize("profile", ["ort-cpu", "qnn"])
+def test_rotation_off_removes_exactly_the_hadamard_nodes(cache, profile):
+    full = onnx.load(str(cache.export("quantface", "W4A4", profile)))
+    bare = onnx.load(str(cache.export("quantface", "W4A4", profile, rotation=False)))
+
+    def is_rotation(name: str) -> bool:
+        return name.endswith("_Hadamard") or "_Hadamard_" in name or name.startswith("hadamard.") \
+            or name.endswith(".hadamard_signs")
+
+    assert [(n.name, n.op_type) for n in full.graph.node if not is_rotation(n.name)] == \
+        [(n.name, n.op_type) for n in bare.graph.node]
+    assert {i.name for i in full.graph.initializer if not is_rotation(i.name)} == \
+        {i.name for i in bare.graph.initializer}
+    assert not bare.functions and read_metadata(bare)["rotation"] == "false"
+
+
+# ---------------------------------------------------------------------------------------- writing
+def test_export_writes_atomically(cache, tmp_path, monkeypatch):
+    recipe = str(cache.recipe("minmax", "W4A4"))
+    out = tmp_path / "out" / "model.onnx"
+    result = export_onnx(ExportConfig(weights=str(cache.weights), recipe=recipe, out=str(out)))
+    assert result.path == out and result.bytes == out.stat().st_size
+    assert result.node_counts["QuantizeLinear"] == len(load_recipe(recipe).layers) - len(TIMESTEP_LAYERS)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx"]  # no temp file left
+    before = out.read_bytes()
+
+    def broken_save(proto, path, *args, **kwargs):
+        Path(path).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(save_mod.onnx, "save_model", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        export_onnx(ExportConfig(weights=str(cache.weights), recipe=recipe, out=str(out)))
+    with pytest.raises(OSError, match="disk full"):
+        export_onnx(ExportConfig(weights=str(cache.weights), recipe=recipe, out=str(out.with_name("new.onnx"))))
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx"]  # no partial, no temp file
+    assert out.read_bytes() == before  # the earlier export is intact
+
+
+def test_large_models_use_external_data(cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(save_mod, "EXTERNAL_DATA_THRESHOLD", 1)  # stand-in for 2 GB
+    out = tmp_path / "big.onnx"
+    result = export_onnx(ExportConfig(weights=str(cache.weights), recipe=str(cache.recipe("minmax", "W4A4")),
+                                      out=str(out)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
+    assert result.bytes == out.stat().st_size + (tmp_path / "big.onnx.data").stat().st_size
+    x = _input(1)
+    assert np.array_equal(OnnxBackend(out)(x), OnnxBackend(cache.export("minmax"))(x))
+
+
+# ---------------------------------------------------------------------------------------- errors
+def test_recipe_of_other_weights_is_one_clear_error(cache, tmp_path):
+    from quantface.models.store import save_weights
+
+    torch.manual_seed(1)
+    save_weights(ReferenceRestorer(TINY), tmp_path / "other")
+    out = tmp_path / "model.onnx"
+    with pytest.raises(RecipeError, match="other model weights") as info:
+        export_onnx(ExportConfig(weights=str(tmp_path / "other"), recipe=str(cache.recipe("minmax", "W4A4")),
+                                 out=str(out)))
+    assert isinstance(info.value, QuantFaceError) and "\n" not in str(info.value)
+    assert not out.exists()
+
+
+def test_config_validation_and_round_trip():
+    cfg = ExportConfig(recipe="r", profile="qnn", size=64, batch=2, rotation=False)
+    assert ExportConfig.from_json(cfg.to_json()) == cfg
+    for bad in (dict(profile="tflite"), dict(batch=0), dict(size=-32), dict(model="sd15"), dict(out="dir/")):
+        with pytest.raises(ConfigError):
+            ExportConfig(**bad)
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        from export import build_onnx
+
+        build_onnx(ExportConfig(size=40))
+
+
+def test_onnx_backend_runs_in_the_pipeline(cache, tmp_path):
+    path = cache.export(None)
+    rng = np.random.default_rng(3)
+    images = [smooth_image(rng, SIZE) for _ in range(3)]
+    onnx_out = RestorationPipeline(OnnxBackend(path, threads=1), batch_size=2)(images)  # static batch 1
+    torch_out = RestorationPipeline(TorchBackend(cache.fp), batch_size=2)(images)
+    for a, b in zip(onnx_out, torch_out):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    with pytest.raises(ConfigError, match="input of shape"):
+        OnnxBackend(path)(np.zeros((1, 3, 64, 64), np.float32))
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(ExportError, match="cannot be loaded"):
+        OnnxBackend(tmp_path / "junk.onnx")
+    with pytest.raises(ExportError, match="does not exist"):
+        OnnxBackend(tmp_path / "missing.onnx")
