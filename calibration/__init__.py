@@ -9,7 +9,7 @@ __all__ = ["CalibConfig", "METHODS", "MethodSpec", "get_method", "parse_bits", "
 
 def calibrate(cfg: CalibConfig):
     """Run one calibration method, write its recipe folder, return a ``CalibrationResult``
-    (recipe path, calibrated model, seconds); see ``calibration.calibrate``."""
-    from calibration.calibrate import calibrate as _calibrate
+    (recipe path, calibrated model, seconds); see ``calibration.run``."""
+    from calibration.run import calibrate as _calibrate
 
     return _calibrate(cfg)

@@ -3,7 +3,7 @@
 A method is a ``MethodSpec``: which offline transforms it folds (smoothing, randomized Hadamard), which
 low-rank branches it adds, how it initialises quantizer scales, and whether a refinement stage
 trains it afterwards (distillation of the branches, or PassionSR's module-wise calibration). The
-driver (``calibration.calibrate``) runs the same stages for all of them, so the comparison in the
+driver (``calibration.run``) runs the same stages for all of them, so the comparison in the
 results table is one framework, the same data, and the same step budget.
 
 All methods but MinMax start from the same MSE-searched quantizer ranges (``quantface.quant``), so

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from calibration import METHODS, CalibConfig, calibrate
-from calibration.calibrate import CalibData, smoothing_scale
+from calibration.run import CalibData, smoothing_scale
 from calibration.layers import QuantLayer, wrap_layers
 from calibration.methods import get_method
 from calibration.recipe import RecipeError, apply_recipe, load_recipe
