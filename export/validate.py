@@ -77,8 +77,11 @@ def validate(cfg: ValidateConfig) -> dict:
     onnx_rec, torch_rec = _Recording(onnx_backend), _Recording(TorchBackend(cfg.model.model()))
     onnx_out = RestorationPipeline(onnx_rec, batch)(lqs)
     torch_out = RestorationPipeline(torch_rec, batch)(lqs)
-    fp_spec = ModelSpec(name=cfg.model.name, weights=cfg.model.weights)
-    fp_out = RestorationPipeline(TorchBackend(fp_spec.model()), batch)(lqs)
+    if cfg.model.recipe is None:  # an FP32 graph: the PyTorch model under comparison is the FP model
+        fp_out = torch_out
+    else:
+        fp_spec = ModelSpec(name=cfg.model.name, weights=cfg.model.weights)
+        fp_out = RestorationPipeline(TorchBackend(fp_spec.model()), batch)(lqs)
     a, b = np.concatenate(onnx_rec.outputs), np.concatenate(torch_rec.outputs)
 
     one = images_to_tensor(lqs[:1] * batch).numpy()

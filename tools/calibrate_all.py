@@ -10,11 +10,10 @@ skipped unless ``--force``; then run ``tools/results_table.py`` for the table.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from calibration import METHODS, CalibConfig, calibrate
-from quantface.errors import QuantFaceError
+from quantface.errors import exit_status
 
 RUNS = [("quantface", "W6A6"), ("quantface", "W4A6"), ("quantface", "W4A4")] + [
     (m, "W4A4") for m in METHODS if m != "quantface"]
@@ -38,11 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         if (out / "recipe.json").exists() and not a.force:
             print(f"{name}: exists, skipped")
             continue
-        try:
-            calibrate(CalibConfig(method=method, bits=bits, data=a.data, out=str(out), seed=a.seed, steps=a.steps,
-                                  lr=a.lr))
-        except QuantFaceError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+        cfg = CalibConfig(method=method, bits=bits, data=a.data, out=str(out), seed=a.seed, steps=a.steps, lr=a.lr)
+        if exit_status(lambda: calibrate(cfg)):
             return 2
     return 0
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from quantface.data import atomic_write_bytes
-from quantface.errors import QuantFaceError
+from quantface.errors import exit_status
 from quantface.jobs import EvalConfig, ModelSpec, evaluate
 
 ORDER = ["minmax", "smoothquant", "hadamard", "svdquant", "efficientdm", "passionsr", "quantface"]
@@ -72,16 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="docs/results.md")
     a = p.parse_args(argv)
-    try:
-        table = build_table(Path(a.recipes), a.data, a.limit, a.seed)
-    except QuantFaceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    out = Path(a.out)
+    return exit_status(lambda: write_table(build_table(Path(a.recipes), a.data, a.limit, a.seed), Path(a.out)))
+
+
+def write_table(table: dict, out: Path) -> None:
     atomic_write_bytes(out, to_markdown(table).encode())
     atomic_write_bytes(out.with_suffix(".json"), (json.dumps(table, indent=1) + "\n").encode())
     print(f"wrote {out} and {out.with_suffix('.json')}")
-    return 0
 
 
 if __name__ == "__main__":

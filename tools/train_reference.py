@@ -9,9 +9,8 @@ to quantface/models/weights/ to make them the embedded default.
 from __future__ import annotations
 
 import argparse
-import sys
 
-from quantface.errors import QuantFaceError
+from quantface.errors import exit_status
 from quantface.train import TrainConfig, train
 
 
@@ -32,12 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(data=a.data, out=a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                       size=a.size, limit=a.limit, checkpoint_every=a.checkpoint_every, resume=not a.no_resume,
                       threads=a.threads)
-    try:
-        train(cfg)
-    except QuantFaceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: train(cfg))
 
 
 if __name__ == "__main__":
