@@ -193,8 +193,19 @@ class QuantLayer(nn.Module):
         return fake_quantize(x, self.a_scale.clamp_min(EPS), self.a_zero_point, qmin, qmax)
 
     def freeze(self) -> None:
-        """Fix the weight codes (and merge branches); from now on the forward uses stored values only."""
+        """Fix the weight codes, merge the branches and round the merged factors to float16; from
+        now on the forward uses stored values only.
+
+        The low-rank branch stays floating point (it is what absorbs the outliers) but, as in
+        SVDQuant, 16-bit floating point is precision enough for it: the factors are rounded to the
+        nearest float16 and the fake-quant model computes with exactly those values (in float32),
+        so the recipe and the exported graph can store them at half the size with no difference.
+        """
         self.merge_branches()
+        if self.lowrank is not None:
+            with torch.no_grad():
+                for p in (self.lowrank.down, self.lowrank.up):
+                    p.copy_(p.half().float())
         if self.weight_bits is None:
             return
         qmin, qmax = qrange(self.weight_bits, signed=True)

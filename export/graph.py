@@ -26,10 +26,11 @@ INT_RANGES = {TensorProto.INT4: (-8, 7), TensorProto.UINT4: (0, 15), TensorProto
 def make_initializer(name: str, array: np.ndarray, elem_type: int | None = None) -> TensorProto:
     """An initializer from a numpy array, with the data in ``raw_data`` (so external data can hold
     it). ``elem_type`` casts integer codes into one of ``INT_RANGES``' containers, refusing values
-    outside it; without it, float arrays are stored as float32 and others as they are."""
+    outside it; without it, float arrays are stored as float32 (float16 ones stay float16) and others
+    as they are."""
     array = np.asarray(array)
     if elem_type is None:
-        if array.dtype.kind == "f":
+        if array.dtype.kind == "f" and array.dtype != np.float16:
             array = array.astype(np.float32)
         return numpy_helper.from_array(np.ascontiguousarray(array), name)
     lo, hi = INT_RANGES[elem_type]

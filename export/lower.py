@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import TensorProto, helper
 
 from calibration.layers import QuantLayer
 from export.errors import ExportError
@@ -95,6 +95,17 @@ def _weight(b: GraphBuilder, p: str, layer: QuantLayer, profile: Profile, conv: 
     return dq.output[0], [dq]
 
 
+def _factor(b: GraphBuilder, name: str, array: np.ndarray, half: bool) -> tuple[str, list[onnx.NodeProto]]:
+    """A low-rank factor as an initializer: float16 + Cast when asked and float16 holds it exactly
+    (factors of frozen recipes are float16-rounded, see ``QuantLayer.freeze``), else float32."""
+    if half:
+        h = array.astype(np.float16)
+        if np.array_equal(h.astype(array.dtype), array):
+            cast = b.node("Cast", [b.initializer(f"{name}_fp16", h)], f"{name}_Cast", to=TensorProto.FLOAT)
+            return cast.output[0], [cast]
+    return b.initializer(name, array), []
+
+
 def lower_layer(b: GraphBuilder, layer: QuantLayer, x: str, y: str, profile: Profile, rotation: bool
                 ) -> list[onnx.NodeProto]:
     """The nodes of one quantized layer, from input value ``x`` to output value ``y``."""
@@ -133,13 +144,17 @@ def lower_layer(b: GraphBuilder, layer: QuantLayer, x: str, y: str, profile: Pro
     if branch is not None:
         main = nodes[-1].output[0]
         down, up = _np(branch.down), _np(branch.up)
+        if not conv:
+            down, up = np.ascontiguousarray(down.T), np.ascontiguousarray(up.T)
+        down_name, cast_down = _factor(b, f"{p}.lowrank_down", down, profile.half_lowrank)
+        up_name, cast_up = _factor(b, f"{p}.lowrank_up", up, profile.half_lowrank)
+        nodes += cast_down + cast_up
         if conv:
-            d = b.node("Conv", [x, b.initializer(f"{p}.lowrank_down", down)], f"{p}_LowRankDown",
-                       **_conv_attrs(layer, tuple(down.shape[2:])))
-            u = b.node("Conv", [d.output[0], b.initializer(f"{p}.lowrank_up", up)], f"{p}_LowRankUp")
+            d = b.node("Conv", [x, down_name], f"{p}_LowRankDown", **_conv_attrs(layer, tuple(down.shape[2:])))
+            u = b.node("Conv", [d.output[0], up_name], f"{p}_LowRankUp")
         else:
-            d = b.node("MatMul", [x, b.initializer(f"{p}.lowrank_down", down.T)], f"{p}_LowRankDown")
-            u = b.node("MatMul", [d.output[0], b.initializer(f"{p}.lowrank_up", up.T)], f"{p}_LowRankUp")
+            d = b.node("MatMul", [x, down_name], f"{p}_LowRankDown")
+            u = b.node("MatMul", [d.output[0], up_name], f"{p}_LowRankUp")
         nodes += [d, u, b.node("Add", [main, u.output[0]], f"{p}_LowRankAdd", output=y)]
     return nodes
 
@@ -177,5 +192,5 @@ def lower_quant_layers(model: onnx.ModelProto, layers: dict[str, QuantLayer], pr
     model.opset_import.extend(imports)
     if any(n.domain == DOMAIN for n in graph.node):
         model.opset_import.append(helper.make_opsetid(DOMAIN, VERSION))
-        model.functions.extend(hadamard_functions())
+        model.functions.extend(hadamard_functions({n.overload for n in graph.node if n.domain == DOMAIN}))
     return model

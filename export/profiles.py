@@ -1,12 +1,12 @@
 """Export profiles: which integer containers hold the recipe's b-bit codes, and how the rotation is
 emitted, for each target runtime.
 
-Every mapping (``w`` = weight bits, ``a`` = activation bits, both in 2..8 per ``quantface.quant``)::
+Every mapping (``w`` = weight bits in 2..8, ``a`` = activation bits in 2..8 or 16, per ``quantface.quant``)::
 
     profile    weight container            activation container            Hadamard rotation
     ---------  --------------------------  ------------------------------  ---------------------------------
-    reference  INT4 if w ≤ 4, else INT8    UINT4 if a ≤ 4, else UINT8      quantface::Hadamard function node
-    ort-cpu    INT8                        UINT8                           quantface::Hadamard function node
+    reference  INT4 if w ≤ 4, else INT8    UINT4 if a ≤ 4, UINT8 if a ≤ 8  quantface::Hadamard function node
+    ort-cpu    INT8                        UINT8 if a ≤ 8                  quantface::Hadamard function node
     qnn        INT8                        UINT8 if a ≤ 8, else UINT16     plain Mul + Conv 1×1 / MatMul
 
 * ``reference`` is the exact, most compact graph (opset 21 4-bit types), for checking and archiving.
@@ -14,7 +14,9 @@ Every mapping (``w`` = weight bits, ``a`` = activation bits, both in 2..8 per ``
 * ``ort-cpu`` uses the 8-bit containers ONNX Runtime's CPU kernels are fastest with.
 * ``qnn`` targets ONNX Runtime's QNN execution provider (Qualcomm HTP): no model-local functions
   (so the rotation is emitted as its body, inline), unsigned 8/16-bit activations, signed 8-bit
-  per-channel weights. ``quantface.quant`` caps bits at 8, so the UINT16 row is never used today.
+  per-channel weights. 16-bit activations come only from the hardware-aware bit allocation
+  (``calibrate --target qnn``, ``calibration.mixed``); ``act_type`` puts them in UINT16 in every
+  profile (ONNX Runtime's CPU kernels run 16-bit QuantizeLinear / DequantizeLinear too).
 
 Exact b-bit grid: whenever the container is wider than the bits, a float ``Clip`` to
 ``[(0 − z)·s, (2^b − 1 − z)·s]`` precedes the activation's ``QuantizeLinear``, so its codes stay in
@@ -36,6 +38,7 @@ class Profile:
     int4_weights: bool  # INT4 container for weights of ≤ 4 bits
     uint4_acts: bool  # UINT4 container for activations of ≤ 4 bits
     inline_rotation: bool  # emit the Hadamard body inline instead of a quantface::Hadamard node
+    half_lowrank: bool = False  # store float16-exact low-rank factors as float16 (+ Cast) for size
 
     def weight_type(self, bits: int) -> int:
         return TensorProto.INT4 if self.int4_weights and bits <= 4 else TensorProto.INT8
@@ -50,7 +53,7 @@ CONTAINER_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.INT8: 8
                   TensorProto.UINT16: 16}
 
 PROFILES: dict[str, Profile] = {p.name: p for p in [
-    Profile("reference", int4_weights=True, uint4_acts=True, inline_rotation=False),
+    Profile("reference", int4_weights=True, uint4_acts=True, inline_rotation=False, half_lowrank=True),
     Profile("ort-cpu", int4_weights=False, uint4_acts=False, inline_rotation=False),
     Profile("qnn", int4_weights=False, uint4_acts=False, inline_rotation=True),
 ]}

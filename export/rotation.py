@@ -1,17 +1,23 @@
 """The online randomized Hadamard rotation x' = x·Q, Q = diag(d)·H (H = ``block_hadamard(n)``, the
 normalised Hadamard matrix H/√n or its block-diagonal fallback), as ONNX.
 
-Node: ``quantface::Hadamard(X, D, H) -> Y`` (domain ``quantface``, version 1), Y = (X ⊙ D)·H along
-the channel axis. D holds the layer's random signs, shaped to broadcast along that axis; H is one
-(n, n) float initializer per order n, shared by every layer of that width. It is a model-local ONNX
-function written with onnxscript, so stock ONNX Runtime inlines its body — no custom kernel. Two
-overloads (ONNX IR ≥ 10 function overloads) give the same op one body per layout::
+Node: ``quantface::Hadamard(X, D, H) -> Y`` or ``quantface::Hadamard(X, D, A, B) -> Y`` (domain
+``quantface``, version 1), Y = (X ⊙ D)·H along the channel axis. D holds the layer's random signs,
+shaped to broadcast along that axis. H is the (n, n) normalised Hadamard matrix, or — from order
+``KRON_MIN_ORDER`` on, when ``quantface.hadamard.kron_factors`` splits it — its two Kronecker factors
+A (a × a) and B (b × b), H = A ⊗ B, a·b = n: the channel vector viewed as an (a, b) matrix is
+mixed by B along one axis and by A along the other, a + b multiply-adds per element instead of n.
+Matrices are shared initializers, one per order. It is a model-local ONNX function written with
+onnxscript, so stock ONNX Runtime inlines its body — no custom kernel. Four overloads (ONNX IR ≥ 10
+function overloads) give the same op one body per layout and form; a model carries the ones it uses::
 
-    overload "nchw"           (conv inputs, channels on axis 1):  Conv(X ⊙ D, W = Hᵀ[:, :, None, None])
-    overload "channels_last"  (linear inputs, channels last):      MatMul(X ⊙ D, H)
+    "nchw"                (conv inputs, channels on axis 1): Conv(X ⊙ D, W = Hᵀ[:, :, None, None])
+    "nchw_kron"           Reshape (N·a, b, H, W) → Conv 1×1 (Bᵀ) → Reshape (N, a, b·H·W, 1) → Conv 1×1 (Aᵀ)
+    "channels_last"       (linear inputs, channels last): MatMul(X ⊙ D, H)
+    "channels_last_kron"  Reshape (…, a, b) → MatMul(·, B) → MatMul(Aᵀ, ·) → Reshape back
 
-Why these bodies (measured with ONNX Runtime 1.31, CPU EP, one thread, batch 1, median of 30 runs,
-the reference model's shapes):
+Why these bodies (ONNX Runtime 1.31, CPU EP, batch 1, median of 30–40 runs, the reference model's
+shapes). Dense: one thread::
 
     NCHW n×HW            Transpose-MatMul-Transpose   Conv 1×1   Mul(d)+Conv 1×1(H)   Einsum
     32×128²                     0.575 ms              0.332 ms       0.375 ms          2.217 ms
@@ -20,10 +26,17 @@ the reference model's shapes):
     320×32²                     1.271 ms              1.087 ms       1.114 ms          2.654 ms
     (B, N, C) channels last: MatMul(Q) 0.041 ms, Mul(d)+MatMul(H) 0.051 ms at 256 tokens × 128.
 
-A 1×1 Conv beats moving channels last around a MatMul by 1.1–1.7×, and is what ORT's NCHWc
-kernels like; channels-last inputs need no transposes, so MatMul. A fused per-layer Q (no Mul)
-would save 5–12 % of the rotation but store n² floats per layer — 11 MB for the reference model's
-91 layers, 4× its 4-bit weights — where one H per order plus n signs per layer costs 1.7 MB.
+Dense 1×1 Conv vs the factored body, two threads (a micro-benchmark of the rotation alone,
+measured while other jobs shared the machine, so ±20 %)::
+
+    n (a⊗b) × HW      128 (16⊗8)×32²  128×128²  192 (16⊗12)×32²  384 (32⊗12)×16²  320 (16⊗20)×16²  96 (8⊗12)×64²  32 (8⊗4)×128²
+    dense Conv 1×1       0.201 ms     6.37 ms       0.374 ms         0.339 ms         0.236 ms        0.291 ms       0.155 ms
+    factored             0.173 ms     4.16 ms       0.279 ms         0.166 ms         0.074 ms        0.728 ms       1.059 ms
+
+Factoring wins from n = 128 on and loses badly on narrow layers (1×1 convs over 4–12 channels are
+memory-bound), hence ``KRON_MIN_ORDER = 128``. It also shrinks the file: the reference model's
+dense matrices took 1.7 MB, as much as 70 % of its 4-bit weights; factors, small dense orders and
+signs take 115 kB.
 
 The ``qnn`` profile has no local functions (QNN cannot run them): it emits the same two nodes inline
 (``<layer>_Hadamard_Mul`` then ``<layer>_Hadamard_Conv`` / ``<layer>_Hadamard_MatMul``, with Hᵀ stored
@@ -38,10 +51,13 @@ from onnxscript import opset21 as op
 from onnxscript import script, values
 
 from export.graph import GraphBuilder
-from quantface.hadamard import block_hadamard
+from quantface.hadamard import block_hadamard, kron_factors
 
 DOMAIN, VERSION, OP = "quantface", 1, "Hadamard"
 NCHW, CHANNELS_LAST = "nchw", "channels_last"
+NCHW_KRON, CHANNELS_LAST_KRON = "nchw_kron", "channels_last_kron"
+# Orders from which the Kronecker-factored body is used (see the module docstring's measurements).
+KRON_MIN_ORDER = 128
 _OPSET = values.Opset(DOMAIN, VERSION)
 
 
@@ -55,13 +71,43 @@ def _hadamard_channels_last(X, D, H):
     return op.MatMul(op.Mul(X, D), H)
 
 
-def hadamard_functions() -> list[onnx.FunctionProto]:
-    """The two overloads of ``quantface::Hadamard`` as FunctionProtos for ``model.functions``."""
+@script(_OPSET, default_opset=op)
+def _hadamard_nchw_kron(X, D, A, B):
+    # Channels c = i·b + j viewed as (a, b): B mixes j on (N·a, b, H, W), then A mixes i on
+    # (N, a, b·H·W, 1); both are 1×1 convolutions.
+    xd = op.Mul(X, D)
+    minus_one = op.Constant(value_ints=[-1])
+    x1 = op.Reshape(xd, op.Concat(minus_one, op.Shape(B, end=1), op.Shape(X, start=2), axis=0))
+    y1 = op.Conv(x1, op.Unsqueeze(op.Transpose(B, perm=[1, 0]), [2, 3]))
+    x2 = op.Reshape(y1, op.Concat(op.Shape(X, end=1), op.Shape(A, end=1), op.Constant(value_ints=[-1, 1]), axis=0))
+    y2 = op.Conv(x2, op.Unsqueeze(op.Transpose(A, perm=[1, 0]), [2, 3]))
+    return op.Reshape(y2, op.Shape(X))
+
+
+@script(_OPSET, default_opset=op)
+def _hadamard_channels_last_kron(X, D, A, B):
+    # (..., a·b) → (..., a, b): B on the last axis, then Aᵀ from the left on the (a, b) matrices.
+    xd = op.Mul(X, D)
+    x1 = op.Reshape(xd, op.Concat(op.Shape(X, end=-1), op.Shape(A, end=1), op.Shape(B, end=1), axis=0))
+    y1 = op.MatMul(op.Transpose(A, perm=[1, 0]), op.MatMul(x1, B))
+    return op.Reshape(y1, op.Shape(X))
+
+
+FUNCTIONS = {_hadamard_nchw: NCHW, _hadamard_channels_last: CHANNELS_LAST,
+             _hadamard_nchw_kron: NCHW_KRON, _hadamard_channels_last_kron: CHANNELS_LAST_KRON}
+
+
+def hadamard_functions(used: set[str] | None = None) -> list[onnx.FunctionProto]:
+    """The overloads of ``quantface::Hadamard`` as FunctionProtos for ``model.functions``
+    (only those in ``used``, when given)."""
     out = []
-    for fn, overload in ((_hadamard_nchw, NCHW), (_hadamard_channels_last, CHANNELS_LAST)):
+    for fn, overload in FUNCTIONS.items():
+        if used is not None and overload not in used:
+            continue
         proto = fn.to_function_proto()
         proto.name, proto.domain, proto.overload = OP, DOMAIN, overload
-        proto.doc_string = f"Y = (X * D) · H along the channel axis ({overload} layout); see export.rotation."
+        what = "(A ⊗ B)" if overload.endswith("_kron") else "H"
+        proto.doc_string = f"Y = (X * D) · {what} along the channel axis ({overload}); see export.rotation."
         out.append(proto)
     return out
 
@@ -85,8 +131,15 @@ def emit_rotation(b: GraphBuilder, prefix: str, x: str, q: np.ndarray, conv: boo
     n = len(d)
     signs = b.initializer(f"{prefix}.hadamard_signs", d.reshape(n, 1, 1) if conv else d)
     if not inline:
-        mat = b.shared_initializer(f"hadamard.H{n}", h)
-        return [b.node(OP, [x, signs, mat], f"{prefix}_Hadamard", domain=DOMAIN, overload=NCHW if conv else CHANNELS_LAST)]
+        factors = kron_factors(n) if n >= KRON_MIN_ORDER else None
+        if factors is not None:
+            fa, fb = factors
+            mats = [b.shared_initializer(f"hadamard.H{n}.A{len(fa)}", fa),
+                    b.shared_initializer(f"hadamard.H{n}.B{len(fb)}", fb)]
+            overload = NCHW_KRON if conv else CHANNELS_LAST_KRON
+        else:
+            mats, overload = [b.shared_initializer(f"hadamard.H{n}", h)], NCHW if conv else CHANNELS_LAST
+        return [b.node(OP, [x, signs, *mats], f"{prefix}_Hadamard", domain=DOMAIN, overload=overload)]
     mul = b.node("Mul", [x, signs], f"{prefix}_Hadamard_Mul")
     if conv:
         mat = b.shared_initializer(f"hadamard.H{n}_conv", np.ascontiguousarray(h.T)[:, :, None, None])

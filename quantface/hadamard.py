@@ -201,6 +201,26 @@ def block_hadamard(n: int) -> np.ndarray:
     return q
 
 
+def kron_factors(n: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(A, B), normalised Hadamard matrices of orders a·b = n with A ⊗ B = ``block_hadamard(n)``,
+    or None when n has no construction here (block fallback) or no useful split (n < 4).
+
+    Follows the construction: H_n = H_{2^k} ⊗ P_m (Sylvester doublings of a Paley core, or of [1]),
+    and a pure Sylvester H_{2^k} = H_{2^i} ⊗ H_{2^j} is split as evenly as possible (i = ⌈k/2⌉).
+    Applying A and B to the two axes of the channel vector reshaped to (a, b) costs a + b
+    multiply-adds per element instead of n, and stores a² + b² numbers instead of n².
+    """
+    plan = _plan(int(n))
+    if plan is None or n < 4:
+        return None
+    k, kind, _ = plan
+    a = 1 << ((k + 1) // 2 if kind == 0 else k)
+    b = n // a
+    if a == 1 or b == 1:
+        return None
+    return hadamard_matrix(a) / np.sqrt(a), hadamard_matrix(b) / np.sqrt(b)
+
+
 def random_hadamard(n: int, seed: int) -> np.ndarray:
     """Randomized Hadamard transform Q = diag(d) @ block_hadamard(n), d ∈ {±1}^n; orthogonal.
 

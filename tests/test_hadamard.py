@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from quantface.errors import ConfigError
-from quantface.hadamard import (block_hadamard, fold_into_weight, hadamard_matrix, has_hadamard, random_hadamard,
-                                rotate_channels)
+from quantface.hadamard import (block_hadamard, fold_into_weight, hadamard_matrix, has_hadamard, kron_factors,
+                                random_hadamard, rotate_channels)
 
 WIDTHS = [4, 12, 20, 28, 36, 40, 52, 60, 128, 256, 320, 512, 640, 960, 1280, 1920, 2560]
 REFERENCE_WIDTHS = [8, 16, 32, 64, 96, 128, 192, 224, 256]
@@ -96,3 +96,18 @@ def test_conv_folding_identity_float32_keeps_dtype():
 def test_rotate_channels_rejects_mismatched_rotation():
     with pytest.raises(ValueError, match="does not fit"):
         rotate_channels(torch.zeros(1, 8, 2, 2), torch.eye(4))
+
+
+# Stable Diffusion's UNet/VAE widths and the reference model's, as in the tests above.
+@pytest.mark.parametrize("n", [8, 32, 64, 96, 128, 192, 224, 256, 320, 384, 512, 640, 960, 1280, 1920, 2560])
+def test_kron_factors_rebuild_the_hadamard_rotation(n):
+    a, b = kron_factors(n)
+    assert a.shape[0] * b.shape[0] == n and a.shape[0] > 1 and b.shape[0] > 1
+    np.testing.assert_allclose(np.kron(a, b), block_hadamard(n), atol=1e-12)
+    for f in (a, b):
+        np.testing.assert_allclose(f @ f.T, np.eye(len(f)), atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 6, 7])
+def test_kron_factors_absent_without_a_split(n):
+    assert kron_factors(n) is None

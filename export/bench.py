@@ -1,0 +1,66 @@
+"""Latency of exported graphs, measured as ratios within one run.
+
+``compare_latency`` times several ONNX files on the same input with the same thread count,
+*interleaved* (one run of each model per round, the order rotated every round), so that whatever
+else the machine is doing at a given moment slows every model alike; it reports each model's
+median and its ratio to a baseline. Absolute milliseconds depend on the machine; the ratios are the
+numbers to compare.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from export.api import OnnxBackend
+from quantface.errors import ConfigError
+
+
+@dataclass
+class Timing:
+    label: str
+    path: Path
+    median_ms: float
+    min_ms: float
+    file_bytes: int
+
+
+def file_bytes(path: str | Path) -> int:
+    """Bytes of an ONNX model including its external-data files (``<name>*`` beside it)."""
+    path = Path(path)
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if p.is_file())
+
+
+def compare_latency(models: dict[str, str | Path], threads: int = 2, repeats: int = 30, warmup: int = 3,
+                    seed: int = 0, progress: bool = True) -> dict[str, Timing]:
+    """Median single-batch latency of each model (same random input in [-1, 1]), interleaved."""
+    if not models:
+        raise ConfigError("no models to time")
+    if threads < 1 or repeats < 1:
+        raise ConfigError("threads and repeats must be positive")
+    backends = {label: OnnxBackend(path, threads=threads) for label, path in models.items()}
+    shapes = {tuple(b.input_shape) for b in backends.values()}
+    if len(shapes) != 1 or not all(isinstance(d, int) for d in next(iter(shapes))):
+        raise ConfigError(f"the models must share one static input shape to be compared, got {sorted(shapes)}")
+    x = np.random.default_rng(seed).uniform(-1, 1, next(iter(shapes))).astype(np.float32)
+    labels = list(backends)
+    for _ in range(warmup):
+        for label in labels:
+            backends[label](x)
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    for r in range(repeats):
+        order = labels[r % len(labels):] + labels[:r % len(labels)]
+        for label in order:
+            t0 = time.perf_counter()
+            backends[label](x)
+            times[label].append(1000 * (time.perf_counter() - t0))
+        if progress:
+            print(f"\rtiming round {r + 1}/{repeats}", end="", flush=True)
+    if progress:
+        print()
+    return {label: Timing(label, Path(models[label]), statistics.median(t), min(t), file_bytes(models[label]))
+            for label, t in times.items()}
