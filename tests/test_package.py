@@ -1,0 +1,483 @@
+"""``quantface package`` and the phone contract, on the tiny model (32×32) exported with each profile.
+
+* format decision per profile (reference → .onnx because of its 4-bit tensors; ort-cpu, qnn → .ort),
+  model.json fields, required_operators.config, sha256, atomic writes, --into-app / --into-web;
+* clear one-sentence errors (missing / invalid --onnx, --format ort on a 4-bit model);
+* the app contract (quantface/app_contract.py, mirrored by FaceContract.kt and contract.js) against
+  ``quantface restore --onnx``: bit-identical on real photos (tolerance 0 levels); FaceContract.kt
+  itself, compiled by kotlinc on the JVM, against app_contract.py (tolerance 0);
+* every asset name and model.json key the Kotlin app and the web page read exists in a packaged folder;
+* no file of the committed demo is over 20 MB and generated models are gitignored.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from skimage import data as skdata
+
+from calibration import CalibConfig, calibrate
+from export import ExportConfig, export_onnx
+from quantface import __version__, app_contract
+from quantface.cli import main
+from quantface.data import center_crop_resize, read_image, write_image
+from quantface.package import (APP_ASSETS, MAX_APP_MODEL_BYTES, MODEL_JSON, OPS_CONFIG, REPO, WEB_MODEL_DIR,
+                               PackageConfig, PackageError, four_bit_tensors, package, sha256_file)
+from quantface.pipeline import images_to_tensor, tensor_to_images
+from tests.conftest import TINY, smooth_image
+
+SIZE = 32
+PROFILES = {"reference": "onnx", "ort-cpu": "ort", "qnn": "ort"}
+STYLE = {"ort-cpu": "Fixed", "qnn": "Runtime"}
+ANDROID = REPO / "android_demo"
+KOTLIN = ANDROID / "app" / "src" / "main" / "java"
+WEB = ANDROID / "web"
+JVM_CHECK = ANDROID / "jvm-check"
+# The .ort against its .onnx, both on ORT's CPU EP: the converter bakes in another set of graph
+# optimisations, and a 1-ulp float difference can move a 4-bit activation to the next of its 16
+# levels. Measured on the tiny model 0.03 and on recipes/quantface_w4a4 0.059 (uniform input);
+# any ORT optimisation-level change on these graphs moves them as much.
+ORT_VS_ONNX_MAX_ABS = 0.15
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> dict[str, Path]:
+    """The tiny model calibrated with QuantFace W4A4 and exported with each profile."""
+    from quantface.models.reference import ReferenceRestorer
+    from quantface.models.store import save_weights
+
+    root = tmp_path_factory.mktemp("package")
+    torch.manual_seed(0)
+    save_weights(ReferenceRestorer(TINY).eval(), root / "weights" / "tiny")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        write_image(root / "faces" / f"{i:03d}.png", smooth_image(rng, SIZE))
+    recipe = calibrate(CalibConfig(method="quantface", bits="W4A4", data=str(root / "faces"), out=str(root / "recipe"),
+                                   weights=str(root / "weights" / "tiny"), size=SIZE, stat_images=4, rank=2,
+                                   batch_size=2, steps=2)).recipe
+    out = {}
+    for profile in PROFILES:
+        out[profile] = root / f"{profile}.onnx"
+        export_onnx(ExportConfig(weights=str(root / "weights" / "tiny"), recipe=str(recipe), profile=profile,
+                                 out=str(out[profile])))
+    out["weights"] = root / "weights" / "tiny"
+    return out
+
+
+@pytest.fixture(scope="module")
+def packaged(exports, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("packaged")
+    return {p: package(PackageConfig(onnx=str(exports[p]), out=str(root / p))).out for p in PROFILES}
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / MODEL_JSON).read_text())
+
+
+# ------------------------------------------------------------------------------- format decision
+@pytest.mark.parametrize("profile", list(PROFILES))
+def test_format_decision_and_model_json(exports, packaged, profile):
+    folder, m = packaged[profile], _manifest(packaged[profile])
+    fmt = PROFILES[profile]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([f"model.{fmt}", MODEL_JSON, OPS_CONFIG])
+    assert m["format"] == fmt and m["model_file"] == f"model.{fmt}"
+    if fmt == "onnx":
+        assert "4-bit" in m["format_reason"] and "ORT format" in m["format_reason"]
+        assert m["sha256"] == sha256_file(exports[profile])  # shipped byte-identical to the export
+    else:
+        assert m["runtime"]["optimization_style"] == STYLE[profile] and m["runtime"]["target_platform"] == "arm"
+        assert 0 <= m["runtime"]["check"]["ort_vs_onnx_max_abs"] <= ORT_VS_ONNX_MAX_ABS
+    model_file = folder / m["model_file"]
+    assert m["sha256"] == sha256_file(model_file) and m["bytes"] == model_file.stat().st_size
+    assert m["source"]["sha256"] == sha256_file(exports[profile]) and m["tool_version"] == __version__
+    assert m["profile"] == profile and m["working_size"] == SIZE
+    assert m["input"] == {"name": "lq", "shape": [1, 3, SIZE, SIZE], "layout": "NCHW", "dtype": "float32",
+                          "color": "RGB", "range": [-1.0, 1.0]}
+    assert m["output"]["shape"] == [1, 3, SIZE, SIZE] and m["output"]["range"] == [-1.0, 1.0]
+    assert m["contract"]["version"] == app_contract.CONTRACT_VERSION
+    meta = {p.key: p.value for p in onnx.load(str(exports[profile])).metadata_props}
+    bits = json.loads(meta["quantface.layer_bits"])
+    q = m["quantization"]
+    assert q["counts"] == {"W4A4": len(bits)} and q["summary"] == f"W4A4 ({len(bits)} layers)"
+    assert set(q["layers"]) == set(bits)
+    assert q["constant_layers"] == sorted(json.loads(meta["quantface.constant_layers"]))
+    assert q["method"] == "quantface" and q["recipe_sha256"] == meta["quantface.recipe_sha256"]
+    # The packaged model runs in ONNX Runtime, input and output as model.json says.
+    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].name == m["input"]["name"] and session.get_outputs()[0].name == m["output"]["name"]
+    y = session.run(None, {"lq": np.zeros(m["input"]["shape"], np.float32)})[0]
+    assert list(y.shape) == m["output"]["shape"]
+
+
+@pytest.mark.parametrize("profile", list(PROFILES))
+def test_required_operators_config(packaged, profile):
+    text = (packaged[profile] / OPS_CONFIG).read_text()
+    lines = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+    ops = {}
+    for ln in lines:
+        domain, opset, names = ln.split(";")
+        assert domain in ("ai.onnx", "com.microsoft") and int(opset) >= 1, ln  # no quantface:: function left
+        ops.update({n: int(opset) for n in names.split(",")})
+    for needed in ("Conv", "MatMul", "DequantizeLinear", "QuantizeLinear", "InstanceNormalization", "Softmax"):
+        assert needed in ops, (needed, text)
+    assert ops["DequantizeLinear"] == 21 and ops["Conv"] == 11  # kernel since-versions, as ORT writes them
+    minimal = "--minimal_build (this model is ORT format)" in text
+    assert minimal == (PROFILES[profile] == "ort")
+    if PROFILES[profile] == "onnx":  # the Hadamard function's body operators, inlined
+        assert {"Unsqueeze", "Transpose", "Mul"} <= set(ops)
+
+
+def test_int4_graph_converts_to_an_ort_file_onnx_runtime_rejects(exports, tmp_path):
+    """Why ``auto`` keeps .onnx for INT4 models (measured, not assumed): ORT's converter writes a .ort
+    for the reference profile, but ONNX Runtime cannot load it. If this starts passing, revisit
+    quantface/package.py's format table."""
+    from quantface.package import _convert
+
+    assert four_bit_tensors(onnx.load(str(exports["reference"])))
+    assert not four_bit_tensors(onnx.load(str(exports["ort-cpu"])))
+    converted, _ = _convert(exports["reference"], tmp_path, "Fixed")
+    with pytest.raises(Exception, match="Invalid ORT format model|Unsupported tensor data type"):
+        ort.InferenceSession(str(converted), providers=["CPUExecutionProvider"])
+
+
+def test_format_ort_on_int4_model_is_one_sentence_error(exports, tmp_path, capsys):
+    out = tmp_path / "pkg"
+    rc = main(["package", "--onnx", str(exports["reference"]), "--out", str(out), "--format", "ort"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: --format ort cannot package reference.onnx: it holds 4-bit")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_format_onnx_keeps_the_export(exports, tmp_path, capsys):
+    rc = main(["package", "--onnx", str(exports["ort-cpu"]), "--out", str(tmp_path / "p"), "--format", "onnx"])
+    assert rc == 0 and "format onnx" in capsys.readouterr().out
+    m = _manifest(tmp_path / "p")
+    assert m["format"] == "onnx" and "--format onnx" in m["format_reason"]
+    assert (tmp_path / "p" / "model.onnx").read_bytes() == exports["ort-cpu"].read_bytes()
+
+
+def test_cli_prints_the_decision_and_repackaging_replaces_the_other_format(exports, tmp_path, capsys):
+    out = tmp_path / "p"
+    assert main(["package", "--onnx", str(exports["qnn"]), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "format ort" in printed and "optimization style Runtime" in printed
+    assert main(["package", "--onnx", str(exports["reference"]), "--out", str(out)]) == 0
+    assert "kept as .onnx" in capsys.readouterr().out
+    # No temp file left, and no stale .ort beside the new .onnx.
+    assert sorted(p.name for p in out.iterdir()) == sorted(["model.onnx", MODEL_JSON, OPS_CONFIG])
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d / "missing.onnx", "error: ONNX model {p} does not exist"),
+    (lambda d: d, "error: --onnx {p} is not a file"),
+    (lambda d: (d / "junk.onnx").write_bytes(b"\x08\x07not a model at all\xff" * 10) and d / "junk.onnx",
+     "error: {p} is not a readable ONNX model"),
+])
+def test_bad_onnx_is_one_clear_error(tmp_path, capsys, make, message):
+    path = make(tmp_path)
+    rc = main(["package", "--onnx", str(path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(message.format(p=path)), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_graph_onnx_runtime_cannot_run_is_one_clear_error(exports, tmp_path, capsys):
+    model = onnx.load(str(exports["ort-cpu"]))
+    next(n for n in model.graph.node if n.op_type == "Softmax").op_type = "NoSuchOp"
+    onnx.save(model, str(tmp_path / "broken.onnx"))
+    rc = main(["package", "--onnx", str(tmp_path / "broken.onnx"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"error: ONNX Runtime cannot run {tmp_path / 'broken.onnx'}: ")
+    assert "NoSuchOp" in err and err.count("\n") == 1
+    assert not any((tmp_path / "out").iterdir())  # nothing half-written
+
+
+def test_batch_other_than_one_is_refused(exports, tmp_path):
+    model = onnx.load(str(exports["ort-cpu"]))
+    for v in (model.graph.input[0], model.graph.output[0]):
+        v.type.tensor_type.shape.dim[0].dim_value = 2
+    onnx.save(model, str(tmp_path / "b2.onnx"))
+    with pytest.raises(PackageError, match=r"static shape \(1, 3, S, S\); export with --batch 1"):
+        package(PackageConfig(onnx=str(tmp_path / "b2.onnx"), out=str(tmp_path / "out")))
+
+
+def test_into_app_and_web_copy_model_and_json(exports, tmp_path):
+    app, web = tmp_path / "assets", tmp_path / "web_model"
+    app.mkdir()
+    (app / "model.onnx").write_bytes(b"stale")  # from an earlier --into-app of an INT4 model
+    r = package(PackageConfig(onnx=str(exports["ort-cpu"]), out=str(tmp_path / "pkg"), into_app=True, into_web=True,
+                              app_assets=str(app), web_model_dir=str(web)))
+    assert r.copied_to == [app, web]
+    for folder in (app, web):
+        assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.ort"]
+        assert _manifest(folder) == r.manifest
+        assert sha256_file(folder / "model.ort") == r.manifest["sha256"]
+
+
+def test_demo_folders_default_to_this_checkout():
+    from quantface.package import _demo_dir
+
+    assert _demo_dir(None, APP_ASSETS, "--into-app") == REPO / "android_demo/app/src/main/assets"
+    assert _demo_dir(None, WEB_MODEL_DIR, "--into-web") == REPO / "android_demo/web/model"
+    assert (REPO / APP_ASSETS).is_dir()
+
+
+def test_package_config_round_trips_and_validates():
+    cfg = PackageConfig(onnx="m.onnx", out="d", format="ort", into_app=True)
+    assert PackageConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(Exception, match="--format 'tflite' must be one of auto, ort, onnx"):
+        PackageConfig(onnx="m.onnx", out="d", format="tflite")
+
+
+# ------------------------------------------------------------------------------------ app contract
+def test_contract_normalisation_and_rounding_equal_the_pipeline():
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)
+    assert np.array_equal(app_contract.to_input(values), images_to_tensor([values]).numpy())  # all 256 levels
+    rng = np.random.default_rng(0)
+    y = rng.uniform(-1.3, 1.3, (1, 3, 64, 64)).astype(np.float32)
+    ties = ((np.arange(256, dtype=np.float32) + np.float32(0.5)) / np.float32(127.5) - np.float32(1))
+    y.reshape(-1)[:256] = ties  # values that land on .5 after (y + 1) * 127.5
+    assert np.array_equal(app_contract.to_rgb(y), tensor_to_images(y)[0])
+    argb = app_contract.to_argb(np.array([[[1, 2, 3]]], np.uint8))
+    assert argb.dtype == np.uint32 and int(argb[0, 0]) == 0xFF010203
+
+
+def _photos() -> dict[str, np.ndarray]:
+    return {"astronaut": skdata.astronaut(), "astronaut_face": skdata.astronaut()[0:300, 100:350],
+            "chelsea": skdata.chelsea(), "coffee": skdata.coffee(), "rocket": skdata.rocket()}
+
+
+@pytest.mark.parametrize("size", [32, 64, 100, 128, 256])
+def test_contract_resize_equals_opencv_inter_area_when_shrinking(size):
+    """Exact integer area average vs OpenCV's INTER_AREA (what ``quantface restore`` uses): identical
+    but for OpenCV's exact-2× fast path, which rounds ties up, and its float32 accumulation on near
+    ties (1 pixel of rocket 427 → 256): tolerance 1 level, on ≤ 0.01 % of the pixels off 2×."""
+    for name, img in _photos().items():
+        box = app_contract.crop_box(img.shape[1], img.shape[0])
+        if box.side <= size:
+            continue
+        ours = app_contract.crop_resize(img, size)
+        theirs = center_crop_resize(img, size)
+        diff = np.abs(ours.astype(int) - theirs.astype(int))
+        assert diff.max() <= 1, name
+        if box.side != 2 * size:
+            assert (diff > 0).mean() <= 1e-4, (name, size, int((diff > 0).sum()))
+
+
+def test_contract_area_weights_and_alpha():
+    w = app_contract.area_weights(7, 3)
+    assert (w.sum(axis=1) == 7).all() and (w.sum(axis=0) == 3).all()
+    flat = np.full((5, 5, 3), 77, np.uint8)
+    assert (app_contract.resize_area(flat, 3) == 77).all() and (app_contract.resize_area(flat, 8) == 77).all()
+    rgba = np.array([[[0, 0, 0, 0], [10, 20, 30, 255], [200, 100, 0, 128]]], np.uint8)
+    assert app_contract.composite_on_white(rgba).tolist() == [[[255, 255, 255], [10, 20, 30], [227, 177, 127]]]
+
+
+@pytest.mark.parametrize("profile", ["reference", "ort-cpu"])
+def test_contract_through_onnx_runtime_equals_quantface_restore(exports, tmp_path, profile):
+    """The Python reference of the app (app_contract + ONNX Runtime on the exported model) against
+    ``quantface restore --onnx``: tolerance 0 levels (bit-identical) on real photos whose crop is
+    shrunk (non-2× factors) and on a picture already at the working size."""
+    photos = {"astronaut_face": skdata.astronaut()[0:300, 100:350], "coffee": skdata.coffee(),
+              "at_size": np.ascontiguousarray(skdata.chelsea()[100:100 + SIZE, 150:150 + SIZE + 9])}
+    for name, img in photos.items():
+        write_image(tmp_path / "in" / f"{name}.png", img)
+    assert main(["restore", "--onnx", str(exports[profile]),
+                 "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]) == 0
+    session = ort.InferenceSession(str(exports[profile]), providers=["CPUExecutionProvider"])
+    for name, img in photos.items():
+        before, after = app_contract.restore(img, app_contract.ort_runner(session), SIZE)
+        assert np.array_equal(before, center_crop_resize(img, SIZE)), name
+        restored = read_image(tmp_path / "out" / f"{name}.png")
+        assert np.array_equal(after, restored), (name, int(np.abs(after.astype(int) - restored).max()))
+
+
+def test_packaged_ort_against_its_onnx_on_a_real_face(exports, packaged):
+    """What the phone runs (.ort) against the export (.onnx), both through the app contract on ORT's
+    CPU EP: not bit-identical (see ORT_VS_ONNX_MAX_ABS); PSNR ≥ 35 dB, max 24 levels (tiny model)."""
+    face = skdata.astronaut()[0:300, 100:350]
+    outs = {}
+    for fmt, path in (("onnx", exports["ort-cpu"]), ("ort", packaged["ort-cpu"] / "model.ort")):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outs[fmt] = app_contract.restore(face, app_contract.ort_runner(session), SIZE)[1].astype(float)
+    mse = np.mean((outs["onnx"] - outs["ort"]) ** 2)
+    print(f"\n.ort vs .onnx: PSNR {10 * np.log10(255**2 / max(mse, 1e-12)):.2f} dB, "
+          f"max {np.abs(outs['onnx'] - outs['ort']).max():.0f} levels")
+    assert mse == 0 or 10 * np.log10(255**2 / mse) >= 35
+    assert np.abs(outs["onnx"] - outs["ort"]).max() <= 24
+
+
+@pytest.fixture(scope="module")
+def kotlin_contract(tmp_path_factory) -> Path:
+    """FaceContract.kt compiled by kotlinc (npm package kotlin-compiler in android_demo/jvm-check) with
+    a stand-in android.graphics.Bitmap and a small harness: a jar the JVM runs."""
+    kotlinc = JVM_CHECK / "node_modules" / "kotlin-compiler" / "bin" / "kotlinc-jvm"
+    missing = [what for ok, what in [(shutil.which("java") is not None, "java (apt-get install default-jre-headless)"),
+                                     (kotlinc.is_file(), "kotlinc (npm ci in android_demo/jvm-check)")] if not ok]
+    if missing:
+        message = f"cannot run FaceContract.kt on the JVM: no {', '.join(missing)}"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; CI must provide it (see .ci/run)")
+        pytest.skip(message)
+    jar = tmp_path_factory.mktemp("kotlin") / "contract.jar"
+    sources = [KOTLIN / "org/quantface/demo/FaceContract.kt", JVM_CHECK / "ContractHarness.kt",
+               JVM_CHECK / "stub/android/graphics/Bitmap.kt"]
+    run = subprocess.run([str(kotlinc), *map(str, sources), "-d", str(jar)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and jar.is_file(), run.stderr
+    return jar
+
+
+def test_kotlin_face_contract_matches_python_bit_for_bit(kotlin_contract, tmp_path):
+    """The app's FaceContract.kt itself (not a copy) on the JVM against app_contract.py, tolerance 0:
+    crop + area resize (shrinking, growing, alpha composited), input floats, output ARGB."""
+    stdlib = JVM_CHECK / "node_modules" / "kotlin-compiler" / "lib" / "kotlin-stdlib.jar"
+    rng = np.random.default_rng(0)
+    noisy = rng.integers(0, 256, (53, 71, 4), dtype=np.uint8)
+    noisy[..., 3] = np.where(rng.random((53, 71)) < 0.8, 255, noisy[..., 3])
+    opaque = lambda rgb: np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])  # noqa: E731
+    photos = {"astronaut_face": opaque(skdata.astronaut()[0:300, 100:350]), "coffee": opaque(skdata.coffee()),
+              "noisy_alpha": noisy}
+    y = rng.uniform(-1.2, 1.2, (1, 3, 16, 16)).astype(np.float32)
+    y.reshape(-1)[:256] = (np.arange(256, dtype=np.float32) + np.float32(0.5)) / np.float32(127.5) - np.float32(1)
+    y.astype("<f4").tofile(tmp_path / "y.bin")
+    for name, rgba in photos.items():
+        rgba.tofile(tmp_path / "photo.rgba")
+        for size in (32, 100):
+            run = subprocess.run(["java", "-cp", f"{kotlin_contract}{os.pathsep}{stdlib}", "ContractHarnessKt",
+                                  str(tmp_path / "photo.rgba"), str(rgba.shape[1]), str(rgba.shape[0]), str(size),
+                                  str(tmp_path / "y.bin"), "16", str(tmp_path / "out")],
+                                 capture_output=True, text=True, timeout=120)
+            assert run.returncode == 0, run.stderr
+            argb = np.fromfile(tmp_path / "out.resized", "<u4").reshape(size, size)
+            ref = app_contract.crop_resize(rgba, size)
+            assert np.array_equal(argb, app_contract.to_argb(ref)), (name, size)
+            x = np.fromfile(tmp_path / "out.input", "<f4").reshape(1, 3, size, size)
+            assert np.array_equal(x, app_contract.to_input(ref)), (name, size)
+    out = np.fromfile(tmp_path / "out.argb", "<u4").reshape(16, 16)
+    assert np.array_equal(out, app_contract.to_argb(app_contract.to_rgb(y)))
+
+
+# ------------------------------------------------------------------------ what the demos read
+def _without_comments(src: str) -> str:
+    src = re.sub(r"/\*.*?\*/", "", src, flags=re.S)
+    return re.sub(r"(?m)^\s*//.*$|\s//\s.*$", "", src)
+
+
+def _kotlin_sources() -> str:
+    files = sorted(KOTLIN.rglob("*.kt"))
+    assert files, KOTLIN
+    return _without_comments("\n".join(f.read_text() for f in files))
+
+
+def _json_paths(obj, prefix=()) -> set[tuple[str, ...]]:
+    out = set()
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.add(prefix + (k,))
+            out |= _json_paths(v, prefix + (k,))
+    return out
+
+
+def kotlin_model_json_reads(src: str) -> set[tuple[str, ...]]:
+    """Key paths the Kotlin code reads from model.json: ``json.getX("k")`` on the root object and
+    ``v.getX("k")`` on ``val v = json.getJSONObject("o")``."""
+    objects = {"json": ()}
+    for var, parent, key in re.findall(r'val (\w+) = (\w+)\.getJSONObject\("(\w+)"\)', src):
+        objects[var] = objects.get(parent, ("?",)) + (key,)
+    reads = set()
+    getter = r'\b(\w+)\.(?:get|opt)(?:String|Int|Long|Double|Boolean|JSONObject|JSONArray)\("(\w+)"'
+    for var, key in re.findall(getter, src):
+        if var in objects:
+            reads.add(objects[var] + (key,))
+    return reads
+
+
+def test_every_asset_and_model_json_key_the_app_reads_is_packaged(packaged):
+    src = _kotlin_sources()
+    reads = kotlin_model_json_reads(src)
+    assert {("model_file",), ("sha256",), ("working_size",), ("input", "name"), ("output", "name"),
+            ("contract", "version")} <= reads, reads  # the parser still sees the app's reads
+    assets = set(re.findall(r'const val \w+_ASSET = "([^"]+)"', src))
+    assets |= set(re.findall(r'assets\.open\("([^"]+)"\)', src))
+    assert assets == {MODEL_JSON}
+    for profile, folder in packaged.items():
+        m = _manifest(folder)
+        assert reads <= _json_paths(m), (profile, reads - _json_paths(m))
+        for name in assets | {m["model_file"]}:
+            assert (folder / name).is_file(), (profile, name)
+    # The values the Kotlin code insists on are what package() writes.
+    face_contract_kt = (KOTLIN / "org/quantface/demo/FaceContract.kt").read_text()
+    assert re.search(r"const val VERSION = (\d+)", face_contract_kt).group(1) == str(app_contract.CONTRACT_VERSION)
+
+
+def test_every_model_json_key_the_web_page_reads_is_packaged(packaged):
+    src = _without_comments((WEB / "app.js").read_text())
+    reads = {tuple(p.split(".")) for p in re.findall(r"\bmanifest\.([a-z_]\w*(?:\.[a-z_]\w*)*)(?![\w(])", src)}
+    assert "const q = manifest.quantization;" in src
+    reads |= {("quantization", k) for k in re.findall(r"\bq\.([a-z_]\w*)", src)}
+    assert {("model_file",), ("sha256",), ("working_size",), ("input", "name"), ("contract", "version")} <= reads
+    assert "new URL('model.json', MODEL_DIR)" in src
+    for folder in packaged.values():
+        assert reads <= _json_paths(_manifest(folder)), reads - _json_paths(_manifest(folder))
+    version = re.search(r"export const CONTRACT_VERSION = (\d+);", (WEB / "contract.js").read_text()).group(1)
+    assert version == str(app_contract.CONTRACT_VERSION)
+
+
+# ---------------------------------------------------------------------------- repository hygiene
+def _gitignore_patterns() -> list[str]:
+    lines = (REPO / ".gitignore").read_text().splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+
+
+def _ignored(rel: str) -> bool:
+    for pat in _gitignore_patterns():
+        anchored = pat.lstrip("/").rstrip("/")
+        if pat.endswith("/"):
+            if rel.startswith(anchored + "/") or ("/" not in anchored and f"/{anchored}/" in f"/{rel}"):
+                return True
+            continue
+        if fnmatch.fnmatch(rel, anchored) or (not pat.startswith("/") and fnmatch.fnmatch(Path(rel).name, anchored)):
+            return True
+    return False
+
+
+def test_generated_demo_models_are_gitignored():
+    for name in ("model.onnx", "model.ort", MODEL_JSON, OPS_CONFIG):
+        assert _ignored(f"{APP_ASSETS.as_posix()}/{name}"), name
+        assert _ignored(f"{WEB_MODEL_DIR.as_posix()}/{name}"), name
+    assert _ignored("android_demo/web/node_modules/onnxruntime-web/package.json")
+    for kept in ("android_demo/app/src/main/assets/.gitkeep", "android_demo/web/package-lock.json",
+                 "android_demo/app/src/main/java/org/quantface/demo/FaceContract.kt"):
+        assert not _ignored(kept), kept
+
+
+def test_committed_demo_files_are_under_20_mb():
+    """The repository ships the app and the page without a model; whatever is committed under
+    android_demo/ (every file that is not gitignored) stays at most 20 MB."""
+    assert MAX_APP_MODEL_BYTES == 20 * 1024 * 1024
+    seen = 0
+    for folder, dirs, files in os.walk(ANDROID):
+        base = Path(folder).relative_to(REPO).as_posix()
+        dirs[:] = [d for d in dirs if not _ignored(f"{base}/{d}/")]  # node_modules, model/, build/
+        for name in files:
+            rel = f"{base}/{name}"
+            if _ignored(rel):
+                continue
+            seen += 1
+            assert (REPO / rel).stat().st_size <= MAX_APP_MODEL_BYTES, rel
+            assert Path(name).suffix not in (".onnx", ".ort"), f"a model is committed under android_demo: {rel}"
+    assert seen >= 10  # the app's sources were walked
