@@ -63,6 +63,7 @@ def build_onnx(cfg: ExportConfig) -> tuple[onnx.ModelProto, list[str]]:
         raise ConfigError(f"--size {size} is not a multiple of {config.size_multiple}, which the model needs")
     recipe = load_recipe(cfg.recipe) if cfg.recipe else None
     torch_model = apply_recipe(fp_model, recipe) if recipe else fp_model  # RecipeError if it does not fit
+    del fp_model  # apply_recipe made a copy: free the FP weights before tracing (GBs for OSDFace)
     layers = quant_layers(torch_model)
     passes = [
         remove_identities,

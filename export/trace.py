@@ -19,9 +19,9 @@ only widened type constraints and Q/DQ for the ops this exporter emits.
 
 from __future__ import annotations
 
-import copy
 import io
 import warnings
+from contextlib import contextmanager
 
 import onnx
 import torch
@@ -57,13 +57,24 @@ class _Marker(torch.nn.Module):
         return _MarkerFn.apply(x, self.layer(x), self.layer_name)
 
 
-def _with_markers(model: torch.nn.Module) -> torch.nn.Module:
-    model = copy.deepcopy(model)
+@contextmanager
+def _with_markers(model: torch.nn.Module):
+    """``model`` in eval mode with every QuantLayer swapped for its ``_Marker``, in place (a deep
+    copy would double the memory of a billion-parameter model); layers and modes restored after."""
+    modes = {m: m.training for m in model.modules()}
+    swapped = []
     for name, layer in quant_layers(model).items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, _Marker(layer, name))
-    return model
+        swapped.append((parent, child, layer))
+    try:
+        yield model.eval()
+    finally:
+        for parent, child, layer in reversed(swapped):
+            setattr(parent, child, layer)
+        for m, mode in modes.items():
+            m.training = mode
 
 
 def trace_to_onnx(model: torch.nn.Module, batch: int, size: int) -> onnx.ModelProto:
@@ -72,11 +83,10 @@ def trace_to_onnx(model: torch.nn.Module, batch: int, size: int) -> onnx.ModelPr
 
     Ensures: opset 21 (IR 10), static input/output shapes, torch's own constant folding applied (the rest —
     shape arithmetic, the timestep path — is left to ``export.fold``)."""
-    marked = _with_markers(model).eval()
-    has_markers = any(isinstance(m, _Marker) for m in marked.modules())
     example = torch.zeros(batch, model.config.image_channels, size, size)
     buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
+    with _with_markers(model) as marked, warnings.catch_warnings(), torch.no_grad():
+        has_markers = any(isinstance(m, _Marker) for m in marked.modules())
         # The legacy-exporter deprecation and the tracer's "shape check is constant" warnings are
         # expected: the exported graph is specialised to this static input on purpose.
         warnings.simplefilter("ignore")
