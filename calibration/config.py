@@ -50,6 +50,14 @@ class CalibConfig(JsonConfig):
     checkpoint_every: int = 25
     resume: bool = True
     threads: int | None = None
+    # Adaptive bit-width allocation (calibration.mixed); mp_budget None keeps uniform bits.
+    mp_budget: float | None = None  # mean activation bits, or with target 'qnn' a fraction of the A16/W8 bytes
+    mp_candidates: tuple[int, ...] = (3, 4, 5, 6)  # activation bit widths to choose from
+    mp_epsilon: float | None = None  # sweep deviation threshold ε; default per metric (mixed.DEFAULT_EPSILON)
+    mp_metric: str = "ssim"  # sweep deviation: ssim (1 − SSIM) | psnr (MSE) | lpips
+    mp_sweep_images: int = 16  # calibration images of the sweep and of the layer errors
+    mp_cost: str = "elements"  # elements (bits × input elements) | bops (bits × weight bits × MACs)
+    target: str | None = None  # None | 'qnn': hardware-aware options (W4/W8) × (A8/A16), byte cost
 
     def __post_init__(self) -> None:
         parse_bits(self.bits)
@@ -63,6 +71,9 @@ class CalibConfig(JsonConfig):
             raise ConfigError("batch size and statistics images must be positive")
         if (self.lpips_backbone is None) != (self.lpips_lin is None):
             raise ConfigError("LPIPS needs both --lpips-backbone and --lpips-lin")
+        from calibration.mixed import check_config
+
+        check_config(self)
 
     @property
     def weight_bits(self) -> int:

@@ -65,6 +65,13 @@ class Recipe:
         return self.meta["tensors_sha256"]
 
 
+def _compact_float(t: torch.Tensor) -> torch.Tensor:
+    """float16 when that holds ``t`` exactly (frozen low-rank factors), else float32 as it is."""
+    t = t.detach().contiguous()
+    half = t.half()
+    return half if torch.equal(half.float(), t) else t
+
+
 def _layer_entry(layer: QuantLayer, tensors: dict[str, torch.Tensor]) -> dict:
     n = layer.name
     entry: dict = {
@@ -96,15 +103,23 @@ def _layer_entry(layer: QuantLayer, tensors: dict[str, torch.Tensor]) -> dict:
     if layer.rotation is not None:
         entry["hadamard"] = {"order": layer.in_channels, "seed": layer.rotation_seed, "convention": "x' = x·diag(d)·H/√n"}
     if layer.lowrank is not None:
-        tensors[f"{n}.lowrank_down"] = layer.lowrank.down.detach().contiguous()
-        tensors[f"{n}.lowrank_up"] = layer.lowrank.up.detach().contiguous()
+        tensors[f"{n}.lowrank_down"] = _compact_float(layer.lowrank.down)
+        tensors[f"{n}.lowrank_up"] = _compact_float(layer.lowrank.up)
         entry["lowrank_rank"] = layer.lowrank.rank
         entry["lowrank"] = {"down": f"{n}.lowrank_down", "up": f"{n}.lowrank_up"}
     return entry
 
 
-def save_recipe(qmodel: torch.nn.Module, fp_model: torch.nn.Module, cfg, spec, stats: dict) -> Path:
-    """Write the frozen ``qmodel`` as a recipe folder ``cfg.out`` (atomically: temp folder, rename)."""
+def save_recipe(qmodel: torch.nn.Module, fp_model: torch.nn.Module, cfg, spec, stats: dict,
+                sections: dict | None = None, files: dict[str, bytes] | None = None) -> Path:
+    """Write the frozen ``qmodel`` as a recipe folder ``cfg.out`` (atomically: temp folder, rename).
+    ``sections`` are extra top-level entries of recipe.json (e.g. "allocation"); ``files`` extra
+    files (name → bytes) written into the folder with it (e.g. plots)."""
+    sections, files = sections or {}, files or {}
+    reserved = {"format", "version", "tool_version", "model", "method", "method_summary", "bits", "calibration",
+                "stats", "tensors_file", "tensors_sha256", "layers"}
+    if set(sections) & reserved or {JSON_NAME, TENSORS_NAME} & set(files) or any("/" in f for f in files):
+        raise ValueError("save_recipe: extra sections / files must not replace the recipe's own entries")
     layers = quant_layers(qmodel)
     if any(l.lora is not None or (l.weight_bits is not None and not l.frozen) for l in layers.values()):
         raise RuntimeError("save_recipe needs frozen layers (QuantLayer.freeze) with merged branches")
@@ -115,6 +130,8 @@ def save_recipe(qmodel: torch.nn.Module, fp_model: torch.nn.Module, cfg, spec, s
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_file(tensors, str(tmp / TENSORS_NAME))
+        for fname, blob in files.items():
+            (tmp / fname).write_bytes(blob)
         digest = hashlib.sha256((tmp / TENSORS_NAME).read_bytes()).hexdigest()
         meta = {
             "format": FORMAT, "version": VERSION, "tool_version": __version__,
@@ -123,6 +140,7 @@ def save_recipe(qmodel: torch.nn.Module, fp_model: torch.nn.Module, cfg, spec, s
             "method": spec.name, "method_summary": spec.summary, "bits": cfg.bits,
             "calibration": cfg.to_dict(), "stats": stats,
             "tensors_file": TENSORS_NAME, "tensors_sha256": digest,
+            **sections,
             "layers": entries,
         }
         (tmp / JSON_NAME).write_text(json.dumps(meta, indent=1) + "\n")
@@ -190,7 +208,7 @@ def apply_recipe(fp_model: torch.nn.Module, recipe: Recipe | str | Path) -> torc
             layer.rotation = torch.from_numpy(random_hadamard(h["order"], h["seed"])).float()
             layer.rotation_seed = h["seed"]
         if e["lowrank_rank"]:
-            layer.lowrank = LowRank(t[e["lowrank"]["down"]].clone(), t[e["lowrank"]["up"]].clone(), layer.conv_args)
+            layer.lowrank = LowRank(t[e["lowrank"]["down"]].float(), t[e["lowrank"]["up"]].float(), layer.conv_args)
         if e["weight_bits"] is not None:
             layer.weight_bits = e["weight_bits"]
             codes = t[e["weight_codes"]]

@@ -8,6 +8,8 @@ Stages (each method's ``MethodSpec`` switches them on or off):
 4. fold transforms: smoothing s = max|X|^α / max|W|^(1−α), randomized Hadamard, SVD split;
 5. quantizers: per-channel weight scales on the (residual) weight, per-tensor activation ranges
    from the *transformed* inputs; LoRA branches added;
+   (with ``mp_budget``) adaptive bit widths: sensitivity sweep, integer program, each layer's
+   activation (and for ``target='qnn'`` weight) bits set to its choice (``calibration.mixed``);
 6. refinement: distillation (QD-LoRA / EfficientDM) or module-wise MSE (PassionSR);
 7. freeze (merge branches, fix integer codes) and write the recipe.
 """
@@ -121,9 +123,10 @@ def smoothing_scale(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float
     return s.clamp(1e-4, 1e4)
 
 
-def prepare(model: torch.nn.Module, data: CalibData, cfg: CalibConfig, spec: MethodSpec
-            ) -> dict[str, QuantLayer]:
-    """Stages 2–5 on ``model`` (modified in place); returns its quant layers."""
+def prepare(model: torch.nn.Module, data: CalibData, cfg: CalibConfig, spec: MethodSpec,
+            samples: dict[str, torch.Tensor] | None = None) -> dict[str, QuantLayer]:
+    """Stages 2–5 on ``model`` (modified in place); returns its quant layers. ``samples``, if given,
+    receives each layer's observed transformed-input sample (what its activation range came from)."""
     patterns = cfg.fp_layers
     layers = wrap_layers(model, include=lambda name: not any(fnmatch.fnmatch(name, p) for p in patterns))
     if not layers:
@@ -144,6 +147,8 @@ def prepare(model: torch.nn.Module, data: CalibData, cfg: CalibConfig, spec: Met
         sample = torch.cat(obs.samples[name])
         if spec.scale_init == "minmax":
             sample = torch.cat([sample, obs.lo[name].reshape(1), obs.hi[name].reshape(1)])
+        if samples is not None:
+            samples[name] = sample
         scale, zp = act_qparams(sample, cfg.act_bits, spec.scale_init)
         layer.set_act_quant(cfg.act_bits, scale, zp)
     if spec.lora_rank:
@@ -173,7 +178,15 @@ def calibrate(cfg: CalibConfig) -> CalibrationResult:
     data = CalibData.build(fp_model, cfg, size)
     print(f"{cfg.method} {cfg.bits}: {len(data)} calibration images at {size}px")
     qmodel = copy.deepcopy(fp_model)
-    layers = prepare(qmodel, data, cfg, spec)
+    samples: dict[str, torch.Tensor] | None = {} if cfg.mp_budget is not None else None
+    layers = prepare(qmodel, data, cfg, spec, samples)
+    allocation = None
+    if cfg.mp_budget is not None:  # adaptive bit widths (paper §3.4), then the usual refinement with them
+        from calibration.mixed import allocate_bits
+        from calibration.recipe import weights_fingerprint
+
+        allocation = allocate_bits(qmodel, layers, data, cfg, spec, samples, weights_fingerprint(fp_model))
+        samples = None
     steps = cfg.steps if cfg.steps is not None else DEFAULT_STEPS.get(spec.refine or "", 0)
     if spec.refine == "distill" and steps:
         from calibration.distill import distill
@@ -191,6 +204,10 @@ def calibrate(cfg: CalibConfig) -> CalibrationResult:
     qmodel.requires_grad_(False)
     seconds = time.time() - t0
     out = save_recipe(qmodel, fp_model, cfg, spec, {"calibration_seconds": round(seconds, 1), "steps": steps,
-                                                    "images": len(data), "size": size})
+                                                    "images": len(data), "size": size},
+                      sections={"allocation": allocation.meta} if allocation else None,
+                      files=allocation.files if allocation else None)
+    if allocation:
+        allocation.cleanup()
     print(f"recipe written to {out} ({seconds:.0f}s)")
     return CalibrationResult(out, qmodel.eval(), seconds)

@@ -23,19 +23,27 @@ import torch
 from quantface.errors import ConfigError
 
 MIN_BITS, MAX_BITS = 2, 8
+# Activations (unsigned grids) may also take 16-bit codes: QNN's UINT16 activations, chosen only by
+# the hardware-aware bit allocation (``calibration.mixed``). Codes up to 2^16 − 1 < 2^24 are exact
+# in float32, so quantize / dequantize stay exact. Weights stay at most 8 bits (int8 storage), and
+# ``--bits`` keeps the 2..8 range.
+WIDE_ACT_BITS = 16
 # Smallest scale we allow: keeps x / s finite for all-zero channels.
 EPS = 1e-8
 
 
-def check_bits(bits: int) -> int:
-    if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-        raise ConfigError(f"bit width {bits!r} is outside the supported range {MIN_BITS}..{MAX_BITS}")
+def check_bits(bits: int, wide: bool = False) -> int:
+    """``bits`` in MIN_BITS..MAX_BITS (or WIDE_ACT_BITS when ``wide``, for activations), else ConfigError."""
+    if not isinstance(bits, int) or not (MIN_BITS <= bits <= MAX_BITS or (wide and bits == WIDE_ACT_BITS)):
+        allowed = f"{MIN_BITS}..{MAX_BITS}" + (f" or {WIDE_ACT_BITS}" if wide else "")
+        raise ConfigError(f"bit width {bits!r} is outside the supported range {allowed}")
     return bits
 
 
 def qrange(bits: int, signed: bool) -> tuple[int, int]:
-    """Integer code range of a b-bit grid: signed [−2^(b−1), 2^(b−1)−1], unsigned [0, 2^b−1]."""
-    check_bits(bits)
+    """Integer code range of a b-bit grid: signed [−2^(b−1), 2^(b−1)−1], unsigned [0, 2^b−1]
+    (unsigned activation grids also allow b = WIDE_ACT_BITS)."""
+    check_bits(bits, wide=not signed)
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
 
 

@@ -1,0 +1,374 @@
+"""Adaptive bit-width allocation (calibration.mixed): the integer program against known optima and
+brute force, the budget, the restartable sensitivity sweep, the layer errors, mixed bits surviving
+a recipe bit for bit (16-bit QNN activations included, through export), and the CLI's errors."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from calibration import CalibConfig, calibrate
+from calibration import mixed
+from calibration.layers import wrap_layers
+from calibration.methods import get_method
+from calibration.mixed import Option, QParams, allocate, layer_errors, sensitivity_sweep
+from calibration.recipe import apply_recipe
+from calibration.run import CalibData, prepare
+from quantface.cli import main
+from quantface.errors import ConfigError
+from quantface.quant import act_qparams, check_bits, dequantize, qrange, quantize, weight_scale
+
+
+FP_UNET = ("encoder.*", "prompt_embedder.*", "unet.*")
+
+
+def _options(table: dict[str, list[tuple[float, float]]]) -> dict[str, list[Option]]:
+    return {n: [Option(j, e, c) for j, (e, c) in enumerate(opts)] for n, opts in table.items()}
+
+
+def _brute_force(options: dict[str, list[Option]], budget: float) -> float:
+    best = float("inf")
+    for combo in itertools.product(*options.values()):
+        if sum(o.cost for o in combo) <= budget:
+            best = min(best, sum(o.error for o in combo))
+    return best
+
+
+# ---------------------------------------------------------------------------------- the program
+def test_hand_made_problem_has_its_known_optimum():
+    # 4 units to spend above the cheapest choice. Greedy by error saved per unit takes b's upgrade
+    # (7 for 2) and can then afford nothing else (objective 23); the optimum is a's alone (12 for 4).
+    opts = _options({"a": [(15, 1), (3, 5)], "b": [(9, 1), (2, 3)], "c": [(6, 1), (2, 4)]})
+    sol = allocate(opts, budget=7)
+    assert sol.choice == {"a": 1, "b": 0, "c": 0}
+    assert sol.objective == 3 + 9 + 6 and sol.cost == 7 and sol.status == "Optimal" and sol.seconds > 0
+    # A budget that affords everything takes every best option; the minimum takes every cheapest.
+    assert allocate(opts, budget=100).choice == {"a": 1, "b": 1, "c": 1}
+    assert allocate(opts, budget=3).choice == {"a": 0, "b": 0, "c": 0}
+
+
+def test_cbc_preprocessing_bug_is_avoided():
+    # With CBC 2.10.3's preprocessing on, CBC fixes variables wrongly here and reports objective
+    # 220.38 (l1 at its 220 option) as optimal; the optimum is 0.98.
+    opts = _options({"l0": [(0.08246571351942532, 34), (0.030435289028190295, 38)],
+                     "l1": [(220.17938531225144, 16), (299.82667649189517, 32), (0.7298523924873057, 22)],
+                     "l2": [(596.94425477108, 17), (0.16630295795253436, 6)]})
+    sol = allocate(opts, 65.43407683761662)
+    assert sol.choice == {"l0": 0, "l1": 2, "l2": 1} and sol.objective == pytest.approx(0.9786210639592654)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_program_matches_brute_force_and_never_exceeds_the_budget(seed):
+    rng = random.Random(seed)
+    table = {}
+    for i in range(rng.randint(2, 7)):
+        table[f"l{i}"] = [(rng.uniform(0, 100) * 10 ** rng.randint(-3, 3), rng.randint(1, 50))
+                          for _ in range(rng.randint(2, 4))]
+    opts = _options(table)
+    lo, hi = mixed.minimum_cost(opts), sum(max(o.cost for o in v) for v in opts.values())
+    budget = rng.uniform(lo, hi) if seed % 3 else float(lo)  # the minimum itself is feasible
+    sol = allocate(opts, budget)
+    assert sol.cost <= budget
+    assert sol.cost == sum(opts[n][j].cost for n, j in sol.choice.items())
+    assert sol.objective == pytest.approx(_brute_force(opts, budget), rel=1e-9, abs=1e-12)
+
+
+def test_infeasible_budget_is_one_clear_config_error():
+    opts = _options({"a": [(3, 3), (1, 5)], "b": [(4, 2), (0, 6)]})
+    with pytest.raises(ConfigError, match=r"^the bit budget 4 is infeasible: the minimum achievable is 5 "):
+        allocate(opts, 4)
+    with pytest.raises(ConfigError, match="4.000 units"):
+        allocate(opts, 4, describe=lambda c: f"{c:.3f} units")
+
+
+def test_costs_and_budgets_of_each_mode():
+    from calibration.mixed import LayerStats, build_problem, candidate_choices, check_budget
+
+    def stats(choices):
+        return {"a": LayerStats(elements=100, macs=1000, weights=50, sq_error={c: 1.0 for c in choices}),
+                "b": LayerStats(elements=300, macs=500, weights=10, sq_error={c: 2.0 for c in choices})}
+
+    sens = {"a": 3, "b": 2}
+    cfg = CalibConfig(mp_budget=4.0)  # elements: M = b · E, budget = 4 · ΣE
+    choices = candidate_choices(cfg, 4)
+    opts, budget, describe, _ = build_problem(stats(choices), sens, choices, cfg, 4)
+    assert [o.cost for o in opts["b"]] == [900, 1200, 1500, 1800] and budget == 4.0 * 400
+    assert [o.error for o in opts["a"]] == [49.0] * 4 and [o.error for o in opts["b"]] == [18.0] * 4  # w² · ‖·‖²
+    cfg = CalibConfig(mp_budget=4.0, mp_cost="bops")  # M = b · w_bits · MACs
+    opts, budget, _, _ = build_problem(stats(choices), sens, choices, cfg, 4)
+    assert [o.cost for o in opts["a"]] == [12000, 16000, 20000, 24000] and budget == 4.0 * 4 * 1500
+    cfg = CalibConfig(mp_budget=0.4, target="qnn")  # bytes: E·a/8 + P·w/8; budget a fraction of Σ(2E + P)
+    choices = candidate_choices(cfg, 4)
+    assert choices == [(4, 8), (4, 16), (8, 8), (8, 16)]
+    opts, budget, describe, _ = build_problem(stats(choices), sens, choices, cfg, 4)
+    assert [o.cost for o in opts["a"]] == [125, 225, 150, 250] and budget == 0.4 * (250 + 610)
+    with pytest.raises(ConfigError, match=r"the bit budget 0.4 of the all-A16/W8 bytes is infeasible: "
+                                          r"the minimum achievable is 0.5 of the all-A16/W8 bytes"):
+        check_budget(opts, budget, describe)
+
+
+# ---------------------------------------------------------------------------------- measurements
+def test_layer_error_is_the_quantized_product_error():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6))
+    layers = wrap_layers(model)
+    layer = layers["0"]
+    layer.set_weight_quant(4, weight_scale(layer.weight, 4))
+    x = torch.randn(3, 5, 8)
+    qp = QParams({"0": x.flatten()})
+    stats = layer_errors(model, layers, x, [(4, 3), (8, 16)], qp, get_method("quantface"))["0"]
+    assert stats.elements == 5 * 8 and stats.macs == 5 * 6 * 8 and stats.weights == 48
+    s, z = act_qparams(x.flatten(), 3)
+    xq = dequantize(quantize(x, s, z, *qrange(3, False)), s, z)
+    with torch.no_grad():
+        expected = float(((xq @ layer.quantized_weight().T - x @ layer.weight.T).double() ** 2).sum()) / 3
+    assert stats.sq_error[4, 3] == pytest.approx(expected, rel=1e-12)
+    assert stats.sq_error[8, 16] < stats.sq_error[4, 3] / 100
+    assert layer.weight_bits == 4 and layer.act_bits is None  # quantizer state restored
+
+
+@pytest.mark.parametrize("metric", ["ssim", "psnr", "lpips"])
+def test_deviation_metrics(metric, tmp_path):
+    kw = {}
+    if metric == "lpips":
+        from tests.test_lpips import _random_lpips, _split_files
+
+        backbone, lin = _split_files(_random_lpips("alex"), tmp_path, ".safetensors")
+        kw = dict(lpips_backbone=str(backbone), lpips_lin=str(lin), lpips_net="alex")
+    cfg = CalibConfig(mp_budget=4.0, mp_metric=metric, **kw)
+    g = torch.Generator().manual_seed(0)
+    ref = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    near, far = ref + 0.01 * torch.randn(ref.shape, generator=g), ref + 0.2 * torch.randn(ref.shape, generator=g)
+    deviation = mixed.deviation_fn(cfg)
+    same, d_near, d_far = (deviation(x, ref) for x in (ref, near, far))
+    assert same.shape == (2,) and float(same.abs().max()) < 1e-6
+    assert (0 < d_near).all() and (d_near < d_far).all()
+    if metric == "psnr":  # the MSE of images in [0, 1]
+        assert d_near == pytest.approx((((near.clamp(-1, 1) - ref) / 2) ** 2).flatten(1).mean(1).double())
+
+
+def _prepared(tiny_model, image_folder, tmp_path, **kw):
+    cfg = CalibConfig(data=str(image_folder), out=str(tmp_path / "recipe"), size=32, stat_images=4,
+                      mp_budget=4.0, mp_sweep_images=2, **kw)
+    data = CalibData.build(tiny_model, cfg, 32)
+    model = copy.deepcopy(tiny_model)
+    samples: dict = {}
+    layers = prepare(model, data, cfg, get_method("quantface"), samples)
+    return cfg, data, model, layers, QParams(samples)
+
+
+def test_sweep_is_cached_and_resumes_where_it_stopped(tiny_model, image_folder, tmp_path, monkeypatch):
+    # The decoder's 7 layers only, to keep the five sweeps below quick.
+    cfg, data, model, layers, qp = _prepared(tiny_model, image_folder, tmp_path, mp_epsilon=1e-4, fp_layers=FP_UNET)
+    x = data.lq[:cfg.mp_sweep_images]
+    real = mixed.deviation_fn
+    calls = []
+
+    def counting(cfg_, stop_after=None):
+        f = real(cfg_)
+
+        def g(out, ref):
+            calls.append(1)
+            if stop_after is not None and len(calls) > stop_after:
+                raise KeyboardInterrupt
+            return f(out, ref)
+        return g
+
+    monkeypatch.setattr(mixed, "deviation_fn", counting)
+    straight_cfg = CalibConfig.from_dict({**cfg.to_dict(), "out": str(tmp_path / "other")})
+    straight = sensitivity_sweep(model, layers, x, straight_cfg, qp, "sha")
+    total = len(calls)
+    assert total == sum(r["bits"] - 1 for r in straight.values())
+    assert {r["bits"] for r in straight.values()} <= set(range(2, 9))
+    assert all(len(r["deviation"]) == r["bits"] - 1 for r in straight.values())
+
+    calls.clear()
+    monkeypatch.setattr(mixed, "deviation_fn", lambda c: counting(c, stop_after=total // 2))
+    with pytest.raises(KeyboardInterrupt):
+        sensitivity_sweep(model, layers, x, cfg, qp, "sha")
+    cache = json.loads((mixed.cache_dir(cfg) / "sensitivity.json").read_text())
+    done = cache["layers"]
+    assert 0 < len(done) < len(layers)
+    assert [layer.act_bits for layer in layers.values()] == [4] * len(layers)  # restored after the crash
+
+    calls.clear()
+    monkeypatch.setattr(mixed, "deviation_fn", counting)
+    resumed = sensitivity_sweep(model, layers, x, cfg, qp, "sha")
+    assert resumed == straight
+    assert len(calls) == sum(r["bits"] - 1 for n, r in straight.items() if n not in done)
+
+    # Another ε (or other weights) does not reuse the cache.
+    calls.clear()
+    other = CalibConfig.from_dict({**cfg.to_dict(), "mp_epsilon": 2e-4})
+    sensitivity_sweep(model, layers, x, other, qp, "sha")
+    assert len(calls) > 0 and len(calls) >= len(layers)
+    calls.clear()
+    sensitivity_sweep(model, layers, x, other, qp, "other-weights")
+    assert len(calls) >= len(layers)
+
+
+# ---------------------------------------------------------------------------------- end to end
+def _mp_cfg(image_folder, tmp_path, tiny_weights, name, **kw):
+    # The UNet stays FP (19 quantized layers left) to keep the sweeps quick.
+    return CalibConfig(method="quantface", bits="W4A4", data=str(image_folder), out=str(tmp_path / "recipes" / name),
+                       weights=str(tiny_weights), size=32, stat_images=4, rank=2, batch_size=2, steps=2,
+                       mp_sweep_images=2, mp_epsilon=1e-3, fp_layers=("unet.*",), **kw)
+
+
+def test_mixed_bits_round_trip_through_the_recipe(image_folder, tmp_path, tiny_weights, tiny_model):
+    result = calibrate(_mp_cfg(image_folder, tmp_path, tiny_weights, "mp", mp_budget=4.0, mp_candidates=(3, 5)))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(apply_recipe(tiny_model, result.recipe)(x), result.model(x))
+    meta = json.loads((result.recipe / "recipe.json").read_text())
+    alloc, layers = meta["allocation"], meta["layers"]
+    bits = [e["act_bits"] for e in layers.values()]
+    assert set(bits) == {3, 5}  # a mean of 4 from 3 and 5 needs both
+    assert all(e["weight_bits"] == 4 for e in layers.values())
+    assert list(alloc["layers"]) == list(layers)
+    for name, e in alloc["layers"].items():
+        assert e["act_bits"] == layers[name]["act_bits"] == alloc["candidates"][e["choice"]]
+        assert e["weight"] == 2 ** e["sensitivity_bits"] - 1
+        assert e["costs"] == [b * e["input_elements"] for b in alloc["candidates"]]
+        assert e["errors"] == pytest.approx([e["weight"] ** 2 * s for s in e["sq_error"]], rel=1e-12)
+        assert 0 <= layers[name]["act_zero_point"] <= 2 ** layers[name]["act_bits"] - 1
+    total = sum(e["input_elements"] for e in alloc["layers"].values())
+    mean = sum(e["act_bits"] * e["input_elements"] for e in alloc["layers"].values()) / total
+    assert alloc["achieved_mean_act_bits"] == pytest.approx(mean) and mean <= 4.0
+    assert alloc["budget"] == 4.0 and alloc["achieved_cost"] <= alloc["budget_cost"] == 4.0 * total
+    for key in ("metric", "epsilon", "solve_seconds", "objective", "candidates", "label"):
+        assert key in alloc
+    assert alloc["metric"] == "ssim" and alloc["epsilon"] == 1e-3 and alloc["label"] == f"W4A{mean:.2f}"
+    for png in ("sensitivity.png", "allocation.png"):
+        assert Image.open(result.recipe / png).size[0] > 300
+    sens = json.loads((result.recipe / "sensitivity.json").read_text())
+    assert {n: s["bits"] for n, s in sens["layers"].items()} == {n: e["sensitivity_bits"]
+                                                                for n, e in alloc["layers"].items()}
+    # Nothing but the recipe is left beside it (the sweep cache and checkpoint are removed).
+    assert sorted(p.name for p in result.recipe.parent.iterdir()) == ["mp"]
+    # Export takes each layer's own bits: 3-bit codes in UINT4, 5-bit codes in UINT8 (both behind a
+    # Clip to their own range, the containers being wider).
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    from export import ExportConfig, export_onnx
+
+    out = tmp_path / "mp.onnx"
+    export_onnx(ExportConfig(weights=str(tiny_weights), recipe=str(result.recipe), profile="reference", out=str(out)))
+    graph = onnx.load(str(out)).graph
+    types = {i.name: i.data_type for i in graph.initializer}
+    init = {i.name: i for i in graph.initializer}
+    nodes = {n.name for n in graph.node}
+    for name, e in layers.items():
+        if f"{name}.act_zero_point" in types:  # (layers on the constant timestep path are folded away)
+            assert types[f"{name}.act_zero_point"] == (onnx.TensorProto.UINT4 if e["act_bits"] == 3
+                                                       else onnx.TensorProto.UINT8)
+            lo, hi = (numpy_helper.to_array(init[f"{name}.act_{k}"]) for k in ("min", "max"))
+            assert f"{name}_Clip" in nodes
+            assert (hi - lo) / e["act_scale"] == pytest.approx(2 ** e["act_bits"] - 1, rel=1e-5)
+
+
+def test_qnn_target_16_bit_activations_round_trip_and_export(image_folder, tmp_path, tiny_weights, tiny_model):
+    onnx = pytest.importorskip("onnx")
+    from export import ExportConfig, OnnxBackend, export_onnx, qnn_report
+
+    result = calibrate(_mp_cfg(image_folder, tmp_path, tiny_weights, "qnn", mp_budget=0.75, target="qnn",
+                               mp_cost="elements"))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        ours = result.model(x)
+        assert torch.equal(apply_recipe(tiny_model, result.recipe)(x), ours)
+    meta = json.loads((result.recipe / "recipe.json").read_text())
+    alloc = meta["allocation"]
+    pairs = {(e["weight_bits"], e["act_bits"]) for e in meta["layers"].values()}
+    assert pairs <= {(4, 8), (4, 16), (8, 8), (8, 16)} and len(pairs) > 1
+    assert 16 in {a for _, a in pairs}
+    assert alloc["achieved_cost"] <= alloc["budget_cost"] == pytest.approx(0.75 * alloc["reference_cost"])
+    # 16-bit activations export as UINT16 in every profile, and ONNX Runtime (CPU) runs them.
+    for profile in ("qnn", "reference", "ort-cpu"):
+        out = tmp_path / f"{profile}.onnx"
+        export_onnx(ExportConfig(weights=str(tiny_weights), recipe=str(result.recipe), profile=profile, out=str(out)))
+        model = onnx.load(str(out))
+        zp_types = {i.name[: -len(".act_zero_point")]: i.data_type for i in model.graph.initializer
+                    if i.name.endswith(".act_zero_point")}
+        for name, t in zp_types.items():
+            bits = meta["layers"][name]["act_bits"]
+            assert t == (onnx.TensorProto.UINT16 if bits == 16 else onnx.TensorProto.UINT8)
+        assert onnx.TensorProto.UINT16 in zp_types.values()
+        if profile == "qnn":
+            assert qnn_report(out) == []
+        got = OnnxBackend(out)(x.numpy())
+        err = np.mean(((np.clip(got, -1, 1) - np.clip(ours.numpy(), -1, 1)) / 2) ** 2)
+        assert 10 * np.log10(1 / max(err, 1e-20)) > 40
+
+
+def test_sixteen_bits_only_for_activations():
+    assert qrange(16, signed=False) == (0, 65535)
+    for bad in (9, 16):
+        with pytest.raises(ConfigError, match="outside the supported range"):
+            check_bits(bad)
+    with pytest.raises(ConfigError, match="outside the supported range"):
+        qrange(16, signed=True)
+    x = torch.linspace(-3, 5, 10001)
+    s, z = act_qparams(x, 16, "minmax")
+    q = quantize(x, s, z, *qrange(16, False))
+    assert torch.equal(q, torch.round(q)) and float((dequantize(q, s, z) - x).abs().max()) <= float(s) / 2 + 1e-6
+
+
+# ---------------------------------------------------------------------------------- config and CLI
+def test_config_round_trip_and_validation():
+    cfg = CalibConfig(mp_budget=3.5, mp_candidates=(2, 3, 4, 8), mp_epsilon=1e-3, mp_metric="psnr",
+                      mp_cost="bops", mp_sweep_images=4)
+    assert CalibConfig.from_json(cfg.to_json()) == cfg
+    assert CalibConfig.from_json(CalibConfig(mp_budget=0.5, target="qnn").to_json()).target == "qnn"
+    for kw, message in [
+        (dict(mp_budget=2.5),
+         "--mp-budget 2.5 mean activation bits is infeasible: the smallest candidate bit width is 3"),
+        (dict(mp_budget=0.0), "--mp-budget 0.0 must be a positive number"),
+        (dict(mp_budget=4.0, mp_candidates=(3, 9)), "outside the supported range"),
+        (dict(mp_budget=4.0, mp_candidates=(3, 3)), "lists a bit width twice"),
+        (dict(mp_budget=4.0, mp_metric="lpips"), "needs local LPIPS weights"),
+        (dict(mp_budget=4.0, mp_metric="mse"), "is not one of ssim, psnr, lpips"),
+        (dict(mp_budget=1.5, target="qnn"), "must be a fraction in \\(0, 1\\]"),
+        (dict(target="qnn"), "needs --mp-budget"),
+        (dict(mp_budget=4.0, mp_sweep_images=0), "must be a positive integer"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            CalibConfig(**kw)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--mp-budget", "4", "--mp-candidates", "3,four"],
+     "--mp-candidates '3,four' must be comma-separated bit widths, e.g. 3,4,5,6"),
+    (["--mp-budget", "4", "--mp-candidates", "3,12"], "bit width 12 is outside the supported range 2..8"),
+    (["--mp-candidates", "3,4"], "--mp-candidates only applies to adaptive bit widths; give --mp-budget too"),
+    (["--mp-budget", "2", "--mp-candidates", "3,4"],
+     "--mp-budget 2.0 mean activation bits is infeasible: the smallest candidate bit width is 3"),
+    (["--mp-budget", "0.5", "--target", "qnn", "--mp-candidates", "3,4"],
+     "--mp-candidates does not apply with --target qnn, whose options are W4/W8 x A8/A16"),
+])
+def test_cli_errors_are_one_line(extra, message, tmp_path, capsys):
+    assert main(["calibrate", "--out", str(tmp_path / "r"), "--data", str(tmp_path)] + extra) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_calibrates_with_an_allocation(image_folder, tiny_weights, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["calibrate", "--weights", str(tiny_weights), "--data", str(image_folder), "--out", str(out),
+                 "--size", "32", "--stat-images", "4", "--rank", "2", "--steps", "1", "--fp-layers", "unet.*",
+                 "--mp-budget", "4.5", "--mp-candidates", "4,5", "--mp-epsilon", "1e-3", "--mp-metric", "psnr",
+                 "--mp-sweep-images", "2", "--mp-cost", "bops"]) == 0
+    alloc = json.loads((out / "recipe.json").read_text())["allocation"]
+    assert (alloc["candidates"], alloc["metric"], alloc["epsilon"], alloc["sweep_images"], alloc["cost"]) == \
+        ([4, 5], "psnr", 1e-3, 2, "bops")
+    assert alloc["achieved_cost"] <= alloc["budget_cost"]
+    assert "bit allocation: W4A" in capsys.readouterr().out
