@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from quantface import __version__
-from quantface.errors import QuantFaceError
+from quantface.errors import ConfigError, QuantFaceError
 from quantface.models import MODEL_NAMES
 
 
@@ -19,15 +19,40 @@ def _add_model_args(p: argparse.ArgumentParser, onnx: bool = True) -> None:
     p.add_argument("--weights", default=None,
                    help="weights stem overriding the embedded ones: <stem>.safetensors + <stem>.json")
     p.add_argument("--recipe", default=None, help="calibration recipe folder: run the fake-quant model")
+    _add_osdface_args(p)
     if onnx:
         p.add_argument("--onnx", default=None, help="exported ONNX graph: run it with ONNX Runtime (CPU)")
+
+
+def _add_osdface_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sd-path", default=None,
+                   help="--model osdface: Stable Diffusion 2.1-base folder, diffusers layout (unet/, vae/, scheduler/)")
+    p.add_argument("--osdface-ckpt", default=None, help="--model osdface: OSDFace checkpoint folder "
+                   "(pytorch_lora_weights.safetensors, embedding_change_weights.pth, associate_2.ckpt)")
+
+
+def _weights(a: argparse.Namespace) -> str | None:
+    """--weights, or for --model osdface the checkpoint spec built from --sd-path/--osdface-ckpt."""
+    if a.model != "osdface":
+        if a.sd_path or a.osdface_ckpt:
+            raise ConfigError("--sd-path and --osdface-ckpt only apply to --model osdface")
+        return a.weights
+    if a.weights and (a.sd_path or a.osdface_ckpt):
+        raise ConfigError("give --sd-path/--osdface-ckpt or a --weights JSON spec, not both")
+    if a.weights:
+        return a.weights
+    if not (a.sd_path and a.osdface_ckpt):
+        raise ConfigError("--model osdface needs both --sd-path and --osdface-ckpt")
+    from quantface.models.osdface import osdface_weights
+
+    return osdface_weights(a.sd_path, a.osdface_ckpt)
 
 
 def _model_spec(a: argparse.Namespace):
     from quantface.jobs import ModelSpec
 
     onnx = None if a.command == "validate" else a.onnx  # validate's --onnx is the graph under test
-    return ModelSpec(name=a.model, weights=a.weights, recipe=a.recipe, onnx=onnx)
+    return ModelSpec(name=a.model, weights=_weights(a), recipe=a.recipe, onnx=onnx)
 
 
 def _cmd_restore(a: argparse.Namespace) -> int:
@@ -61,14 +86,34 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def _mp_args(a: argparse.Namespace) -> dict:
+    """The adaptive bit-width options as CalibConfig fields (unset ones keep the config's defaults)."""
+    from quantface.errors import ConfigError
+
+    given = {k: v for k, v in [("mp_candidates", a.mp_candidates), ("mp_epsilon", a.mp_epsilon),
+                               ("mp_metric", a.mp_metric), ("mp_sweep_images", a.mp_sweep_images),
+                               ("mp_cost", a.mp_cost), ("target", a.target)] if v is not None}
+    if a.mp_budget is None and given:
+        flag = "--" + next(iter(given)).replace("_", "-")
+        raise ConfigError(f"{flag} only applies to adaptive bit widths; give --mp-budget too")
+    if a.target == "qnn" and a.mp_candidates is not None:
+        raise ConfigError("--mp-candidates does not apply with --target qnn, whose options are W4/W8 x A8/A16")
+    if a.mp_candidates is not None:
+        parts = [p.strip() for p in a.mp_candidates.split(",")]
+        if not all(p.isdigit() for p in parts):
+            raise ConfigError(f"--mp-candidates {a.mp_candidates!r} must be comma-separated bit widths, e.g. 3,4,5,6")
+        given["mp_candidates"] = tuple(int(p) for p in parts)
+    return {"mp_budget": a.mp_budget, **given}
+
+
 def _cmd_calibrate(a: argparse.Namespace) -> int:
     from calibration import CalibConfig, calibrate
 
-    cfg = CalibConfig(method=a.method, bits=a.bits, data=a.data, out=a.out, model=a.model, weights=a.weights,
+    cfg = CalibConfig(method=a.method, bits=a.bits, data=a.data, out=a.out, model=a.model, weights=_weights(a),
                       seed=a.seed, size=a.size, limit=a.limit, stat_images=a.stat_images, rank=a.rank, alpha=a.alpha,
                       steps=a.steps, batch_size=a.batch_size, lr=a.lr, scale_lr=a.scale_lr,
                       lpips_backbone=a.lpips_backbone, lpips_lin=a.lpips_lin, lpips_net=a.lpips_net,
-                      fp_layers=tuple(a.fp_layers), resume=not a.no_resume, threads=a.threads)
+                      fp_layers=tuple(a.fp_layers), resume=not a.no_resume, threads=a.threads, **_mp_args(a))
     calibrate(cfg)
     return 0
 
@@ -76,8 +121,15 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
 def _cmd_demo(a: argparse.Namespace) -> int:
     from quantface.jobs import DemoConfig, demo
 
-    s = demo(DemoConfig(out=a.out, model=_model_spec(a), seed=a.seed))
-    print(f"restored {len(s['faces'])} shipped faces ({', '.join(s['faces'])})")
+    spec = _model_spec(a)
+    if a.fp_only:
+        s = demo(DemoConfig(out=a.out, model=spec, seed=a.seed))
+    else:
+        from quantface.chain import ChainConfig, run_chain
+
+        s = run_chain(ChainConfig(out=a.out, model=spec, seed=a.seed, steps=a.steps, calib_faces=a.calib_faces,
+                                  threads=a.threads, package=not a.no_package))["fp_demo"]
+    print(f"restored {len(s['faces'])} shipped faces ({', '.join(s['faces'])}) with the FP model")
     print(f"astronaut (synthetically degraded, seed {a.seed}): input PSNR {s['astronaut_psnr_input']:.2f} dB "
           f"SSIM {s['astronaut_ssim_input']:.4f} -> restored PSNR {s['astronaut_psnr_restored']:.2f} dB "
           f"SSIM {s['astronaut_ssim_restored']:.4f}")
@@ -94,7 +146,7 @@ def _cmd_export(a: argparse.Namespace) -> int:
     if not a.fp32 and not a.recipe:
         print("error: give --recipe RECIPE_DIR (or --fp32 for the unquantized baseline graph)", file=sys.stderr)
         return 2
-    r = export_onnx(ExportConfig(model=a.model, weights=a.weights, recipe=a.recipe, profile=a.profile, out=a.out,
+    r = export_onnx(ExportConfig(model=a.model, weights=_weights(a), recipe=a.recipe, profile=a.profile, out=a.out,
                                  size=a.size, batch=a.batch, rotation=not a.no_rotation))
     counts = ", ".join(f"{k} {v}" for k, v in sorted(r.node_counts.items()) if v)
     print(f"wrote {r.path} ({r.bytes / 1e6:.2f} MB, profile {a.profile if a.recipe else 'fp32'}): {counts}")
@@ -115,16 +167,33 @@ def _cmd_validate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_package(a: argparse.Namespace) -> int:
+    from quantface.package import PackageConfig, package
+
+    r = package(PackageConfig(onnx=a.onnx, out=a.out, format=a.format, into_app=a.into_app, into_web=a.into_web))
+    print(f"packaged {a.onnx} as {r.model} ({r.manifest['bytes'] / 1e6:.2f} MB, format {r.format}): {r.reason}")
+    print(f"wrote {r.out / 'model.json'} and {r.out / 'required_operators.config'}")
+    for target in r.copied_to:
+        print(f"copied {r.model.name} + model.json into {target}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantface", description="QuantFace: low-bit one-step diffusion face "
                                      "restoration, from PyTorch calibration to a phone.")
     parser.add_argument("--version", action="version", version=f"quantface {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="main job: restore real faces shipped by scikit-image, write a before/after grid")
+    p = sub.add_parser("demo", help="main job on real faces shipped by scikit-image: restore, then calibrate (fast "
+                                     "preset) → export → validate → package")
     _add_model_args(p)
     p.add_argument("--out", default="quantface-demo", help="output folder (default: quantface-demo)")
-    p.add_argument("--seed", type=int, default=0, help="degradation seed for the astronaut face")
+    p.add_argument("--seed", type=int, default=0, help="degradation seed")
+    p.add_argument("--steps", type=int, default=40, help="distillation steps of the fast calibration preset")
+    p.add_argument("--calib-faces", type=int, default=32, help="LFW faces used for calibration")
+    p.add_argument("--threads", type=int, default=2, help="threads for calibration and ONNX Runtime")
+    p.add_argument("--no-package", action="store_true", help="skip packaging for the Android app and the web demo")
+    p.add_argument("--fp-only", action="store_true", help="only restore the shipped faces with the FP model")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("restore", help="restore a face image or a folder of them")
@@ -145,11 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
 
     from calibration import METHODS, CalibConfig
+    from calibration.mixed import DEFAULT_EPSILON
 
     d = CalibConfig()
     p = sub.add_parser("calibrate", help="calibrate a quantized model and write its recipe")
     p.add_argument("--model", default="reference", choices=MODEL_NAMES)
     p.add_argument("--weights", default=None, help="weights stem overriding the embedded ones")
+    _add_osdface_args(p)
     p.add_argument("--method", default=d.method, choices=list(METHODS))
     p.add_argument("--bits", default=d.bits, help="W<b>A<b>, e.g. W8A8, W6A6, W4A6, W4A4")
     p.add_argument("--data", default=d.data, help="folder of HQ calibration faces (degraded with --seed)")
@@ -170,11 +241,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp-layers", nargs="*", default=[], help="glob patterns of layers kept in full precision")
     p.add_argument("--no-resume", action="store_true", help="ignore an interrupted run's checkpoint")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g = p.add_argument_group("adaptive bit widths (QuantFace-MP, calibration.mixed)")
+    g.add_argument("--mp-budget", type=float, default=None,
+                   help="allocate activation bits per layer: mean activation bits (e.g. 4.0), or with "
+                        "--target qnn a fraction in (0, 1] of the all-A16/W8 bytes")
+    g.add_argument("--mp-candidates", default=None,
+                   help=f"activation bit widths to choose from (default: {','.join(map(str, d.mp_candidates))})")
+    g.add_argument("--mp-epsilon", type=float, default=None,
+                   help="sensitivity-sweep deviation threshold (default per metric: "
+                        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_EPSILON.items()) + ")")
+    g.add_argument("--mp-metric", default=None, choices=["ssim", "psnr", "lpips"],
+                   help=f"sweep deviation from the FP output (default: {d.mp_metric})")
+    g.add_argument("--mp-sweep-images", type=int, default=None,
+                   help=f"calibration images of the sweep and the layer errors (default: {d.mp_sweep_images})")
+    g.add_argument("--mp-cost", default=None, choices=["elements", "bops"],
+                   help=f"layer cost: bits x input elements, or bits x weight bits x MACs (default: {d.mp_cost})")
+    g.add_argument("--target", default=None, choices=["qnn"],
+                   help="hardware-aware options for Qualcomm HTP: W4/W8 x A8/A16, cost in bytes")
     p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("export", help="export a recipe (or the FP model) as a QDQ ONNX graph")
     p.add_argument("--model", default="reference", choices=MODEL_NAMES)
     p.add_argument("--weights", default=None, help="weights stem overriding the embedded ones")
+    _add_osdface_args(p)
     p.add_argument("--recipe", default=None, help="calibration recipe folder")
     p.add_argument("--fp32", action="store_true", help="export the unquantized baseline graph")
     p.add_argument("--profile", default="reference", choices=["reference", "ort-cpu", "qnn"])
@@ -195,6 +284,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=10, help="timed runs for the latency median")
     p.add_argument("--json", default=None, help="write the report here")
     p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("package", help="package an exported ONNX graph for the Android app and the browser demo")
+    p.add_argument("--onnx", required=True, help="the exported ONNX graph (quantface export, --batch 1)")
+    p.add_argument("--out", required=True,
+                   help="folder to write: model.ort|onnx, model.json, required_operators.config")
+    p.add_argument("--format", default="auto", choices=["auto", "ort", "onnx"],
+                   help="auto (default): ORT format unless the model holds 4-bit tensors, then .onnx")
+    p.add_argument("--into-app", action="store_true", help="also copy model + model.json into android_demo's assets")
+    p.add_argument("--into-web", action="store_true", help="also copy model + model.json into android_demo/web/model")
+    p.set_defaults(func=_cmd_package)
     return parser
 
 

@@ -58,9 +58,26 @@ def test_user_errors_are_one_line(argv, message, capsys, tmp_path, monkeypatch):
     assert err.strip() == f"error: {message}"
 
 
-def test_demo_writes_grid_and_summary(tiny_weights, tmp_path, capsys):
+def test_demo_runs_the_chain(tiny_weights, tmp_path, capsys, monkeypatch):
+    """The main job on a tiny model: FP restore, fast calibration, export, validate, package."""
+    monkeypatch.chdir(tmp_path)  # not a checkout: nothing is copied into android_demo/
     out = tmp_path / "demo"
-    assert main(["demo", "--weights", str(tiny_weights), "--out", str(out)]) == 0
+    assert main(["demo", "--weights", str(tiny_weights), "--out", str(out), "--steps", "2", "--calib-faces", "4",
+                 "--threads", "1"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["fp_demo"]["faces"][0] == "astronaut"
+    assert len(list((out / "faces" / "calibration").glob("*.png"))) == 4
+    assert s["validate"]["n"] == 9 and s["validate"]["parity_psnr"] >= 40.0  # astronaut + 8 LFW faces
+    assert set(s["graphs"]) == {"fp32", "reference", "ort-cpu"}
+    assert s["package"]["copied_to"] == [] and (out / "package" / "model.json").is_file()
+    printed = capsys.readouterr().out
+    for line in ("parity ", "quality ", "size ", "speed ", "before/after grid"):
+        assert line in printed
+
+
+def test_demo_fp_only_writes_grid_and_summary(tiny_weights, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--weights", str(tiny_weights), "--out", str(out), "--fp-only"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["faces"][0] == "astronaut" and len(summary["faces"]) == 6
     grid = read_image(out / "grid.png")
