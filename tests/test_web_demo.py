@@ -2,9 +2,9 @@
 
 The real QuantFace W4A4 recipe is exported (profiles ort-cpu → .ort and reference → INT4 .onnx) and
 packaged; a local ``http.server`` serves the page, ONNX Runtime Web's wasm files from its
-node_modules and the packaged model; the test picks the astronaut's face (scikit-image, 250×300, so
-the centre crop and a non-integer shrink are exercised), waits for the page to finish and reads
-both canvases back:
+node_modules and the packaged model; the test picks the astronaut's face (scikit-image, degraded
+like the evaluation faces; 250×300, so the centre crop and a non-integer shrink are exercised),
+waits for the page to finish and reads both canvases back:
 
 * the 'before' canvas (contract.js crop + resize) equals quantface/app_contract.py bit for bit;
 * the restored canvas matches ONNX Runtime's CPU EP in Python (app_contract + the same model file)
@@ -39,6 +39,7 @@ from skimage import data as skdata
 
 from quantface import app_contract
 from quantface.data import atomic_write_bytes, write_image
+from quantface.degradation import degrade
 from quantface.package import REPO, PackageConfig, package
 
 WEB = REPO / "android_demo" / "web"
@@ -206,8 +207,9 @@ def test_browser_demo_restores_a_real_face_like_onnx_runtime(real_packages, serv
     folder = real_packages[profile]
     manifest = json.loads((folder / "model.json").read_text())
     assert manifest["format"] == fmt
-    face = np.ascontiguousarray(skdata.astronaut()[FACE_BOX])
-    picture = tmp_path / "astronaut_face.png"
+    # A low-quality face, as the app would get: the astronaut degraded like the evaluation faces.
+    face = degrade(np.ascontiguousarray(skdata.astronaut()[FACE_BOX]), 0, 0)[0]
+    picture = tmp_path / "astronaut_degraded.png"
     write_image(picture, face)
 
     browser.get(serve(folder))

@@ -20,10 +20,18 @@ ORDER = ["minmax", "smoothquant", "hadamard", "svdquant", "efficientdm", "passio
 BITS_ORDER = ["W8A8", "W6A6", "W4A6", "W4A4"]
 
 
+def _label(meta: dict) -> tuple[str, str]:
+    """(method name, bits) of a recipe row; a mixed-precision recipe shows its achieved mean bits."""
+    alloc = meta.get("allocation")
+    if alloc:
+        return f"{meta['method']}-MP", alloc["label"]
+    return meta["method"], meta["bits"]
+
+
 def _sort_key(meta: dict) -> tuple:
     bits = meta["bits"] if meta["bits"] in BITS_ORDER else "W4A4"
     method = ORDER.index(meta["method"]) if meta["method"] in ORDER else len(ORDER)
-    return (BITS_ORDER.index(bits), method, meta.get("mean_act_bits", 0))
+    return (BITS_ORDER.index(bits), method, "allocation" in meta)
 
 
 def build_table(recipes: Path, data: str, limit: int | None, seed: int) -> dict:
@@ -36,7 +44,8 @@ def build_table(recipes: Path, data: str, limit: int | None, seed: int) -> dict:
         metas.append((json.loads((d / "recipe.json").read_text()), d))
     for meta, d in sorted(metas, key=lambda m: _sort_key(m[0])):
         r = evaluate(EvalConfig(data=data, limit=limit, seed=seed, model=ModelSpec(recipe=str(d))))
-        rows.append({"name": meta["method"], "recipe": d.name, "bits": meta["bits"], "psnr": r["psnr"],
+        name, bits = _label(meta)
+        rows.append({"name": name, "recipe": d.name, "bits": bits, "psnr": r["psnr"],
                      "ssim": r["ssim"], "psnr_to_fp": r["psnr_to_fp"], "ssim_to_fp": r["ssim_to_fp"],
                      "calib_seconds": meta["stats"].get("calibration_seconds")})
         print(f"{d.name}: PSNR {r['psnr']:.2f} SSIM {r['ssim']:.4f} to-FP {r['psnr_to_fp']:.2f}")
