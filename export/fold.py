@@ -9,7 +9,8 @@ are exactly what the runtime would have computed — including the QDQ of the qu
 whose nodes therefore disappear from the exported graph (``constant_layers`` lists them).
 
 Kept although input-independent: ``DequantizeLinear`` of stored weight codes — the point of a QDQ
-graph is to ship integer codes, not their float values.
+graph is to ship integer codes, not their float values — and ``Cast`` of a float16 initializer to
+float (the ``reference`` profile's low-rank factors: stored at half the bytes, exactly).
 """
 
 from __future__ import annotations
@@ -95,6 +96,10 @@ def _is_weight_dq(node: onnx.NodeProto, initializers: set[str]) -> bool:
     return node.op_type == "DequantizeLinear" and all(i in initializers for i in node.input if i)
 
 
+def _is_half_cast(node: onnx.NodeProto, half_initializers: set[str]) -> bool:
+    return node.op_type == "Cast" and len(node.input) == 1 and node.input[0] in half_initializers
+
+
 def _fold_static_values(model: onnx.ModelProto) -> int:
     """Evaluate the input-independent nodes feeding input-dependent ones (or graph outputs) into
     initializers; returns how many values were folded."""
@@ -112,7 +117,8 @@ def _fold_static_values(model: onnx.ModelProto) -> int:
     outputs = {o.name for o in graph.output}
     frontier = sorted({v for n in static_nodes for v in n.output
                        if v in outputs or any(u.output[0] in dynamic for u in users.get(v, []))})
-    frontier = [v for v in frontier if not _is_weight_dq(made_by[v], inits)]
+    half = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
+    frontier = [v for v in frontier if not (_is_weight_dq(made_by[v], inits) or _is_half_cast(made_by[v], half))]
     if not frontier:
         return 0
     values = _evaluate(model, static_nodes, frontier)
@@ -127,7 +133,7 @@ def _fold_static_values(model: onnx.ModelProto) -> int:
 def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     """Requires: static graph input shapes; no ``Constant`` node (``constants_to_initializers``).
     Ensures: no ``Shape`` node; every node depends on the graph input's values, except
-    ``DequantizeLinear`` of initializers (stored weight codes); folded values are initializers; dead
+    ``DequantizeLinear`` of initializers (stored weight codes) and ``Cast`` of float16 initializers; folded values are initializers; dead
     nodes and initializers removed; the exporter's ``value_info`` (partly symbolic, stale where nodes
     were rewritten) dropped. Shapes and values are folded alternately until nothing changes, since
     each can unlock the other (a shape behind an ``Expand`` of the timestep, say)."""

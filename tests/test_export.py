@@ -139,6 +139,12 @@ def test_graph_structure_follows_the_recipe(cache, method, bits, profile):
         assert types[f"{name}.act_zero_point"] == a_type
         assert (f"{name}_Clip" in nodes) == (a_type == TensorProto.UINT8 and a_bits < 8)
         assert (f"{name}_LowRankAdd" in nodes) == bool(e["lowrank_rank"])
+        if e["lowrank_rank"]:  # one merged branch; float16-stored (+ Cast) only in the reference profile
+            half = profile == "reference"
+            for factor in ("down", "up"):
+                assert types.get(f"{name}.lowrank_{factor}{'_fp16' if half else ''}") == \
+                    (TensorProto.FLOAT16 if half else TensorProto.FLOAT)
+                assert (f"{name}.lowrank_{factor}_Cast" in nodes) == half
         assert (f"{name}_Smooth" in nodes) == bool(e["smoothing"])
     for name in TIMESTEP_LAYERS:
         assert not any(n.startswith(f"{name}_") for n in nodes)
