@@ -73,7 +73,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -85,9 +84,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from calibration.layers import QuantLayer
+from quantface.data import atomic_write_bytes
 from quantface.errors import ConfigError
 from quantface.metrics import ssim_map
-from quantface.quant import act_qparams, check_bits, dequantize, qrange, quantize, weight_scale
+from quantface.quant import EPS, act_qparams, check_bits, dequantize, qrange, quantize, weight_scale
 
 if TYPE_CHECKING:
     from calibration.config import CalibConfig
@@ -315,13 +315,6 @@ def _forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([model(x[i:i + SWEEP_BATCH]) for i in range(0, len(x), SWEEP_BATCH)])
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def cache_dir(cfg: "CalibConfig") -> Path:
     out = Path(cfg.out)
     return out.parent / f".{out.name}{CACHE_SUFFIX}"
@@ -369,7 +362,7 @@ def sensitivity_sweep(model: torch.nn.Module, layers: dict[str, QuantLayer], x: 
                     break
             layer.act_bits = None
             results[name] = {"bits": b, "deviation": devs}
-            _write_json_atomic(path, {"key": key, "layers": results})
+            atomic_write_bytes(path, (json.dumps({"key": key, "layers": results}, indent=1) + "\n").encode())
     return {n: results[n] for n in layers}
 
 
@@ -392,7 +385,7 @@ def layer_errors(model: torch.nn.Module, layers: dict[str, QuantLayer], x: torch
         if (name, bits) not in w_quant:
             scale = layer.w_scale.detach() if bits == layer.weight_bits and layer.w_scale is not None \
                 else weight_scale(layer.weight, bits, spec.scale_init)
-            s = scale.clamp_min(1e-8).view(-1, *([1] * (layer.weight.dim() - 1)))
+            s = scale.clamp_min(EPS).view(-1, *([1] * (layer.weight.dim() - 1)))
             lo, hi = qrange(bits, signed=True)
             w_quant[name, bits] = dequantize(quantize(layer.weight, s, 0.0, lo, hi), s, 0.0)
         return w_quant[name, bits]

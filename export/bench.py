@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from export.api import OnnxBackend
+from export.save import file_bytes
 from quantface.errors import ConfigError
 
 
@@ -27,12 +28,6 @@ class Timing:
     median_ms: float
     min_ms: float
     file_bytes: int
-
-
-def file_bytes(path: str | Path) -> int:
-    """Bytes of an ONNX model including its external-data files (``<name>*`` beside it)."""
-    path = Path(path)
-    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if p.is_file())
 
 
 def compare_latency(models: dict[str, str | Path], threads: int = 2, repeats: int = 30, warmup: int = 3,

@@ -49,6 +49,13 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
+def file_bytes(path: str | Path) -> int:
+    """Bytes of a saved model on disk: the file plus its external data file, if it has one."""
+    path = Path(path)
+    data = path.parent / (path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
 def save_atomic(model: onnx.ModelProto, path: str | Path) -> int:
     """Check (``onnx.checker``, ``full_check=True``) and write ``model`` to ``path`` atomically;
     returns the bytes written (model plus external data)."""

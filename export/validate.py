@@ -13,11 +13,11 @@ import json
 import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from export.api import OnnxBackend
+from export.save import file_bytes
 from quantface import __version__
 from quantface.config import JsonConfig
 from quantface.data import atomic_write_bytes, load_folder
@@ -108,7 +108,7 @@ def validate(cfg: ValidateConfig) -> dict:
         "latency_ms_median": 1000 * statistics.median(times),
         "latency_batch": batch,
         "threads": cfg.threads,
-        "file_bytes": sum(p.stat().st_size for p in Path(cfg.onnx).parent.glob(Path(cfg.onnx).name + "*")),
+        "file_bytes": file_bytes(cfg.onnx),
         "skipped": loaded.skipped,
         "tool_version": __version__,
     }

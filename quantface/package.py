@@ -177,13 +177,15 @@ def four_bit_tensors(model: onnx.ModelProto) -> list[str]:
 
 
 def _metadata(model: onnx.ModelProto) -> dict[str, object]:
+    """The export's ``quantface.*`` metadata, JSON values decoded."""
+    from export.save import read_metadata
+
     out: dict[str, object] = {}
-    for p in model.metadata_props:
-        if p.key.startswith("quantface."):
-            try:
-                out[p.key[len("quantface."):]] = json.loads(p.value)
-            except json.JSONDecodeError:
-                out[p.key[len("quantface."):]] = p.value
+    for key, value in read_metadata(model).items():
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
     return out
 
 
