@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 
 from quantface.config import JsonConfig
+from quantface.device import check_device_name
 from quantface.errors import ConfigError
 from quantface.quant import check_bits
 
@@ -50,6 +51,7 @@ class CalibConfig(JsonConfig):
     checkpoint_every: int = 25
     resume: bool = True
     threads: int | None = None
+    device: str = "auto"  # auto (CUDA when torch sees a GPU, else CPU) | cpu | cuda | cuda:N
     # Adaptive bit-width allocation (calibration.mixed); mp_budget None keeps uniform bits.
     mp_budget: float | None = None  # mean activation bits, or with target 'qnn' a fraction of the A16/W8 bytes
     mp_candidates: tuple[int, ...] = (3, 4, 5, 6)  # activation bit widths to choose from
@@ -71,6 +73,7 @@ class CalibConfig(JsonConfig):
             raise ConfigError("batch size and statistics images must be positive")
         if (self.lpips_backbone is None) != (self.lpips_lin is None):
             raise ConfigError("LPIPS needs both --lpips-backbone and --lpips-lin")
+        check_device_name(self.device)
         from calibration.mixed import check_config
 
         check_config(self)

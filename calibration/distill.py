@@ -24,12 +24,12 @@ from quantface.metrics import ssim_map
 CHECKPOINT_NAME = "distill_checkpoint.safetensors"
 
 
-def perceptual_loss(cfg: CalibConfig):
+def perceptual_loss(cfg: CalibConfig, device: torch.device | str = "cpu"):
     """LPIPS(pred, target) from local weights if configured, else 1 − SSIM; inputs in [-1, 1]."""
     if cfg.lpips_backbone:
         from quantface.lpips import load_lpips
 
-        net = load_lpips(cfg.lpips_net, cfg.lpips_backbone, cfg.lpips_lin)
+        net = load_lpips(cfg.lpips_net, cfg.lpips_backbone, cfg.lpips_lin).to(device)
         return lambda pred, target: net(pred, target).mean()
     return lambda pred, target: 1.0 - ssim_map((pred.clamp(-1, 1) + 1) / 2, (target + 1) / 2).mean()
 
@@ -67,12 +67,12 @@ def distill(qmodel: torch.nn.Module, layers: dict[str, QuantLayer], data, cfg: C
     start = load_checkpoint(ckpt, named, opt) if cfg.resume and ckpt.exists() else 0
     if start:
         print(f"resumed distillation from {ckpt} at step {start}")
-    perceptual = perceptual_loss(cfg)
+    perceptual = perceptual_loss(cfg, data.lq.device)
     qmodel.train()
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"distill {spec.name}", dynamic_ncols=True)
     for step in bar:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        idx = torch.randint(0, len(data), (cfg.batch_size,), generator=g)
+        idx = torch.randint(0, len(data), (cfg.batch_size,), generator=g, device="cpu").to(data.lq.device)
         pred = qmodel(data.lq[idx])
         target = data.fp_out[idx]
         loss = cfg.lambda_perceptual * perceptual(pred, target) + cfg.lambda_mse * torch.mean((pred - target) ** 2)

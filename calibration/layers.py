@@ -130,7 +130,8 @@ class QuantLayer(nn.Module):
         """x ↦ x·Q online, W ↦ W·Q offline (per kernel position for convs)."""
         if self.rotation is not None or self.lowrank is not None:
             raise ConfigError(f"layer {self.name}: the rotation must be folded before the SVD split, once")
-        self.weight = fold_into_weight(self.weight, q.to(self.weight.dtype))
+        q = q.to(device=self.weight.device, dtype=self.weight.dtype)
+        self.weight = fold_into_weight(self.weight, q)
         self.rotation = q.detach().clone()
         self.rotation_seed = seed
 
@@ -151,9 +152,11 @@ class QuantLayer(nn.Module):
     def add_lora(self, rank: int, generator: torch.Generator) -> None:
         """LoRA branch: A Gaussian (std 1/√fan_in), B zero, so the layer's output is unchanged."""
         fan_in = self.weight[0].numel()
-        down = torch.randn((rank, *self.weight.shape[1:]), generator=generator) / fan_in**0.5
-        up = torch.zeros((self.out_channels, rank, 1, 1) if self.conv_args is not None else (self.out_channels, rank))
-        self.lora = LowRank(down.to(self.weight.dtype), up.to(self.weight.dtype), self.conv_args)
+        # Drawn on the CPU from the seeded generator, so the initialisation is the same on every device.
+        down = torch.randn((rank, *self.weight.shape[1:]), generator=generator, device="cpu") / fan_in**0.5
+        up = torch.zeros((self.out_channels, rank, 1, 1) if self.conv_args is not None else (self.out_channels, rank),
+                         dtype=self.weight.dtype, device=self.weight.device)
+        self.lora = LowRank(down.to(self.weight), up, self.conv_args)
 
     def merge_branches(self) -> None:
         """Concatenate the SVD and LoRA branches into one branch of rank r_svd + r_lora."""

@@ -52,12 +52,13 @@ def _optimise_layer(layer: QuantLayer, x: torch.Tensor, y: torch.Tensor, steps: 
     shape_x = [1] * x.dim()
     shape_x[cd] = -1
     shape_w = (1, -1, 1, 1) if layer.conv_args is not None else (1, -1)
-    s0 = layer.smooth if layer.smooth is not None else torch.ones(layer.in_channels)
+    dev = layer.weight.device
+    s0 = layer.smooth if layer.smooth is not None else torch.ones(layer.in_channels, device=dev)
     w0 = layer.weight.detach()  # already W·diag(s0)
-    theta = torch.zeros(layer.in_channels, requires_grad=True)
+    theta = torch.zeros(layer.in_channels, device=dev, requires_grad=True)
     x_s = x * (1.0 / s0).view(shape_x)
-    lo = torch.tensor(float(x_s.min()), requires_grad=True)
-    hi = torch.tensor(float(x_s.max()), requires_grad=True)
+    lo = torch.tensor(float(x_s.min()), device=dev, requires_grad=True)
+    hi = torch.tensor(float(x_s.max()), device=dev, requires_grad=True)
     with torch.no_grad():
         scale, zp = act_qparams_from_range(lo, hi, layer.act_bits)
         # Start from the range the MSE search chose rather than the raw min/max.
@@ -99,6 +100,6 @@ def modulewise_calibrate(fp_model: torch.nn.Module, qmodel: torch.nn.Module, lay
         x, y = captured[name]
         if layer.conv_args is None and x.dim() == 3:
             x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-            keep = torch.randperm(x.shape[0], generator=g)[:MAX_ROWS]
+            keep = torch.randperm(x.shape[0], generator=g, device="cpu")[:MAX_ROWS].to(x.device)
             x, y = x[keep], y[keep]
         _optimise_layer(layer, x.clone(), y.clone(), steps, LR)

@@ -32,6 +32,8 @@ from calibration.methods import DEFAULT_STEPS, MethodSpec, get_method
 from calibration.recipe import save_recipe
 from quantface.data import load_folder
 from quantface.degradation import degrade
+from quantface.device import describe as describe_device
+from quantface.device import resolve_device
 from quantface.errors import ConfigError
 from quantface.hadamard import random_hadamard
 from quantface.models import load_model
@@ -54,7 +56,8 @@ class CalibData:
         loaded = load_folder(cfg.data, size, cfg.limit)
         if loaded.skipped:
             print(loaded.report())
-        lq = images_to_tensor([degrade(hq, cfg.seed, i)[0] for i, hq in enumerate(loaded.images)])
+        device = next(fp_model.parameters()).device  # the data lives where the models run
+        lq = images_to_tensor([degrade(hq, cfg.seed, i)[0] for i, hq in enumerate(loaded.images)]).to(device)
         outs = []
         with torch.inference_mode():
             for i in range(0, len(lq), 16):
@@ -94,8 +97,8 @@ class _InputObserver:
             self.lo[name] = torch.minimum(self.lo.get(name, ch.min()), ch.min())
             self.hi[name] = torch.maximum(self.hi.get(name, ch.max()), ch.max())
             flat = x.flatten()
-            idx = torch.randint(0, flat.numel(), (min(SAMPLES_PER_BATCH, flat.numel()),), generator=self.generator)
-            self.samples[name].append(flat[idx])
+            idx = torch.randint(0, flat.numel(), (min(SAMPLES_PER_BATCH, flat.numel()),), generator=self.generator, device="cpu")
+            self.samples[name].append(flat[idx.to(flat.device)])
         return hook
 
     def remove(self) -> None:
@@ -170,13 +173,14 @@ def calibrate(cfg: CalibConfig) -> CalibrationResult:
     spec = get_method(cfg.method)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     t0 = time.time()
-    fp_model = load_model(cfg.model, cfg.weights)
+    fp_model = load_model(cfg.model, cfg.weights).to(device)
     size = cfg.size or fp_model.config.working_size
     data = CalibData.build(fp_model, cfg, size)
-    print(f"{cfg.method} {cfg.bits}: {len(data)} calibration images at {size}px")
+    print(f"{cfg.method} {cfg.bits}: {len(data)} calibration images at {size}px on {describe_device(device)}")
     qmodel = copy.deepcopy(fp_model)
     samples: dict[str, torch.Tensor] | None = {} if cfg.mp_budget is not None else None
     layers = prepare(qmodel, data, cfg, spec, samples)
@@ -202,6 +206,10 @@ def calibrate(cfg: CalibConfig) -> CalibrationResult:
     # dimensions differently when an operand requires grad, so a recipe reloaded without grads
     # would differ from this model in the last bits.
     qmodel.requires_grad_(False)
+    # Recipes are written from, and reproduced on, the CPU (the frozen state is integer codes, their
+    # scales and float16 factors: moving it between devices changes no value).
+    qmodel.cpu()
+    fp_model.cpu()
     seconds = time.time() - t0
     out = save_recipe(qmodel, fp_model, cfg, spec, {"calibration_seconds": round(seconds, 1), "steps": steps,
                                                     "images": len(data), "size": size},

@@ -113,7 +113,8 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
                       seed=a.seed, size=a.size, limit=a.limit, stat_images=a.stat_images, rank=a.rank, alpha=a.alpha,
                       steps=a.steps, batch_size=a.batch_size, lr=a.lr, scale_lr=a.scale_lr,
                       lpips_backbone=a.lpips_backbone, lpips_lin=a.lpips_lin, lpips_net=a.lpips_net,
-                      fp_layers=tuple(a.fp_layers), resume=not a.no_resume, threads=a.threads, **_mp_args(a))
+                      fp_layers=tuple(a.fp_layers), resume=not a.no_resume, threads=a.threads, device=a.device,
+                      **_mp_args(a))
     calibrate(cfg)
     return 0
 
@@ -241,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp-layers", nargs="*", default=[], help="glob patterns of layers kept in full precision")
     p.add_argument("--no-resume", action="store_true", help="ignore an interrupted run's checkpoint")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default=d.device,
+                   help="auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N (default: auto)")
     g = p.add_argument_group("adaptive bit widths (QuantFace-MP, calibration.mixed)")
     g.add_argument("--mp-budget", type=float, default=None,
                    help="allocate activation bits per layer: mean activation bits (e.g. 4.0), or with "

@@ -131,7 +131,7 @@ def weight_scale(w: torch.Tensor, bits: int, method: str = "mse", grid: int = 40
     flat = w.detach().flatten(1)
     best_err = torch.full_like(base, float("inf"))
     best = base.clone()
-    for ratio in torch.linspace(0.3, 1.0, grid, dtype=w.dtype):
+    for ratio in torch.linspace(0.3, 1.0, grid, dtype=w.dtype, device=w.device):
         s = (base * ratio).clamp_min(EPS)[:, None]
         err = ((dequantize(quantize(flat, s, 0.0, qmin, qmax), s, 0.0) - flat) ** 2).sum(1)
         better = err < best_err
@@ -145,8 +145,9 @@ def act_qparams_from_range(lo: torch.Tensor | float, hi: torch.Tensor | float, b
     """Asymmetric per-tensor (scale, zero_point) covering [lo, hi] (the range is widened to hold 0,
     so zero is exactly representable, as ONNX requires for padding)."""
     qmin, qmax = qrange(bits, signed=False)
-    lo_t = torch.as_tensor(lo, dtype=torch.float32).clamp(max=0.0)
-    hi_t = torch.as_tensor(hi, dtype=torch.float32).clamp(min=0.0)
+    device = next((t.device for t in (lo, hi) if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    lo_t = torch.as_tensor(lo, dtype=torch.float32, device=device).clamp(max=0.0)
+    hi_t = torch.as_tensor(hi, dtype=torch.float32, device=device).clamp(min=0.0)
     scale = ((hi_t - lo_t) / (qmax - qmin)).clamp_min(EPS)
     zero_point = torch.clamp(torch.round(qmin - lo_t / scale), qmin, qmax)
     return scale, zero_point
@@ -164,8 +165,9 @@ def act_qparams(sample: torch.Tensor, bits: int, method: str = "mse", percentile
     if method == "minmax":
         return act_qparams_from_range(lo, hi, bits)
     if method == "percentile":
-        k = torch.tensor([1.0 - percentile / 100.0, percentile / 100.0])
-        q = torch.quantile(x[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0))[:2**24]], k)
+        k = torch.tensor([1.0 - percentile / 100.0, percentile / 100.0], device=x.device)
+        pick = torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0), device="cpu")[:2**24].to(x.device)
+        q = torch.quantile(x[pick], k)
         return act_qparams_from_range(q[0], q[1], bits)
     if method != "mse":
         raise ConfigError(f"unknown activation scale method {method!r} (minmax, percentile, mse)")
@@ -175,11 +177,11 @@ def act_qparams(sample: torch.Tensor, bits: int, method: str = "mse", percentile
         s, z = act_qparams_from_range(a, b, bits)
         return float(((dequantize(quantize(x, s, z, qmin, qmax), s, z) - x) ** 2).mean())
 
-    ratios = torch.linspace(0.2, 1.0, grid)
+    ratios = torch.linspace(0.2, 1.0, grid, device=x.device)
     best_lo, best_hi = lo, hi
     for _ in range(2):  # coordinate descent: high side, then low side, twice
-        best_hi = hi * ratios[int(torch.tensor([err(best_lo, hi * r) for r in ratios]).argmin())]
-        best_lo = lo * ratios[int(torch.tensor([err(lo * r, best_hi) for r in ratios]).argmin())]
+        best_hi = hi * ratios[int(torch.tensor([err(best_lo, hi * r) for r in ratios], device="cpu").argmin())]
+        best_lo = lo * ratios[int(torch.tensor([err(lo * r, best_hi) for r in ratios], device="cpu").argmin())]
     return act_qparams_from_range(best_lo, best_hi, bits)
 
 

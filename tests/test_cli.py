@@ -50,6 +50,7 @@ def test_restore_folder_skips_bad_files(image_folder, tiny_weights, tmp_path, ca
     (["eval", "--data", ".", "--size", "50"], "--size 50 must be a positive multiple of 16"),
     (["eval", "--data", ".", "--limit", "0"], "--limit 0 must be at least 1"),
     (["demo", "--weights", "/no/weights"], "model file /no/weights.json does not exist"),
+    (["calibrate", "--out", "r", "--device", "gpu"], "--device 'gpu' is not one of auto, cpu, cuda, cuda:N"),
 ])
 def test_user_errors_are_one_line(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

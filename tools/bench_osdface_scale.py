@@ -13,8 +13,9 @@ folders, LoRA safetensors, .pth/.ckpt; ~4 GB on disk under --work) → load them
 W4A4 on --images shipped faces with --steps QD-LoRA steps → ``export_onnx`` to the ``reference`` and
 ``ort-cpu`` profiles → one ONNX Runtime inference at 512×512 per export. Peak RAM per stage is the
 process's high-water mark (VmHWM, reset between stages through /proc/self/clear_refs; the lifetime
-ru_maxrss where that is not available); the budget is 24 GB. Calibration and export run on the CPU:
-``calibration.run`` has no device option.
+ru_maxrss where that is not available); the budget is 24 GB. The FP forward and calibration run on
+--device (``auto``: a CUDA GPU when torch sees one, else the CPU; peak RAM is then host memory and the
+GPU's peak is reported too); export traces on the CPU and ONNX Runtime runs its CPU provider.
 
 Params / Ops follow the QuantFace paper's Table 2: parameters in M and operations in G (multiply-
 accumulates of every conv, linear and attention matmul, counted by torch's FlopCounterMode at the
@@ -109,6 +110,8 @@ class Stages:
     def stage(self, name: str, **extra):
         gc.collect()
         _reset_peak()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         row = {"stage": name, **extra}
         print(f"== {name}", flush=True)
         t0 = time.perf_counter()
@@ -117,6 +120,8 @@ class Stages:
         finally:
             row["seconds"] = round(time.perf_counter() - t0, 1)
             row["peak_ram_gb"] = round(_peak_gb(), 2)
+            if torch.cuda.is_available():
+                row["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
             self.rows.append(row)
             print(f"   {row['seconds']} s, peak RAM {row['peak_ram_gb']} GB", flush=True)
 
@@ -237,6 +242,7 @@ def pipeline(args, config: dict, stages: Stages) -> dict:
     from calibration import CalibConfig, calibrate
     from export import ExportConfig, OnnxBackend, export_onnx
     from quantface.data import shipped_faces, write_image
+    from quantface.device import resolve_device
     from quantface.models import load_model
     from quantface.models.osdface import osdface_weights
     from quantface.models.osdface_synthetic import write_checkpoints
@@ -260,8 +266,7 @@ def pipeline(args, config: dict, stages: Stages) -> dict:
         for i, face in enumerate(faces[: args.images]):
             write_image(work / "faces" / f"{i:03d}.png", face)
 
-        device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
-            ("cpu" if args.device == "auto" else args.device)
+        device = str(resolve_device(args.device))
         with stages.stage("load + FP forward", device=device, size=size) as row:
             model = load_model("osdface", spec)
             out["params"] = sum(p.numel() for p in model.parameters())
@@ -283,7 +288,7 @@ def pipeline(args, config: dict, stages: Stages) -> dict:
             cfg = CalibConfig(method="quantface", bits=args.bits, data=str(work / "faces"), out=str(work / "recipe"),
                               model="osdface", weights=spec, size=calib_size, limit=args.images,
                               stat_images=args.images,
-                              steps=args.steps, batch_size=1, rank=args.rank)
+                              steps=args.steps, batch_size=1, rank=args.rank, device=device)
             result = calibrate(cfg)
             recipe = result.recipe
             row["recipe_mb"] = round(_dir_bytes(recipe) / 1e6, 1)
@@ -333,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=8, help="QuantFace r (branches merge to rank 2r)")
     p.add_argument("--lora-rank", type=int, default=16, help="rank of the random OSDFace LoRA (OSDFace: 16)")
     p.add_argument("--reference-size", type=int, default=None, help="input side for the reference model's row")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device of the FP forward stage")
+    p.add_argument("--device", default="auto", help="device of the FP forward and calibration stages: auto, cpu, "
+                                                    "cuda or cuda:N (default auto: CUDA when available)")
     p.add_argument("--stop-after", default=None, choices=["load", "calibrate"],
                    help="end the pipeline after this stage (e.g. check the full-size load and FP forward)")
     p.add_argument("--json", default=None, help="write all numbers here")
