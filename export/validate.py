@@ -25,7 +25,7 @@ from quantface.degradation import degrade
 from quantface.errors import ConfigError
 from quantface.jobs import ModelSpec
 from quantface.metrics import psnr, ssim
-from quantface.pipeline import RestorationPipeline, TorchBackend, images_to_tensor
+from quantface.pipeline import RestorationPipeline, images_to_tensor
 
 PSNR_CAP = 200.0
 
@@ -74,14 +74,13 @@ def validate(cfg: ValidateConfig) -> dict:
     loaded = load_folder(cfg.data, size, cfg.limit)
     lqs = [degrade(hq, cfg.seed, i)[0] for i, hq in enumerate(loaded.images)]
 
-    onnx_rec, torch_rec = _Recording(onnx_backend), _Recording(TorchBackend(cfg.model.model()))
+    onnx_rec, torch_rec = _Recording(onnx_backend), _Recording(cfg.model.torch_backend())
     onnx_out = RestorationPipeline(onnx_rec, batch)(lqs)
     torch_out = RestorationPipeline(torch_rec, batch)(lqs)
     if cfg.model.recipe is None:  # an FP32 graph: the PyTorch model under comparison is the FP model
         fp_out = torch_out
     else:
-        fp_spec = ModelSpec(name=cfg.model.name, weights=cfg.model.weights)
-        fp_out = RestorationPipeline(TorchBackend(fp_spec.model()), batch)(lqs)
+        fp_out = RestorationPipeline(cfg.model.fp_spec().torch_backend(), batch)(lqs)
     a, b = np.concatenate(onnx_rec.outputs), np.concatenate(torch_rec.outputs)
 
     one = images_to_tensor(lqs[:1] * batch).numpy()

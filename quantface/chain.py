@@ -94,7 +94,7 @@ def run_chain(cfg: ChainConfig) -> dict:
     summary["seconds"]["export"] = time.perf_counter() - t
 
     t = _step("4/5 validate the ort-cpu graph against PyTorch and time it against FP32")
-    spec = ModelSpec(name=cfg.model.name, weights=cfg.model.weights, recipe=str(calib.recipe))
+    spec = ModelSpec(name=cfg.model.name, weights=cfg.model.weights, recipe=str(calib.recipe), device=cfg.model.device)
     v = validate(ValidateConfig(onnx=str(graphs["ort-cpu"]), data=str(val_dir), model=spec, limit=None,
                                 seed=cfg.seed, threads=cfg.threads, repeats=cfg.repeats,
                                 json_out=str(out / "validate.json")))

@@ -19,6 +19,8 @@ def _add_model_args(p: argparse.ArgumentParser, onnx: bool = True) -> None:
     p.add_argument("--weights", default=None,
                    help="weights stem overriding the embedded ones: <stem>.safetensors + <stem>.json")
     p.add_argument("--recipe", default=None, help="calibration recipe folder: run the fake-quant model")
+    p.add_argument("--device", default="auto", help="where the PyTorch model runs: auto (a CUDA GPU when torch "
+                                                   "sees one, else the CPU), cpu, cuda or cuda:N (default: auto)")
     _add_osdface_args(p)
     if onnx:
         p.add_argument("--onnx", default=None, help="exported ONNX graph: run it with ONNX Runtime (CPU)")
@@ -52,7 +54,7 @@ def _model_spec(a: argparse.Namespace):
     from quantface.jobs import ModelSpec
 
     onnx = None if a.command == "validate" else a.onnx  # validate's --onnx is the graph under test
-    return ModelSpec(name=a.model, weights=_weights(a), recipe=a.recipe, onnx=onnx)
+    return ModelSpec(name=a.model, weights=_weights(a), recipe=a.recipe, onnx=onnx, device=a.device)
 
 
 def _cmd_restore(a: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ from quantface.data import (atomic_write_bytes, center_crop_resize, list_images,
                             shipped_faces, write_image)
 from quantface.degradation import DegradationConfig, degrade
 from quantface.errors import ConfigError, ImageError
+from quantface.device import check_device_name, resolve_device
 from quantface.metrics import psnr, ssim
 from quantface.models import load_model
 from quantface.pipeline import RestorationPipeline, TorchBackend
@@ -31,12 +32,21 @@ from quantface.pipeline import RestorationPipeline, TorchBackend
 class ModelSpec(JsonConfig):
     """Which network to run: a model name, optionally a weights stem overriding the embedded one,
     optionally a calibration recipe turning it into the fake-quant model, or an exported ONNX graph
-    run by ONNX Runtime instead of PyTorch."""
+    run by ONNX Runtime instead of PyTorch. ``device`` is where a PyTorch model runs (an ONNX graph runs
+    on ONNX Runtime's CPU provider)."""
 
     name: str = "reference"
     weights: str | None = None
     recipe: str | None = None
     onnx: str | None = None
+    device: str = "auto"  # auto (CUDA when torch sees a GPU, else CPU) | cpu | cuda | cuda:N
+
+    def __post_init__(self) -> None:
+        check_device_name(self.device)
+
+    def fp_spec(self) -> "ModelSpec":
+        """The same network in full precision (no recipe, no ONNX graph), on the same device."""
+        return ModelSpec(name=self.name, weights=self.weights, device=self.device)
 
     @property
     def quantized(self) -> bool:
@@ -63,8 +73,12 @@ class ModelSpec(JsonConfig):
             side = backend.input_shape[-1]
             size = side if isinstance(side, int) else self.fp_model().config.working_size
             return RestorationPipeline(backend, batch_size), size
-        model = self.model()
-        return RestorationPipeline(TorchBackend(model), batch_size), model.config.working_size
+        backend = self.torch_backend()
+        return RestorationPipeline(backend, batch_size), backend.module.config.working_size
+
+    def torch_backend(self) -> TorchBackend:
+        """The PyTorch model (FP or fake-quant) as a pipeline backend on ``device``."""
+        return TorchBackend(self.model(), resolve_device(self.device))
 
 
 def _resolve_size(size: int | None, working_size: int) -> int:
@@ -104,7 +118,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     ]
     keys = ["psnr", "ssim", "psnr_lq", "ssim_lq"]
     if cfg.model.quantized:  # a quantized model or an exported graph: also score it against FP
-        fp_spec = ModelSpec(name=cfg.model.name, weights=cfg.model.weights)
+        fp_spec = cfg.model.fp_spec()
         fp_out, _ = _timed_restore(fp_spec.pipeline(cfg.batch_size)[0], lqs, cfg.batch_size, "eval FP")
         for r, out, ref in zip(per_image, restored, fp_out):
             r["psnr_to_fp"], r["ssim_to_fp"] = psnr(out, ref), ssim(out, ref)

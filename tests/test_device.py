@@ -9,7 +9,9 @@ import torch
 import calibration.run as run
 from calibration import CalibConfig, calibrate
 from quantface.device import check_device_name, resolve_device
+from quantface.cli import main
 from quantface.errors import ConfigError
+from quantface.jobs import ModelSpec
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a CUDA GPU")
 
@@ -25,6 +27,8 @@ def test_device_names_rejected_in_one_sentence(name):
         check_device_name(name)
     with pytest.raises(ConfigError):
         CalibConfig(device=name)
+    with pytest.raises(ConfigError):
+        ModelSpec(device=name)
 
 
 def test_cpu_is_cpu():
@@ -69,3 +73,21 @@ def test_calibration_creates_no_tensor_off_the_models_device(method, extra, imag
         result = calibrate(cfg)
     assert seen["meta"] == []
     assert all(t.device.type == "cpu" for t in result.model.state_dict().values())
+
+
+def test_model_spec_runs_the_pytorch_model_on_its_device_and_keeps_it_for_the_fp_reference(tiny_weights):
+    spec = ModelSpec(weights=str(tiny_weights), recipe="r", device="cpu")
+    assert spec.fp_spec() == ModelSpec(weights=str(tiny_weights), device="cpu")
+    backend = ModelSpec(weights=str(tiny_weights), device="cpu").torch_backend()
+    assert backend.device == torch.device("cpu")
+    assert ModelSpec.from_json(spec.to_json()) == spec
+
+
+@no_cuda
+@pytest.mark.parametrize("command", ["eval", "restore"])
+def test_eval_and_restore_on_a_missing_gpu_is_one_line(command, image_folder, tiny_weights, tmp_path, capsys):
+    io = ["--data", str(image_folder)] if command == "eval" else ["--input", str(image_folder), "--output",
+                                                                  str(tmp_path / "out")]
+    assert main([command, "--weights", str(tiny_weights), "--device", "cuda", *io]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: --device cuda asks for a CUDA GPU")
+    assert not (tmp_path / "out").exists()
