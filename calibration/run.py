@@ -97,7 +97,8 @@ class _InputObserver:
             self.lo[name] = torch.minimum(self.lo.get(name, ch.min()), ch.min())
             self.hi[name] = torch.maximum(self.hi.get(name, ch.max()), ch.max())
             flat = x.flatten()
-            idx = torch.randint(0, flat.numel(), (min(SAMPLES_PER_BATCH, flat.numel()),), generator=self.generator, device="cpu")
+            n = min(SAMPLES_PER_BATCH, flat.numel())
+            idx = torch.randint(0, flat.numel(), (n,), generator=self.generator, device="cpu")  # seeded on the CPU
             self.samples[name].append(flat[idx.to(flat.device)])
         return hook
 

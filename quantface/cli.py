@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from quantface import __version__
+from quantface.device import HELP as DEVICE_HELP
 from quantface.errors import ConfigError, QuantFaceError
 from quantface.models import MODEL_NAMES
 
@@ -19,8 +20,7 @@ def _add_model_args(p: argparse.ArgumentParser, onnx: bool = True) -> None:
     p.add_argument("--weights", default=None,
                    help="weights stem overriding the embedded ones: <stem>.safetensors + <stem>.json")
     p.add_argument("--recipe", default=None, help="calibration recipe folder: run the fake-quant model")
-    p.add_argument("--device", default="auto", help="where the PyTorch model runs: auto (a CUDA GPU when torch "
-                                                   "sees one, else the CPU), cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--device", default="auto", help=f"where the PyTorch model runs: {DEVICE_HELP}")
     _add_osdface_args(p)
     if onnx:
         p.add_argument("--onnx", default=None, help="exported ONNX graph: run it with ONNX Runtime (CPU)")
@@ -244,8 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp-layers", nargs="*", default=[], help="glob patterns of layers kept in full precision")
     p.add_argument("--no-resume", action="store_true", help="ignore an interrupted run's checkpoint")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--device", default=d.device,
-                   help="auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--device", default=d.device, help=f"where calibration runs: {DEVICE_HELP}")
     g = p.add_argument_group("adaptive bit widths (QuantFace-MP, calibration.mixed)")
     g.add_argument("--mp-budget", type=float, default=None,
                    help="allocate activation bits per layer: mean activation bits (e.g. 4.0), or with "

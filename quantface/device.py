@@ -14,6 +14,7 @@ import torch
 from quantface.errors import ConfigError
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+HELP = "auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N (default: auto)"
 
 
 def check_device_name(name: str) -> str:
