@@ -140,7 +140,7 @@ def prepare(model: torch.nn.Module, data: CalibData, cfg: CalibConfig, spec: Met
         for name, layer in layers.items():
             layer.fold_smoothing(smoothing_scale(raw.absmax[name], layer.weight, cfg.alpha))
     for index, (name, layer) in enumerate(layers.items()):
-        if spec.hadamard:
+        if spec.hadamard and layer.in_channels >= cfg.rotate_min_channels:
             seed = cfg.seed * 100003 + index
             layer.fold_rotation(torch.from_numpy(random_hadamard(layer.in_channels, seed)).float(), seed)
         if spec.svd_rank:

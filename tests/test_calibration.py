@@ -82,7 +82,8 @@ def test_every_method_calibrates_and_its_recipe_reproduces_it_bit_for_bit(method
     assert len(layers) == len([m for m in tiny_model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))])
     for entry in layers.values():
         assert entry["weight_bits"] == 4 and entry["act_bits"] == 4
-        assert (entry["hadamard"] is not None) == spec.hadamard
+        rgb_input = entry["weight_shape"][1] < 4  # not rotated by default (CalibConfig.rotate_min_channels)
+        assert (entry["hadamard"] is not None) == (spec.hadamard and not rgb_input)
         assert (entry["smoothing"] is not None) == spec.smoothing
         out_ch, fan_in = entry["weight_shape"][0], int(torch.tensor(entry["weight_shape"][1:]).prod())
         svd = min(2 * spec.svd_rank, out_ch, fan_in)  # r = 2; the SVD rank is capped by the matrix
@@ -90,6 +91,20 @@ def test_every_method_calibrates_and_its_recipe_reproduces_it_bit_for_bit(method
         assert 0 <= entry["act_zero_point"] <= 15
     # Nothing but the recipe is left in the output's parent (no temp folder, no checkpoint).
     assert sorted(p.name for p in result.recipe.parent.iterdir()) == [method]
+
+
+def test_rotation_skips_layers_below_rotate_min_channels(image_folder, tmp_path, tiny_weights):
+    def rotated(cfg):
+        layers = json.loads((calibrate(cfg).recipe / "recipe.json").read_text())["layers"]
+        return {name: e["weight_shape"][1] for name, e in layers.items() if e["hadamard"]}, layers
+
+    default, layers = rotated(_cfg(image_folder, tmp_path, "hadamard", weights=tiny_weights))
+    rgb = {name for name, e in layers.items() if e["weight_shape"][1] == 3}
+    assert rgb and not rgb & set(default) and len(default) == len(layers) - len(rgb)
+    every, _ = rotated(_cfg(image_folder, tmp_path / "all", "hadamard", weights=tiny_weights, rotate_min_channels=1))
+    assert set(every) == set(layers)
+    wide, _ = rotated(_cfg(image_folder, tmp_path / "wide", "hadamard", weights=tiny_weights, rotate_min_channels=64))
+    assert wide and all(c >= 64 for c in wide.values()) and len(wide) < len(default)
 
 
 def test_fp_layers_are_left_alone(image_folder, tmp_path, tiny_weights):
