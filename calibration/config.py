@@ -46,6 +46,10 @@ class CalibConfig(JsonConfig):
     batch_size: int = 4
     lr: float = 1e-5
     scale_lr: float | None = None  # learning rate of quantizer scales; default: lr
+    # Learning rate of the LoRA-initialised branches (QuantFace's second branch, EfficientDM's only one);
+    # default: lr. Their up factor starts at zero, so at the paper's 1e-5 it barely leaves zero in a few
+    # hundred steps; the SVD-initialised branch starts from the weight's top singular pairs and keeps lr.
+    lora_lr: float | None = None
     lambda_perceptual: float = 0.5
     lambda_mse: float = 0.5
     lpips_backbone: str | None = None  # local LPIPS backbone weights (VGG16/AlexNet features)
@@ -73,6 +77,10 @@ class CalibConfig(JsonConfig):
             raise ConfigError(f"--rotate-min-channels {self.rotate_min_channels} must be at least 1")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"--alpha {self.alpha} must be in [0, 1]")
+        for name in ("lr", "scale_lr", "lora_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} {value} must be positive")
         if self.steps is not None and self.steps < 0:
             raise ConfigError(f"--steps {self.steps} must be non-negative")
         if self.batch_size < 1 or self.stat_images < 1:

@@ -35,14 +35,23 @@ def perceptual_loss(cfg: CalibConfig, device: torch.device | str = "cpu"):
 
 
 def trainable_parameters(layers: dict[str, QuantLayer], spec: MethodSpec) -> dict[str, list[torch.nn.Parameter]]:
-    branches, scales = [], []
+    """The trained tensors by optimiser group: SVD-initialised branches, LoRA-initialised ones, scales."""
+    svd, lora, scales = [], [], []
     for layer in layers.values():
-        for b in (layer.lowrank, layer.lora):
-            if b is not None:
-                branches += [b.down, b.up]
+        if layer.lowrank is not None:
+            svd += [layer.lowrank.down, layer.lowrank.up]
+        if layer.lora is not None:
+            lora += [layer.lora.down, layer.lora.up]
         if spec.learn_scales:
             scales += [p for p in (layer.w_scale, layer.a_scale) if p is not None]
-    return {"branches": branches, "scales": scales}
+    return {"svd": svd, "lora": lora, "scales": scales}
+
+
+def learning_rates(cfg: CalibConfig) -> dict[str, float]:
+    """Learning rate of each group of ``trainable_parameters``."""
+    return {"svd": cfg.lr,
+            "lora": cfg.lora_lr if cfg.lora_lr is not None else cfg.lr,
+            "scales": cfg.scale_lr if cfg.scale_lr is not None else cfg.lr}
 
 
 def _named(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> dict[str, torch.nn.Parameter]:
@@ -55,13 +64,12 @@ def distill(qmodel: torch.nn.Module, layers: dict[str, QuantLayer], data, cfg: C
     groups = trainable_parameters(layers, spec)
     for p in qmodel.parameters():
         p.requires_grad_(False)
-    for p in groups["branches"] + groups["scales"]:
+    trained = [p for params in groups.values() for p in params]
+    for p in trained:
         p.requires_grad_(True)
-    opt = torch.optim.Adam([
-        {"params": groups["branches"], "lr": cfg.lr},
-        {"params": groups["scales"], "lr": cfg.scale_lr if cfg.scale_lr is not None else cfg.lr},
-    ])
-    named = _named(qmodel, groups["branches"] + groups["scales"])
+    lrs = learning_rates(cfg)
+    opt = torch.optim.Adam([{"params": params, "lr": lrs[name]} for name, params in groups.items()])
+    named = _named(qmodel, trained)
     ckpt = Path(cfg.out).parent / f".{Path(cfg.out).name}.{CHECKPOINT_NAME}"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     start = load_checkpoint(ckpt, named, opt) if cfg.resume and ckpt.exists() else 0

@@ -106,7 +106,7 @@ QNN_BYTE_TABLE = ("bytes of option (w, a) of layer i = E_i·a/8 (input activatio
 SWEEP_BATCH = 8
 CACHE_SUFFIX = ".mp_cache"
 # Configuration fields that do not change the sweep's results (the cache ignores them).
-_SWEEP_IRRELEVANT = {"out", "steps", "batch_size", "lr", "scale_lr", "lambda_perceptual", "lambda_mse",
+_SWEEP_IRRELEVANT = {"out", "steps", "batch_size", "lr", "scale_lr", "lora_lr", "lambda_perceptual", "lambda_mse",
                      "checkpoint_every", "resume", "threads", "mp_budget", "mp_candidates", "mp_cost", "target",
                      "bits"}
 

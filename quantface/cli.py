@@ -114,7 +114,7 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
     cfg = CalibConfig(method=a.method, bits=a.bits, data=a.data, out=a.out, model=a.model, weights=_weights(a),
                       seed=a.seed, size=a.size, limit=a.limit, stat_images=a.stat_images, rank=a.rank, alpha=a.alpha,
                       rotate_min_channels=a.rotate_min_channels,
-                      steps=a.steps, batch_size=a.batch_size, lr=a.lr, scale_lr=a.scale_lr,
+                      steps=a.steps, batch_size=a.batch_size, lr=a.lr, scale_lr=a.scale_lr, lora_lr=a.lora_lr,
                       lpips_backbone=a.lpips_backbone, lpips_lin=a.lpips_lin, lpips_net=a.lpips_net,
                       fp_layers=tuple(a.fp_layers), resume=not a.no_resume, threads=a.threads, device=a.device,
                       **_mp_args(a))
@@ -239,7 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rotate-min-channels", type=int, default=d.rotate_min_channels,
                    help="layers with fewer input channels are not rotated (default %(default)s: not the RGB input)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr, help="learning rate of the low-rank branches")
+    p.add_argument("--lr", type=float, default=d.lr, help="learning rate of the SVD-initialised low-rank branches")
+    p.add_argument("--lora-lr", type=float, default=None,
+                   help="learning rate of the LoRA-initialised branches (zero-init up factor; default: --lr)")
     p.add_argument("--scale-lr", type=float, default=None, help="learning rate of quantizer scales (default: --lr)")
     p.add_argument("--lpips-backbone", default=None, help="local LPIPS backbone weights (perceptual loss)")
     p.add_argument("--lpips-lin", default=None, help="local LPIPS linear-head weights")

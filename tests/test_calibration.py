@@ -151,6 +151,26 @@ def test_distillation_moves_towards_the_fp_model(image_folder, tmp_path, tiny_we
     assert err[1] < err[0]
 
 
+def test_each_trained_group_gets_its_learning_rate(tmp_path):
+    """--lr drives the SVD-initialised branch, --lora-lr the LoRA-initialised one, --scale-lr the scales."""
+    from calibration.distill import distill, learning_rates
+
+    torch.manual_seed(0)
+    layer = QuantLayer(nn.Conv2d(3, 3, 3, padding=1))
+    layer.split_lowrank(1)
+    layer.add_lora(1, torch.Generator().manual_seed(0))
+    model = nn.Sequential(layer)
+    data = CalibData(lq=torch.rand(4, 3, 16, 16) * 2 - 1, fp_out=torch.rand(4, 3, 16, 16) * 2 - 1)
+    cfg = CalibConfig(out=str(tmp_path / "r"), lr=1e-12, lora_lr=1e-2, batch_size=2)
+    assert learning_rates(cfg) == {"svd": 1e-12, "lora": 1e-2, "scales": 1e-12}
+    assert learning_rates(CalibConfig(lr=3e-5))["lora"] == 3e-5  # default: --lr
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    distill(model, {"0": layer}, data, cfg, get_method("quantface"), steps=3)
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters()}
+    assert moved["0.lowrank.down"] < 1e-9 and moved["0.lowrank.up"] < 1e-9
+    assert moved["0.lora.up"] > 1e-3  # zero-initialised, left zero at --lr
+
+
 def test_recipe_errors(image_folder, tmp_path, tiny_weights, tiny_model):
     path = calibrate(_cfg(image_folder, tmp_path, "minmax", weights=tiny_weights)).recipe
     meta = json.loads((path / "recipe.json").read_text())
@@ -191,3 +211,5 @@ def test_calib_config_round_trip_and_validation():
         CalibConfig(bits="W9A4")
     with pytest.raises(ConfigError, match="unknown calibration method"):
         get_method("gptq")
+    with pytest.raises(ConfigError, match="--lora-lr 0.0 must be positive"):
+        CalibConfig(lora_lr=0.0)

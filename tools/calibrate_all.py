@@ -2,8 +2,10 @@
 
     python tools/calibrate_all.py --data ../shared/data/faces_hq/calib --out recipes
 
-Every run uses the same calibration images, seed and step budget (``--steps`` for the methods that
-train); each recipe records its own configuration and calibration time. Existing recipe folders are
+Every run uses the same calibration images, seed, step budget (``--steps`` for the methods that
+train) and learning rates: ``--lr`` for SVD-initialised branches, ``--lora-lr`` for LoRA-initialised
+ones (QuantFace's second branch and EfficientDM's only one; default 1e-3, because their zero-initialised
+up factor barely moves at 1e-5 in a few hundred steps), ``--scale-lr`` for quantizer scales. Each recipe records its own configuration and calibration time. Existing recipe folders are
 skipped unless ``--force``; then run ``tools/results_table.py`` for the table.
 """
 
@@ -24,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="../shared/data/faces_hq/calib")
     p.add_argument("--out", default="recipes")
     p.add_argument("--steps", type=int, default=None, help="refinement steps (default per method)")
-    p.add_argument("--lr", type=float, default=CalibConfig.lr)
+    p.add_argument("--lr", type=float, default=CalibConfig.lr, help="SVD-initialised branches")
+    p.add_argument("--lora-lr", type=float, default=1e-3, help="LoRA-initialised branches")
+    p.add_argument("--scale-lr", type=float, default=None, help="quantizer scales (default: --lr)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", nargs="*", default=None, help="run only these recipe names, e.g. quantface_w4a4")
     p.add_argument("--force", action="store_true", help="recalibrate existing recipes")
@@ -37,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         if (out / "recipe.json").exists() and not a.force:
             print(f"{name}: exists, skipped")
             continue
-        cfg = CalibConfig(method=method, bits=bits, data=a.data, out=str(out), seed=a.seed, steps=a.steps, lr=a.lr)
+        cfg = CalibConfig(method=method, bits=bits, data=a.data, out=str(out), seed=a.seed, steps=a.steps, lr=a.lr,
+                          lora_lr=a.lora_lr, scale_lr=a.scale_lr)
         if exit_status(lambda: calibrate(cfg)):
             return 2
     return 0
