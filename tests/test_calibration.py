@@ -161,9 +161,9 @@ def test_each_trained_group_gets_its_learning_rate(tmp_path):
     layer.add_lora(1, torch.Generator().manual_seed(0))
     model = nn.Sequential(layer)
     data = CalibData(lq=torch.rand(4, 3, 16, 16) * 2 - 1, fp_out=torch.rand(4, 3, 16, 16) * 2 - 1)
-    cfg = CalibConfig(out=str(tmp_path / "r"), lr=1e-12, lora_lr=1e-2, batch_size=2)
-    assert learning_rates(cfg) == {"svd": 1e-12, "lora": 1e-2, "scales": 1e-12}
-    assert learning_rates(CalibConfig(lr=3e-5))["lora"] == 3e-5  # default: --lr
+    cfg = CalibConfig(out=str(tmp_path / "r"), lr=1e-12, lora_lr=1e-2, scale_lr=1e-3, batch_size=2)
+    assert learning_rates(cfg) == {"svd": 1e-12, "lora": 1e-2, "scales": 1e-3}
+    assert learning_rates(CalibConfig(lr=3e-5)) == dict.fromkeys(("svd", "lora", "scales"), 3e-5)  # default: --lr
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     distill(model, {"0": layer}, data, cfg, get_method("quantface"), steps=3)
     moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters()}

@@ -3,10 +3,9 @@
     python tools/calibrate_all.py --data ../shared/data/faces_hq/calib --out recipes
 
 Every run uses the same calibration images, seed, step budget (``--steps`` for the methods that
-train) and learning rates: ``--lr`` for SVD-initialised branches, ``--lora-lr`` for LoRA-initialised
-ones (QuantFace's second branch and EfficientDM's only one; default 1e-3, because their zero-initialised
-up factor barely moves at 1e-5 in a few hundred steps), ``--scale-lr`` for quantizer scales. Each recipe records its own configuration and calibration time. Existing recipe folders are
-skipped unless ``--force``; then run ``tools/results_table.py`` for the table.
+train) and learning rates (``--lr`` 1e-5, ``--lora-lr`` 1e-3, ``--scale-lr`` 1e-4).
+Each recipe records its own configuration and calibration time.
+Existing recipe folders are skipped unless ``--force``; then run ``tools/results_table.py`` for the table.
 """
 
 from __future__ import annotations
@@ -28,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="refinement steps (default per method)")
     p.add_argument("--lr", type=float, default=CalibConfig.lr, help="SVD-initialised branches")
     p.add_argument("--lora-lr", type=float, default=1e-3, help="LoRA-initialised branches")
-    p.add_argument("--scale-lr", type=float, default=None, help="quantizer scales (default: --lr)")
+    p.add_argument("--scale-lr", type=float, default=1e-4,
+                   help="quantizer scales (see CalibConfig.lora_lr for why these are not the CLI's defaults)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", nargs="*", default=None, help="run only these recipe names, e.g. quantface_w4a4")
     p.add_argument("--force", action="store_true", help="recalibrate existing recipes")
