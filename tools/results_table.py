@@ -38,7 +38,7 @@ def build_table(recipes: Path, data: str, limit: int | None, seed: int) -> dict:
     rows = []
     fp = evaluate(EvalConfig(data=data, limit=limit, seed=seed))
     rows.append({"name": "FP", "bits": "W32A32", "psnr": fp["psnr"], "ssim": fp["ssim"], "psnr_to_fp": None,
-                 "ssim_to_fp": None, "calib_seconds": None})
+                 "ssim_to_fp": None, "calib_seconds": None, "steps": None})
     metas = []
     for d in sorted(p for p in recipes.iterdir() if (p / "recipe.json").is_file()):
         metas.append((json.loads((d / "recipe.json").read_text()), d))
@@ -47,7 +47,8 @@ def build_table(recipes: Path, data: str, limit: int | None, seed: int) -> dict:
         name, bits = _label(meta)
         rows.append({"name": name, "recipe": d.name, "bits": bits, "psnr": r["psnr"],
                      "ssim": r["ssim"], "psnr_to_fp": r["psnr_to_fp"], "ssim_to_fp": r["ssim_to_fp"],
-                     "calib_seconds": meta["stats"].get("calibration_seconds")})
+                     "calib_seconds": meta["stats"].get("calibration_seconds"),
+                     "steps": meta["stats"].get("steps") if meta["stats"].get("steps") else None})
         print(f"{d.name}: PSNR {r['psnr']:.2f} SSIM {r['ssim']:.4f} to-FP {r['psnr_to_fp']:.2f}")
     return {"n": fp["n"], "data": data, "seed": seed, "psnr_lq": fp["psnr_lq"], "ssim_lq": fp["ssim_lq"], "rows": rows}
 
@@ -62,13 +63,15 @@ def to_markdown(t: dict) -> str:
         f"`tools/results_table.py` on {t['n']} test faces (`{t['data']}`, degradation seed {t['seed']}, "
         "128×128). To GT: against the HQ face; to FP: against the full-precision model's output.",
         "",
-        "| Method | Bits | PSNR ↑ | SSIM ↑ | PSNR to FP ↑ | SSIM to FP ↑ | calibration (s) | recipe |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| degraded input | – | {t['psnr_lq']:.2f} | {t['ssim_lq']:.4f} | – | – | – | – |",
+        "| Method | Bits | PSNR ↑ | SSIM ↑ | PSNR to FP ↑ | SSIM to FP ↑ | training steps | calibration (s) | recipe |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| degraded input | – | {t['psnr_lq']:.2f} | {t['ssim_lq']:.4f} | – | – | – | – | – |",
     ]
     for r in t["rows"]:
         lines.append(f"| {r['name']} | {r['bits']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {f(r['psnr_to_fp'], 2)} | "
-                     f"{f(r['ssim_to_fp'], 4)} | {f(r['calib_seconds'], 0)} | {r.get('recipe', '–')} |")
+                     f"{f(r['ssim_to_fp'], 4)} | {r.get('steps') or '–'} | {f(r['calib_seconds'], 0)} | {r.get('recipe', '–')} |")
+    lines += ["", "Training steps: distillation steps on batches of calibration images (QuantFace, EfficientDM); "
+              "PassionSR's are optimiser steps per layer (module-wise); 0 or – means no training."]
     return "\n".join(lines) + "\n"
 
 
