@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=d.lr, help="learning rate of the SVD-initialised low-rank branches")
     p.add_argument("--lora-lr", type=float, default=d.lora_lr,
                    help="learning rate of the LoRA-initialised branches (zero-init up factor; default: --lr)")
-    p.add_argument("--scale-lr", type=float, default=d.scale_lr, help="learning rate of quantizer scales (default: --lr)")
+    p.add_argument("--scale-lr", type=float, default=d.scale_lr,
+                   help="learning rate of quantizer scales (default: --lr)")
     p.add_argument("--lpips-backbone", default=None, help="local LPIPS backbone weights (perceptual loss)")
     p.add_argument("--lpips-lin", default=None, help="local LPIPS linear-head weights")
     p.add_argument("--lpips-net", default=d.lpips_net, choices=["vgg", "alex"])

@@ -48,7 +48,7 @@ def build_table(recipes: Path, data: str, limit: int | None, seed: int) -> dict:
         rows.append({"name": name, "recipe": d.name, "bits": bits, "psnr": r["psnr"],
                      "ssim": r["ssim"], "psnr_to_fp": r["psnr_to_fp"], "ssim_to_fp": r["ssim_to_fp"],
                      "calib_seconds": meta["stats"].get("calibration_seconds"),
-                     "steps": meta["stats"].get("steps") if meta["stats"].get("steps") else None})
+                     "steps": meta["stats"].get("steps") or None})  # 0: no training
         print(f"{d.name}: PSNR {r['psnr']:.2f} SSIM {r['ssim']:.4f} to-FP {r['psnr_to_fp']:.2f}")
     return {"n": fp["n"], "data": data, "seed": seed, "psnr_lq": fp["psnr_lq"], "ssim_lq": fp["ssim_lq"], "rows": rows}
 
@@ -63,13 +63,15 @@ def to_markdown(t: dict) -> str:
         f"`tools/results_table.py` on {t['n']} test faces (`{t['data']}`, degradation seed {t['seed']}, "
         "128×128). To GT: against the HQ face; to FP: against the full-precision model's output.",
         "",
-        "| Method | Bits | PSNR ↑ | SSIM ↑ | PSNR to FP ↑ | SSIM to FP ↑ | training steps | calibration (s) | recipe |",
+        "| Method | Bits | PSNR ↑ | SSIM ↑ | PSNR to FP ↑ | SSIM to FP ↑ | training steps | calibration (s) "
+        "| recipe |",
         "|---|---|---|---|---|---|---|---|---|",
         f"| degraded input | – | {t['psnr_lq']:.2f} | {t['ssim_lq']:.4f} | – | – | – | – | – |",
     ]
     for r in t["rows"]:
         lines.append(f"| {r['name']} | {r['bits']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {f(r['psnr_to_fp'], 2)} | "
-                     f"{f(r['ssim_to_fp'], 4)} | {r.get('steps') or '–'} | {f(r['calib_seconds'], 0)} | {r.get('recipe', '–')} |")
+                     f"{f(r['ssim_to_fp'], 4)} | {r['steps'] or '–'} | {f(r['calib_seconds'], 0)} | "
+                     f"{r.get('recipe', '–')} |")
     lines += ["", "Training steps: distillation steps on batches of calibration images (QuantFace, EfficientDM); "
               "PassionSR's are optimiser steps per layer (module-wise); 0 or – means no training."]
     return "\n".join(lines) + "\n"
