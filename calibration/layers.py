@@ -25,7 +25,8 @@ from torch import nn
 
 from quantface.errors import ConfigError
 from quantface.hadamard import fold_into_weight, rotate_channels
-from quantface.quant import EPS, dequantize, fake_quantize, qrange, quantize
+from quantface.quant import (EPS, MAX_BITS, REQUANT_BITS, act_qparams_from_range, bias_codes, bias_fits,
+                             dequantize, fake_quantize, qrange, quantize, requantize)
 
 
 class LowRank(nn.Module):
@@ -83,6 +84,12 @@ class QuantLayer(nn.Module):
         self.register_buffer("a_zero_point", None)  # (), integer-valued
         self.register_buffer("weight_codes", None)  # int8 codes once frozen
         self.register_buffer("weight_dq", None)  # dequantized codes once frozen
+        # (min, max) of the quantized product's output (before the low-rank branch) on calibration
+        # images, once frozen: where the ``ort-cpu`` export requantizes it to 8 bits (export.lower).
+        self.output_range: tuple[float, float] | None = None
+        # Simulate that requantization (``apply_recipe(..., requant_outputs=True)``), so the PyTorch
+        # model computes what the ``ort-cpu`` graph computes.
+        self.requant_output = False
 
     # ---- geometry -------------------------------------------------------------------------
     @property
@@ -225,9 +232,35 @@ class QuantLayer(nn.Module):
         self.weight_dq = dequantize(self.weight_codes.float(), self._w_scale_view(), 0.0)
 
     # ---- forward ------------------------------------------------------------------------------
+    @property
+    def requantizable(self) -> bool:
+        """A convolution with quantized weights and input and a recorded output range: the layers
+        whose product the ``ort-cpu`` export requantizes to ``REQUANT_BITS`` (an integer QLinearConv,
+        which takes 8-bit inputs: not after 16-bit activations), unless its bias does not fit the
+        accumulator grid (``quantface.quant.bias_fits``)."""
+        return (self.conv_args is not None and self.weight_bits is not None and self.act_bits is not None
+                and self.act_bits <= MAX_BITS and self.output_range is not None
+                and (self.bias is None or bias_fits(self.bias, self.a_scale, self.w_scale)))
+
+    def quantized_product(self, x: torch.Tensor) -> torch.Tensor:
+        """The quantized path's output for an already transformed input (no low-rank branch); with
+        ``requant_output``, what ONNX Runtime's QLinearConv computes for it, bit for bit: the exact
+        integer accumulator of the activation and weight codes (in float64) plus the bias as INT32
+        codes on its grid s_x·s_w, requantized to ``REQUANT_BITS`` over ``output_range``."""
+        if not (self.requant_output and self.requantizable and self.weight_codes is not None):
+            return self._op(self.quantized_input(x), self.quantized_weight(), self.bias)
+        qmin, qmax = qrange(self.act_bits, signed=False)
+        a_scale = self.a_scale.detach().clamp_min(EPS)
+        x_codes = quantize(x, a_scale, self.a_zero_point, qmin, qmax) - self.a_zero_point
+        acc = self._op(x_codes.double(), self.weight_codes.double(), None)
+        if self.bias is not None:
+            acc = acc + self._channel_view(bias_codes(self.bias, a_scale, self.w_scale)[0].double())
+        out_scale, out_zero = act_qparams_from_range(*self.output_range, REQUANT_BITS)
+        return requantize(acc, a_scale, self._channel_view(self.w_scale), out_scale, out_zero, REQUANT_BITS)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.transform_input(x)
-        out = self._op(self.quantized_input(x), self.quantized_weight(), self.bias)
+        out = self.quantized_product(x)
         for branch in (self.lowrank, self.lora):
             if branch is not None:
                 out = out + branch(x)

@@ -2,7 +2,8 @@
 
 A recipe folder holds ``recipe.json`` (human readable: per layer its weight / activation bits, the
 activation scale and zero point, granularity, Hadamard order and seed, smoothing and low-rank tensor
-references) and ``recipe.safetensors`` (the tensors: integer weight codes — 4-bit codes packed two
+references, the range of the quantized product's output on calibration images — optional, recipes
+written before it have none) and ``recipe.safetensors`` (the tensors: integer weight codes — 4-bit codes packed two
 per byte —, per-channel weight scales, smoothing vectors, merged low-rank factors).
 
 ``load_recipe`` + ``apply_recipe`` rebuild the calibrated fake-quant model from the FP model bit for
@@ -83,6 +84,7 @@ def _layer_entry(layer: QuantLayer, tensors: dict[str, torch.Tensor]) -> dict:
         "act_granularity": "per_tensor", "act_symmetric": False,
         "act_scale": None, "act_zero_point": None,
         "smoothing": None, "hadamard": None, "lowrank_rank": 0,
+        "output_range": None if layer.output_range is None else [float(v) for v in layer.output_range],
     }
     if layer.weight_bits is not None:
         codes = layer.weight_codes
@@ -183,8 +185,11 @@ def load_recipe(path: str | Path) -> Recipe:
     return Recipe(meta, tensors, path)
 
 
-def apply_recipe(fp_model: torch.nn.Module, recipe: Recipe | str | Path) -> torch.nn.Module:
-    """A fake-quant copy of ``fp_model`` as the recipe describes it (``fp_model`` is not modified)."""
+def apply_recipe(fp_model: torch.nn.Module, recipe: Recipe | str | Path, requant_outputs: bool = False
+                 ) -> torch.nn.Module:
+    """A fake-quant copy of ``fp_model`` as the recipe describes it (``fp_model`` is not modified).
+    ``requant_outputs`` also simulates the ``ort-cpu`` export's 8-bit requantized convolution
+    outputs (``QuantLayer.quantized_product``), for comparing with that graph."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     if recipe.meta["model"]["weights_sha256"] != weights_fingerprint(fp_model):
@@ -215,6 +220,9 @@ def apply_recipe(fp_model: torch.nn.Module, recipe: Recipe | str | Path) -> torc
             if e["weight_codes"].endswith("_int4"):
                 codes = unpack_int4(codes, layer.weight.numel())
             layer.load_frozen(codes.reshape(layer.weight.shape), t[e["weight_scale"]])
+        if e.get("output_range") is not None:
+            layer.output_range = tuple(float(v) for v in e["output_range"])
+        layer.requant_output = requant_outputs
         if e["act_bits"] is not None:
             layer.set_act_quant(e["act_bits"], torch.tensor(e["act_scale"], dtype=torch.float32),
                                 torch.tensor(float(e["act_zero_point"])))

@@ -11,13 +11,16 @@ Stages (each method's ``MethodSpec`` switches them on or off):
    (with ``mp_budget``) adaptive bit widths: sensitivity sweep, integer program, each layer's
    activation (and for ``target='qnn'`` weight) bits set to its choice (``calibration.mixed``);
 6. refinement: distillation (QD-LoRA / EfficientDM) or module-wise MSE (PassionSR);
-7. freeze (merge branches, fix integer codes) and write the recipe.
+7. freeze (merge branches, fix integer codes);
+8. output ranges: per layer, the (min, max) of its frozen quantized product on the ``stat_images``
+   images (where the ``ort-cpu`` export requantizes convolution outputs to 8 bits), and write the recipe.
 """
 
 from __future__ import annotations
 
 import copy
 import fnmatch
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +30,10 @@ import torch
 from tqdm import tqdm
 
 from calibration.config import CalibConfig
-from calibration.layers import QuantLayer, wrap_layers
+from calibration.layers import QuantLayer, quant_layers, wrap_layers
 from calibration.methods import DEFAULT_STEPS, MethodSpec, get_method
-from calibration.recipe import save_recipe
-from quantface.data import load_folder
+from calibration.recipe import JSON_NAME, apply_recipe, load_recipe, save_recipe
+from quantface.data import atomic_write_bytes, load_folder
 from quantface.degradation import degrade
 from quantface.device import describe as describe_device
 from quantface.device import resolve_device
@@ -44,6 +47,14 @@ from quantface.quant import act_qparams, weight_scale
 SAMPLES_PER_BATCH = 1 << 14
 
 
+def degraded_inputs(data: str, size: int, limit: int | None, seed: int) -> torch.Tensor:
+    """The calibration inputs: HQ faces of ``data`` degraded with (seed, index), (N, 3, H, W) in [-1, 1]."""
+    loaded = load_folder(data, size, limit)
+    if loaded.skipped:
+        print(loaded.report())
+    return images_to_tensor([degrade(hq, seed, i)[0] for i, hq in enumerate(loaded.images)])
+
+
 @dataclass
 class CalibData:
     """Degraded calibration inputs and the FP model's outputs for them, (N, 3, H, W) in [-1, 1]."""
@@ -53,11 +64,8 @@ class CalibData:
 
     @classmethod
     def build(cls, fp_model: torch.nn.Module, cfg: CalibConfig, size: int) -> "CalibData":
-        loaded = load_folder(cfg.data, size, cfg.limit)
-        if loaded.skipped:
-            print(loaded.report())
         device = next(fp_model.parameters()).device  # the data lives where the models run
-        lq = images_to_tensor([degrade(hq, cfg.seed, i)[0] for i, hq in enumerate(loaded.images)]).to(device)
+        lq = degraded_inputs(cfg.data, size, cfg.limit, cfg.seed).to(device)
         outs = []
         with torch.inference_mode():
             for i in range(0, len(lq), 16):
@@ -117,6 +125,34 @@ def observe(model: torch.nn.Module, layers: dict[str, QuantLayer], data: CalibDa
     finally:
         obs.remove()
     return obs
+
+
+def observe_output_ranges(model: torch.nn.Module, layers: dict[str, QuantLayer], lq: torch.Tensor,
+                          n_images: int) -> dict[str, tuple[float, float]]:
+    """Per layer, (min, max) of its quantized product (``QuantLayer.quantized_product``: the
+    quantized conv / matmul plus bias, without the low-rank branch) over the first ``n_images``
+    inputs ``lq``, and stored on the layer as ``output_range``. Run on the frozen model."""
+    lo: dict[str, float] = {}
+    hi: dict[str, float] = {}
+
+    def hook(name: str):
+        def record(module: QuantLayer, args):
+            y = module.quantized_product(module.transform_input(args[0]))
+            lo[name] = min(lo.get(name, float("inf")), float(y.min()))
+            hi[name] = max(hi.get(name, float("-inf")), float(y.max()))
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(list(_batches(lq, n_images, 8)), desc="output ranges", dynamic_ncols=True):
+                model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, layer in layers.items():
+        layer.output_range = (lo[name], hi[name]) if name in lo else None
+    return {n: (lo[n], hi[n]) for n in lo}
 
 
 def smoothing_scale(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -211,6 +247,7 @@ def calibrate(cfg: CalibConfig) -> CalibrationResult:
     # scales and float16 factors: moving it between devices changes no value).
     qmodel.cpu()
     fp_model.cpu()
+    observe_output_ranges(qmodel, layers, data.lq.cpu(), cfg.stat_images)
     seconds = time.time() - t0
     out = save_recipe(qmodel, fp_model, cfg, spec, {"calibration_seconds": round(seconds, 1), "steps": steps,
                                                     "images": len(data), "size": size},
@@ -220,3 +257,21 @@ def calibrate(cfg: CalibConfig) -> CalibrationResult:
         allocation.cleanup()
     print(f"recipe written to {out} ({seconds:.0f}s)")
     return CalibrationResult(out, qmodel.eval(), seconds)
+
+
+def add_output_ranges(recipe_dir: str | Path, data: str | None = None) -> Path:
+    """Record stage 8's output ranges into a recipe written without them (its ``recipe.json`` is
+    rewritten atomically; tensors, bits and scales are unchanged). The inputs are the recipe's own
+    calibration images (``data`` overrides their folder), degraded with its seed."""
+    recipe = load_recipe(recipe_dir)
+    cfg = recipe.meta["calibration"]
+    fp_model = load_model(cfg["model"], cfg.get("weights"))
+    qmodel = apply_recipe(fp_model, recipe)
+    size = cfg.get("size") or fp_model.config.working_size
+    lq = degraded_inputs(data or cfg["data"], size, cfg["stat_images"], cfg["seed"])
+    ranges = observe_output_ranges(qmodel, quant_layers(qmodel), lq, cfg["stat_images"])
+    meta = dict(recipe.meta)
+    meta["layers"] = {n: {**e, "output_range": list(ranges[n]) if n in ranges else None}
+                      for n, e in recipe.layers.items()}
+    atomic_write_bytes(recipe.path / JSON_NAME, (json.dumps(meta, indent=1) + "\n").encode())
+    return recipe.path

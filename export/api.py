@@ -30,7 +30,7 @@ from export.config import ExportConfig
 from export.errors import ExportError
 from export.fold import annotate_shapes, constants_to_initializers, fold_constants, remove_identities
 from export.graph import op_counts
-from export.lower import lower_quant_layers
+from export.lower import lower_quant_layers, requantized
 from export.profiles import get_profile
 from export.save import add_metadata, save_atomic
 from export.trace import INPUT_NAME, trace_to_onnx
@@ -87,6 +87,9 @@ def build_onnx(cfg: ExportConfig) -> tuple[onnx.ModelProto, list[str]]:
         "layer_bits": {n: {"weight_bits": e["weight_bits"], "act_bits": e["act_bits"]}
                        for n, e in (recipe.layers.items() if recipe else [])},
         "constant_layers": constant,
+        # Layers whose conv output this graph requantizes to 8 bits (QLinearConv): what a PyTorch
+        # model compared with it simulates (``apply_recipe(..., requant_outputs=True)``).
+        "requantized_layers": sorted(n for n, l in layers.items() if n not in constant and requantized(l, profile)),
     }
     model = add_metadata(model, entries)
     model.producer_name, model.producer_version = "quantface", __version__

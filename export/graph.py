@@ -20,7 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 # Integer containers the exporter writes, with their value ranges. INT4 / UINT4 (opset 21) are
 # stored packed two per byte in raw_data (via ml_dtypes, which onnx uses for its 4-bit types).
 INT_RANGES = {TensorProto.INT4: (-8, 7), TensorProto.UINT4: (0, 15), TensorProto.INT8: (-128, 127),
-              TensorProto.UINT8: (0, 255), TensorProto.UINT16: (0, 65535), TensorProto.INT64: (-2**63, 2**63 - 1)}
+              TensorProto.UINT8: (0, 255), TensorProto.UINT16: (0, 65535), TensorProto.INT32: (-2**31, 2**31 - 1),
+              TensorProto.INT64: (-2**63, 2**63 - 1)}
 
 
 def make_initializer(name: str, array: np.ndarray, elem_type: int | None = None) -> TensorProto:

@@ -19,6 +19,9 @@ output y, in order (every node optional, as the recipe says)::
   output channel with the recipe's scales and zero point 0. Conv weights are (out, in, kh, kw) with
   ``axis=0``; Linear weights are stored transposed, (in, out), for ``MatMul`` with ``axis=1`` — the
   output channel in both cases (the standard QDQ form of MatMul).
+* ``ort-cpu`` only (``export.profiles``): the Conv's bias as ``P_bias_DequantizeLinear`` of INT32
+  codes, and ``P_OutputQuantizeLinear`` → ``P_OutputDequantizeLinear`` (UINT8) on the Conv's output,
+  before ``P_LowRankAdd`` — the pattern ONNX Runtime fuses into ``QLinearConv``.
 * The merged low-rank branch (rank 2r) runs in full precision from x' — after the rotation, before
   the activation QDQ, as in calibration: a k×k conv (the layer's stride, padding, dilation) to rank
   2r then a 1×1 conv back, or two MatMuls for a Linear.
@@ -40,7 +43,7 @@ from export.graph import GraphBuilder, replace_nodes
 from export.profiles import CONTAINER_BITS, Profile
 from export.rotation import DOMAIN, VERSION, emit_rotation, hadamard_functions
 from export.trace import MARKER_DOMAIN, MARKER_OP
-from quantface.quant import qrange
+from quantface.quant import REQUANT_BITS, act_qparams_from_range, bias_codes, qrange
 
 
 def _np(t) -> np.ndarray:
@@ -95,6 +98,31 @@ def _weight(b: GraphBuilder, p: str, layer: QuantLayer, profile: Profile, conv: 
     return dq.output[0], [dq]
 
 
+def requantized(layer: QuantLayer, profile: Profile) -> bool:
+    """Whether ``profile`` requantizes this layer's product to 8 bits (see ``export.profiles`` and
+    ``QuantLayer.requantizable``)."""
+    return profile.requant_conv_outputs and layer.requantizable
+
+
+def _int32_bias(b: GraphBuilder, p: str, layer: QuantLayer) -> tuple[str, list[onnx.NodeProto]]:
+    """The bias as INT32 codes on the accumulator grid s_x·s_w, dequantized per output channel."""
+    codes, scale = bias_codes(layer.bias, layer.a_scale.detach(), layer.w_scale)
+    c = b.initializer(f"{p}.bias_codes", _np(codes), TensorProto.INT32)
+    s = b.initializer(f"{p}.bias_scale", _np(scale).astype(np.float32))
+    z = b.initializer(f"{p}.bias_zero_point", np.zeros(codes.shape, np.int32), TensorProto.INT32)
+    dq = b.node("DequantizeLinear", [c, s, z], f"{p}_bias_DequantizeLinear", axis=0)
+    return dq.output[0], [dq]
+
+
+def _output_qdq(b: GraphBuilder, p: str, x: str, layer: QuantLayer, y: str | None) -> list[onnx.NodeProto]:
+    """8-bit per-tensor Q → DQ of the product over the layer's recorded output range."""
+    scale, zero = act_qparams_from_range(*layer.output_range, REQUANT_BITS)
+    s = b.initializer(f"{p}.output_scale", np.array(float(scale), np.float32))
+    z = b.initializer(f"{p}.output_zero_point", np.array(int(zero)), TensorProto.UINT8)
+    q = b.node("QuantizeLinear", [x, s, z], f"{p}_OutputQuantizeLinear")
+    return [q, b.node("DequantizeLinear", [q.output[0], s, z], f"{p}_OutputDequantizeLinear", output=y)]
+
+
 def _factor(b: GraphBuilder, name: str, array: np.ndarray, half: bool) -> tuple[str, list[onnx.NodeProto]]:
     """A low-rank factor as an initializer: float16 + Cast when asked and float16 holds it exactly
     (factors of frozen recipes are float16-rounded, see ``QuantLayer.freeze``), else float32."""
@@ -131,12 +159,19 @@ def lower_layer(b: GraphBuilder, layer: QuantLayer, x: str, y: str, profile: Pro
     nodes += w_nodes
     branch = layer.lowrank
     has_bias = layer.bias is not None
-    bias = b.initializer(f"{p}.bias", _np(layer.bias)) if has_bias else None
+    requant = requantized(layer, profile)
+    if requant and has_bias:
+        bias, bias_nodes = _int32_bias(b, p, layer)
+        nodes += bias_nodes
+    else:
+        bias = b.initializer(f"{p}.bias", _np(layer.bias)) if has_bias else None
     last_main = branch is None and (conv or not has_bias)
     if conv:
         attrs = _conv_attrs(layer, tuple(layer.weight.shape[2:]))
         nodes.append(b.node("Conv", [x_main, w] + ([bias] if bias else []), f"{p}_Conv",
-                            output=y if last_main else None, **attrs))
+                            output=y if last_main and not requant else None, **attrs))
+        if requant:
+            nodes += _output_qdq(b, p, nodes[-1].output[0], layer, y if last_main else None)
     else:
         nodes.append(b.node("MatMul", [x_main, w], f"{p}_MatMul", output=y if last_main else None))
         if bias:

@@ -11,7 +11,15 @@ Every mapping (``w`` = weight bits in 2..8, ``a`` = activation bits in 2..8 or 1
 
 * ``reference`` is the exact, most compact graph (opset 21 4-bit types), for checking and archiving.
   4-bit containers are used for 2- and 3-bit codes too: the narrowest container holding the codes.
-* ``ort-cpu`` uses the 8-bit containers ONNX Runtime's CPU kernels are fastest with.
+* ``ort-cpu`` uses the 8-bit containers ONNX Runtime's CPU kernels are fastest with, and
+  requantizes each quantized convolution's output to 8 bits (``UINT8``, per tensor, over the
+  recipe's ``output_range``; bias as ``INT32`` codes on the accumulator grid s_x·s_w): ONNX Runtime
+  fuses DQ → Conv → Q into ``QLinearConv`` only when a QuantizeLinear follows the Conv, and
+  otherwise dequantizes the weights and runs the convolution in float on every call. This is the
+  one place a profile departs from the calibrated values: an 8-bit rounding of the product, before
+  the float low-rank branch is added (its effect is what ``quantface validate`` reports as parity).
+  Recipes without output ranges (written before they were recorded; see
+  ``tools/add_output_ranges.py``) export their convolutions in float, as before.
 * ``qnn`` targets ONNX Runtime's QNN execution provider (Qualcomm HTP): no model-local functions
   (so the rotation is emitted as its body, inline), unsigned 8/16-bit activations, signed 8-bit
   per-channel weights. 16-bit activations come only from the hardware-aware bit allocation
@@ -39,6 +47,7 @@ class Profile:
     uint4_acts: bool  # UINT4 container for activations of ≤ 4 bits
     inline_rotation: bool  # emit the Hadamard body inline instead of a quantface::Hadamard node
     half_lowrank: bool = False  # store float16-exact low-rank factors as float16 (+ Cast) for size
+    requant_conv_outputs: bool = False  # 8-bit Q→DQ on quantized convs' outputs, so ORT fuses QLinearConv
 
     def weight_type(self, bits: int) -> int:
         return TensorProto.INT4 if self.int4_weights and bits <= 4 else TensorProto.INT8
@@ -54,7 +63,7 @@ CONTAINER_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.INT8: 8
 
 PROFILES: dict[str, Profile] = {p.name: p for p in [
     Profile("reference", int4_weights=True, uint4_acts=True, inline_rotation=False, half_lowrank=True),
-    Profile("ort-cpu", int4_weights=False, uint4_acts=False, inline_rotation=False),
+    Profile("ort-cpu", int4_weights=False, uint4_acts=False, inline_rotation=False, requant_conv_outputs=True),
     Profile("qnn", int4_weights=False, uint4_acts=False, inline_rotation=True),
 ]}
 

@@ -1,7 +1,8 @@
 """``quantface validate``: an exported graph against the PyTorch model it came from, on real faces.
 
-ONNX Runtime (CPU EP) and the PyTorch model (the fake-quant model of the recipe, or the FP model for
-an FP32 graph) restore the same degraded faces through the same ``RestorationPipeline`` code. Reported:
+ONNX Runtime (CPU EP) and the PyTorch model (the fake-quant model of the recipe — simulating the
+``ort-cpu`` graph's 8-bit requantized convolution outputs when the graph has them — or the FP model
+for an FP32 graph) restore the same degraded faces through the same ``RestorationPipeline`` code. Reported:
 parity between the two (PSNR over the whole set of float outputs mapped to [0, 1], capped at 200 dB
 for identical outputs, and max-abs), quality of the ONNX output against the HQ faces and against the
 FP model, latency (median of repeated single-batch runs, threads stated) and file size.
@@ -9,6 +10,7 @@ FP model, latency (median of repeated single-batch runs, threads stated) and fil
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -74,7 +76,10 @@ def validate(cfg: ValidateConfig) -> dict:
     loaded = load_folder(cfg.data, size, cfg.limit)
     lqs = [degrade(hq, cfg.seed, i)[0] for i, hq in enumerate(loaded.images)]
 
-    onnx_rec, torch_rec = _Recording(onnx_backend), _Recording(cfg.model.torch_backend())
+    # The PyTorch side simulates what the graph computes: the ort-cpu profile's requantized outputs too.
+    requantized = json.loads(onnx_backend.metadata.get("quantface.requantized_layers", "[]"))
+    torch_spec = dataclasses.replace(cfg.model, requant_outputs=bool(requantized))
+    onnx_rec, torch_rec = _Recording(onnx_backend), _Recording(torch_spec.torch_backend())
     onnx_out = RestorationPipeline(onnx_rec, batch)(lqs)
     torch_out = RestorationPipeline(torch_rec, batch)(lqs)
     if cfg.model.recipe is None:  # an FP32 graph: the PyTorch model under comparison is the FP model

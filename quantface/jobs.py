@@ -40,6 +40,8 @@ class ModelSpec(JsonConfig):
     recipe: str | None = None
     onnx: str | None = None
     device: str = "auto"  # auto (CUDA when torch sees a GPU, else CPU) | cpu | cuda | cuda:N
+    # With a recipe: also simulate the ort-cpu graph's 8-bit requantized conv outputs (for parity with it).
+    requant_outputs: bool = False
 
     def __post_init__(self) -> None:
         check_device_name(self.device)
@@ -62,7 +64,7 @@ class ModelSpec(JsonConfig):
             return fp
         from calibration.recipe import apply_recipe
 
-        return apply_recipe(fp, self.recipe)
+        return apply_recipe(fp, self.recipe, requant_outputs=self.requant_outputs)
 
     def pipeline(self, batch_size: int = 8) -> tuple[RestorationPipeline, int]:
         """The restoration pipeline for this model and its working size (an ONNX graph's input size)."""

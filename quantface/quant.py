@@ -28,6 +28,9 @@ MIN_BITS, MAX_BITS = 2, 8
 # in float32, so quantize / dequantize stay exact. Weights stay at most 8 bits (int8 storage), and
 # ``--bits`` keeps the 2..8 range.
 WIDE_ACT_BITS = 16
+# Bits of the ``ort-cpu`` export's requantized convolution outputs (UINT8, what QLinearConv emits).
+REQUANT_BITS = 8
+BIAS_CODE_LIMIT = 1 << 24  # |INT32 bias codes| of a requantized conv (see ``bias_fits``)
 # Smallest scale we allow: keeps x / s finite for all-zero channels.
 EPS = 1e-8
 
@@ -183,6 +186,39 @@ def act_qparams(sample: torch.Tensor, bits: int, method: str = "mse", percentile
         best_hi = hi * ratios[int(torch.tensor([err(best_lo, hi * r) for r in ratios], device="cpu").argmin())]
         best_lo = lo * ratios[int(torch.tensor([err(lo * r, best_hi) for r in ratios], device="cpu").argmin())]
     return act_qparams_from_range(best_lo, best_hi, bits)
+
+
+def bias_codes(bias: torch.Tensor, act_scale: torch.Tensor | float, w_scale: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's float bias as int32 codes on the grid of its integer accumulator: scale
+    s_x · s_w (per output channel), zero point 0 — the form ONNX ``QLinearConv`` takes its bias in.
+    The rounding error, at most s_x · s_w / 2 per channel, is below one accumulator step. Codes are
+    clamped to ±``BIAS_CODE_LIMIT``; see ``bias_fits``."""
+    scale = torch.as_tensor(act_scale, dtype=torch.float32) * w_scale.detach().float()
+    codes = torch.round(bias.detach().float() / scale).clamp(-BIAS_CODE_LIMIT, BIAS_CODE_LIMIT)
+    return codes.to(torch.int32), scale
+
+
+def bias_fits(bias: torch.Tensor, act_scale: torch.Tensor | float, w_scale: torch.Tensor) -> bool:
+    """Whether every bias code is within ±``BIAS_CODE_LIMIT`` = 2^24, the integers float32 holds
+    exactly (integer kernels convert the accumulator to float to requantize). Degenerate weight
+    scales (a channel the low-rank branch took whole, scale ``EPS``) put it at ~10^9 codes, where
+    ONNX Runtime's QLinearConv and the float simulation part ways."""
+    scale = torch.as_tensor(act_scale, dtype=torch.float32) * w_scale.detach().float()
+    return bool((bias.detach().float() / scale).abs().max() <= BIAS_CODE_LIMIT)
+
+
+def requantize(acc: torch.Tensor, act_scale: torch.Tensor, w_scale: torch.Tensor, out_scale: torch.Tensor,
+               out_zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """The output stage of an integer convolution (ONNX Runtime's QLinearConv), dequantized:
+    ``acc`` is the exact integer accumulator Σ (q_x − z_x)·q_w + bias codes (any float dtype holding
+    integers exactly), ``w_scale`` shaped to broadcast along its channel axis. Like the kernel, in
+    float32: m = (s_x · s_w) / s_y, q_y = clamp(round_half_even(float32(acc) · m) + z_y), then
+    (q_y − z_y) · s_y."""
+    qmin, qmax = qrange(bits, signed=False)
+    multiplier = (act_scale.detach().float() * w_scale.detach().float()) / out_scale.float()
+    codes = torch.clamp(torch.round(acc.float() * multiplier) + out_zero_point, qmin, qmax)
+    return (codes - out_zero_point) * out_scale
 
 
 # --------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def test_user_errors_are_one_line(argv, message, capsys, tmp_path, monkeypatch):
     assert err.strip() == f"error: {message}"
 
 
-def test_demo_runs_the_chain(tiny_weights, tmp_path, capsys, monkeypatch):
+def test_demo_runs_the_chain(tiny_weights, tiny_model, tmp_path, capsys, monkeypatch):
     """The main job on a tiny model: FP restore, fast calibration, export, validate, package."""
     monkeypatch.chdir(tmp_path)  # not a checkout: nothing is copied into android_demo/
     out = tmp_path / "demo"
@@ -68,7 +68,17 @@ def test_demo_runs_the_chain(tiny_weights, tmp_path, capsys, monkeypatch):
     s = json.loads((out / "summary.json").read_text())
     assert s["fp_demo"]["faces"][0] == "astronaut"
     assert len(list((out / "faces" / "calibration").glob("*.png"))) == 4
-    assert s["validate"]["n"] == 9 and s["validate"]["parity_psnr"] >= 40.0  # astronaut + 8 LFW faces
+    assert s["validate"]["n"] == 9 and np.isfinite(s["validate"]["parity_psnr"])  # astronaut + 8 LFW faces
+    # Parity of the demo's ort-cpu graph with its recipe, layer by layer (tests.parity: end to end, the
+    # random tiny model amplifies float-order code flips; the trained model's is in test_export).
+    from calibration.recipe import apply_recipe
+    from quantface.pipeline import images_to_tensor
+    from tests.parity import layer_parity
+
+    qmodel = apply_recipe(tiny_model, out / "recipe", requant_outputs=True)
+    face = read_image(sorted((out / "faces" / "validation").glob("*.png"))[0])
+    layers = layer_parity(out / "onnx" / "ort_cpu.onnx", qmodel, images_to_tensor([face]).numpy())
+    assert layers and all(p.rel_l2 <= 1e-4 and p.exact_fraction >= 0.99 for p in layers.values())
     assert set(s["graphs"]) == {"fp32", "reference", "ort-cpu"}
     assert s["package"]["copied_to"] == [] and (out / "package" / "model.json").is_file()
     printed = capsys.readouterr().out

@@ -20,9 +20,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 from calibration import CalibConfig, calibrate
+from calibration.layers import quant_layers
 from calibration.recipe import RecipeError, apply_recipe, load_recipe
 from export import ExportConfig, ExportError, OnnxBackend, export_onnx, qnn_report
 from export import save as save_mod
@@ -34,6 +35,7 @@ from quantface.errors import ConfigError, QuantFaceError
 from quantface.models.reference import ReferenceRestorer
 from quantface.pipeline import RestorationPipeline, TorchBackend
 from tests.conftest import TINY, smooth_image
+from tests.parity import layer_parity
 
 SIZE = 32
 PARITY_PSNR_DB = 40.0  # ORT vs PyTorch fake-quant, outputs mapped to [0, 1]
@@ -74,6 +76,9 @@ class _Cache:
                               size=SIZE, stat_images=4, rank=2, batch_size=2, steps=2)
             self.recipes[key] = calibrate(cfg).recipe
         return self.recipes[key]
+
+    def recipe_layers(self, method: str, bits: str) -> dict[str, dict]:
+        return load_recipe(self.recipe(method, bits)).layers
 
     def export(self, method: str | None, bits: str = "W4A4", profile: str = "reference", **kw) -> Path:
         key = (method, bits, profile, tuple(sorted(kw.items())))
@@ -117,15 +122,25 @@ def test_graph_structure_follows_the_recipe(cache, method, bits, profile):
     nodes = {n.name: n for n in model.graph.node}
     ops = [n.op_type for n in model.graph.node]
     types = _initializer_types(model)
+    initializers = {i.name: i for i in model.graph.initializer}
     assert set(json.loads(meta["constant_layers"])) == TIMESTEP_LAYERS
     live = {n: e for n, e in layers.items() if n not in TIMESTEP_LAYERS}
     w_bits, a_bits = int(bits[1]), int(bits[3])
 
-    # Q/DQ counts: one Q and one DQ per quantized activation, one DQ per quantized weight.
+    # Q/DQ counts: one Q and one DQ per quantized activation, one DQ per quantized weight; in the
+    # ort-cpu profile also an 8-bit Q/DQ on each quantized conv's output and a DQ of its INT32 bias.
     n_act = sum(e["act_bits"] is not None for e in live.values())
     n_w = sum(e["weight_bits"] is not None for e in live.values())
-    assert ops.count("QuantizeLinear") == n_act
-    assert ops.count("DequantizeLinear") == n_act + n_w
+    # (every quantized conv with 8-bit-or-narrower input whose bias fits the accumulator grid: in
+    # svdquant's tiny recipe the SVD takes some 8-channel convs whole, leaving a degenerate scale)
+    torch_layers = quant_layers(apply_recipe(cache.fp, recipe))
+    requant = {n for n, e in live.items() if profile == "ort-cpu" and e["kind"] == "conv"
+               and e["weight_bits"] is not None and e["act_bits"] is not None and torch_layers[n].requantizable}
+    biased = {n for n in requant if cache.fp.get_submodule(n).bias is not None}
+    assert set(json.loads(meta["requantized_layers"])) == requant
+    assert len(requant) >= len(live) // 2 or profile != "ort-cpu"
+    assert ops.count("QuantizeLinear") == n_act + len(requant)
+    assert ops.count("DequantizeLinear") == n_act + n_w + len(requant) + len(biased)
     for name, e in live.items():
         assert nodes[f"{name}_QuantizeLinear"].op_type == "QuantizeLinear"
         assert nodes[f"{name}_DequantizeLinear"].input[0] == nodes[f"{name}_QuantizeLinear"].output[0]
@@ -146,6 +161,17 @@ def test_graph_structure_follows_the_recipe(cache, method, bits, profile):
                     (TensorProto.FLOAT16 if half else TensorProto.FLOAT)
                 assert (f"{name}.lowrank_{factor}_Cast" in nodes) == half
         assert (f"{name}_Smooth" in nodes) == bool(e["smoothing"])
+        assert (f"{name}_OutputQuantizeLinear" in nodes) == (name in requant)
+        if name in requant:  # Conv → Q → DQ (→ low-rank add), the bias as INT32 codes on s_x·s_w
+            main, q = nodes[f"{name}_Conv"], nodes[f"{name}_OutputQuantizeLinear"]
+            assert q.input[0] == main.output[0] and nodes[f"{name}_OutputDequantizeLinear"].input[0] == q.output[0]
+            assert types[f"{name}.output_zero_point"] == TensorProto.UINT8
+            lo, hi = e["output_range"]
+            scale = numpy_helper.to_array(initializers[f"{name}.output_scale"]).item()
+            assert lo <= hi and scale == pytest.approx((max(hi, 0) - min(lo, 0)) / 255, rel=1e-6)
+            if name in biased:
+                assert main.input[2] == nodes[f"{name}_bias_DequantizeLinear"].output[0]
+                assert types[f"{name}.bias_codes"] == TensorProto.INT32
     for name in TIMESTEP_LAYERS:
         assert not any(n.startswith(f"{name}_") for n in nodes)
 
@@ -178,7 +204,7 @@ def test_graph_structure_follows_the_recipe(cache, method, bits, profile):
 
 
 def test_qnn_report_flags_what_htp_cannot_take():
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     codes = numpy_helper.from_array(np.zeros((4, 4), np.uint8), "w")  # unsigned, per-tensor weights
     nodes = [helper.make_node("DequantizeLinear", ["w", "s"], ["wd"], name="w_dq"),
@@ -198,25 +224,96 @@ def test_qnn_report_flags_what_htp_cannot_take():
         assert expected in report
 
 
+def test_onnx_runtime_fuses_each_requantized_convolution(cache, tmp_path):
+    """The point of the ort-cpu profile's output Q/DQ: ONNX Runtime turns every quantized conv into
+    an integer QLinearConv (without the output Q it dequantizes the weights and convolves in float)."""
+    path = cache.export("quantface", "W4A4", "ort-cpu")
+    requant = [n for n in onnx.load(str(path)).graph.node if n.name.endswith("_OutputQuantizeLinear")]
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    fused = [n for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node if n.op_type == "QLinearConv"]
+    assert requant and len(fused) == len(requant)
+
+
+def test_output_ranges_added_to_an_old_recipe_are_the_calibrated_ones(cache, tmp_path):
+    """``add_output_ranges`` (tools/add_output_ranges.py) reproduces calibration's stage 8 exactly;
+    without ranges the ort-cpu export keeps its convolutions in float (no output Q/DQ)."""
+    import shutil
+
+    from calibration.run import add_output_ranges
+
+    old = tmp_path / "old"
+    shutil.copytree(cache.recipe("quantface", "W4A4"), old)
+    meta = json.loads((old / "recipe.json").read_text())
+    calibrated = {n: e["output_range"] for n, e in meta["layers"].items()}
+    assert all(r is not None and r[0] <= r[1] for r in calibrated.values())
+    for e in meta["layers"].values():
+        e["output_range"] = None
+    (old / "recipe.json").write_text(json.dumps(meta))
+    out = tmp_path / "old.onnx"
+    export_onnx(ExportConfig(weights=str(cache.weights), recipe=str(old), profile="ort-cpu", out=str(out)))
+    assert not [n for n in onnx.load(str(out)).graph.node if n.name.endswith("_OutputQuantizeLinear")]
+
+    add_output_ranges(old, str(cache.root / "faces"))
+    added = {n: e["output_range"] for n, e in json.loads((old / "recipe.json").read_text())["layers"].items()}
+    assert added == calibrated
+    assert load_recipe(old).sha256 == meta["tensors_sha256"]
+
+
 # ---------------------------------------------------------------------------------------- parity
 @pytest.mark.parametrize("profile", PROFILES)
 @pytest.mark.parametrize("method,bits", CASES)
 def test_onnx_runtime_matches_the_fake_quant_model(cache, method, bits, profile):
-    """ORT on the exported graph vs ``apply_recipe`` in PyTorch, same input: PSNR ≥ 40 dB on [0, 1]
-    (observed: ~140–150 dB, max |Δ| ≈ 1e-6 — the same integer codes up to float summation order)."""
+    """Every quantized layer of the graph computes what the PyTorch layer computes on the same input
+    (ORT's own value of it; ``tests.parity``): observed max |Δ| ≤ 1e-6, all elements equal to float
+    rounding. End to end, float-order differences outside the layers can flip a quantizer code that
+    the random tiny model amplifies (29–150 dB by CPU), so there the graph must only be the quantized
+    model rather than the FP one; end-to-end parity is measured on the trained model below."""
     x = _input()
-    qmodel = apply_recipe(cache.fp, cache.recipe(method, bits))
-    # One image at a time in PyTorch too, as the static batch-1 graph runs: the same image inside a
-    # batch of two differs in the last float bits, which can move an activation across a rounding
-    # boundary of its quantizer, and in a tiny random model one such flip changes the output a lot.
+    # ort-cpu requantizes conv outputs to 8 bits (QLinearConv): the PyTorch side simulates that too.
+    qmodel = apply_recipe(cache.fp, cache.recipe(method, bits), requant_outputs=profile == "ort-cpu")
+    path = cache.export(method, bits, profile)
+    for i in range(len(x)):
+        layers = layer_parity(path, qmodel, x[i:i + 1])
+        assert len(layers) == len(cache.recipe_layers(method, bits)) - len(TIMESTEP_LAYERS)
+        worst = max(layers, key=lambda n: layers[n].rel_l2)
+        print(f"{method} {bits} {profile} input {i}: worst layer {worst} {layers[worst]}")
+        assert all(p.rel_l2 <= 1e-4 and p.exact_fraction >= 0.99 for p in layers.values()), worst
     with torch.no_grad():
         ref = np.concatenate([qmodel(torch.from_numpy(x[i:i + 1])).numpy() for i in range(len(x))])
         fp = cache.fp(torch.from_numpy(x)).numpy()
-    out = OnnxBackend(cache.export(method, bits, profile), threads=1)(x)
-    psnr = _psnr01(out, ref)
-    print(f"{method} {bits} {profile}: PSNR {psnr:.1f} dB, max |Δ| {np.abs(out - ref).max():.2e}")
+    out = OnnxBackend(path, threads=1)(x)
+    assert _psnr01(out, ref) > _psnr01(out, fp)  # it is the quantized model, not the FP one
+
+
+@pytest.mark.parametrize("profile", ["reference", "ort-cpu"])
+def test_trained_model_graphs_match_the_fake_quant_model_end_to_end(profile, tmp_path):
+    """The issue's parity bar on the committed QuantFace W4A4 recipe and the embedded model, on real
+    faces scikit-image ships: ONNX Runtime vs PyTorch ≥ 40 dB (``quantface validate`` measures it on
+    20 test faces: docs/export_bench.md)."""
+    from quantface.data import shipped_faces
+    from quantface.degradation import degrade
+    from quantface.models import load_model
+    from quantface.package import REPO
+    from quantface.pipeline import images_to_tensor
+
+    recipe = REPO / "recipes" / "quantface_w4a4"
+    out = tmp_path / f"{profile}.onnx"
+    export_onnx(ExportConfig(recipe=str(recipe), profile=profile, out=str(out)))
+    requantized = json.loads(read_metadata(onnx.load(str(out)))["requantized_layers"])
+    assert bool(requantized) == (profile == "ort-cpu")  # the committed recipe has output ranges
+    fp = load_model("reference")
+    qmodel = apply_recipe(fp, recipe, requant_outputs=bool(requantized))
+    faces, _ = shipped_faces(fp.config.working_size, lfw_count=3)
+    x = images_to_tensor([degrade(face, 0, i)[0] for i, face in enumerate(faces)])
+    with torch.no_grad():
+        want = np.concatenate([qmodel(x[i:i + 1]).numpy() for i in range(len(x))])
+    got = OnnxBackend(out, threads=2)(x.numpy())
+    psnr = _psnr01(got, want)
+    print(f"{profile}: ONNX Runtime vs PyTorch {psnr:.1f} dB on {len(x)} faces")
     assert psnr >= PARITY_PSNR_DB
-    assert np.abs(out - ref).max() < np.abs(out - fp).max()  # it is the quantized model, not the FP one
 
 
 def test_fp32_export_matches_the_torch_model(cache):
@@ -331,7 +428,7 @@ def test_onnx_backend_runs_in_the_pipeline(cache, tmp_path):
 def test_hadamard_node_computes_the_rotation(n, overload, conv):
     """The quantface::Hadamard function (dense body below KRON_MIN_ORDER, A ⊗ B factored body from
     it) run by ONNX Runtime equals x·Q in float64 to float32 accuracy."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     from export.graph import GraphBuilder
     from export.rotation import DOMAIN, VERSION, emit_rotation, hadamard_functions

@@ -306,7 +306,9 @@ def test_qnn_target_16_bit_activations_round_trip_and_export(image_folder, tmp_p
         if profile == "qnn":
             assert qnn_report(out) == []
         got = OnnxBackend(out)(x.numpy())
-        err = np.mean(((np.clip(got, -1, 1) - np.clip(ours.numpy(), -1, 1)) / 2) ** 2)
+        with torch.no_grad():  # ort-cpu requantizes the outputs of 8-bit-input convs: simulated too
+            want = apply_recipe(tiny_model, result.recipe, requant_outputs=profile == "ort-cpu")(x)
+        err = np.mean(((np.clip(got, -1, 1) - np.clip(want.numpy(), -1, 1)) / 2) ** 2)
         assert 10 * np.log10(1 / max(err, 1e-20)) > 40
 
 
