@@ -10,6 +10,7 @@ numbers to compare.
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,3 +60,52 @@ def compare_latency(models: dict[str, str | Path], threads: int = 2, repeats: in
         print()
     return {label: Timing(label, Path(models[label]), statistics.median(t), min(t), file_bytes(models[label]))
             for label, t in times.items()}
+
+
+# Parts of a graph's kernel time, by ONNX Runtime's node (after its fusions) — see ``kernel_time_by_part``.
+PARTS = ("integer convolutions (QLinearConv)", "float convolutions", "low-rank branches", "Hadamard rotations",
+         "activation quantizers (Clip, Q, DQ)", "layout (Transpose, Reorder)", "other float ops")
+
+
+def _part(node_name: str, op: str) -> str:
+    if "_LowRank" in node_name:
+        return PARTS[2]
+    if "Hadamard" in node_name:
+        return PARTS[3]
+    if op == "QLinearConv":
+        return PARTS[0]
+    if op in ("Conv", "FusedConv"):
+        return PARTS[1]
+    if op in ("QuantizeLinear", "DequantizeLinear", "Clip"):
+        return PARTS[4]
+    if op in ("Transpose", "ReorderInput", "ReorderOutput"):
+        return PARTS[5]
+    return PARTS[6]
+
+
+def kernel_time_by_part(path: str | Path, threads: int = 2, runs: int = 20, seed: int = 0) -> dict[str, float]:
+    """Mean milliseconds per run that ONNX Runtime's profiler attributes to each of ``PARTS`` (node
+    kernel times summed; a run's wall time adds scheduling between nodes). Nodes are classified by
+    the exporter's names (``<layer>_LowRank*``, ``<layer>_Hadamard`` and its inlined body) and by op."""
+    import json
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        inp = session.get_inputs()[0]
+        x = np.random.default_rng(seed).uniform(-1, 1, inp.shape).astype(np.float32)
+        for _ in range(runs):
+            session.run(None, {inp.name: x})
+        events = json.loads(Path(session.end_profiling()).read_text())
+    totals = dict.fromkeys(PARTS, 0.0)
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            totals[_part(e["name"], e["args"].get("op_name", ""))] += e["dur"] / 1000.0 / runs
+    return totals

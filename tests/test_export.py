@@ -237,6 +237,17 @@ def test_onnx_runtime_fuses_each_requantized_convolution(cache, tmp_path):
     assert requant and len(fused) == len(requant)
 
 
+def test_kernel_time_by_part_finds_every_part_of_an_ort_cpu_graph(cache):
+    from export.bench import PARTS, kernel_time_by_part
+
+    parts = kernel_time_by_part(cache.export("quantface", "W4A4", "ort-cpu"), threads=1, runs=2)
+    assert list(parts) == list(PARTS)
+    for part in ("integer convolutions (QLinearConv)", "low-rank branches", "Hadamard rotations",
+                 "activation quantizers (Clip, Q, DQ)", "other float ops"):
+        assert parts[part] > 0, part
+    assert kernel_time_by_part(cache.export(None), threads=1, runs=2)["integer convolutions (QLinearConv)"] == 0
+
+
 def test_output_ranges_added_to_an_old_recipe_are_the_calibrated_ones(cache, tmp_path):
     """``add_output_ranges`` (tools/add_output_ranges.py) reproduces calibration's stage 8 exactly;
     without ranges the ort-cpu export keeps its convolutions in float (no output Q/DQ)."""

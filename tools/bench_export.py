@@ -10,7 +10,10 @@ its outputs are wrong, it only times what the rotation costs) — then times the
 * size: ``reference`` bytes / FP32 bytes (the issue's bar: ≤ 15 %), with a breakdown of the
   ``reference`` file by kind of tensor;
 * speed: FP32 latency / ``ort-cpu`` latency (bar: ≥ 2.5×);
-* Hadamard share: (``ort-cpu`` − ``ort-cpu`` without rotation) / ``ort-cpu`` (bar: ≤ 3 %).
+* Hadamard share: (``ort-cpu`` − ``ort-cpu`` without rotation) / ``ort-cpu`` (bar: ≤ 3 %);
+* where the time goes: ONNX Runtime's profiler on the FP32 and ``ort-cpu`` graphs, kernel time by
+  part (``export.bench.kernel_time_by_part``), and the speed-up ``ort-cpu`` could reach if its
+  rotations, low-rank branches and activation quantizers cost nothing.
 
 Writes the Markdown table and the raw numbers as JSON beside it.
 """
@@ -29,7 +32,7 @@ import onnx
 from onnx import numpy_helper
 
 from export import ExportConfig, export_onnx
-from export.bench import compare_latency
+from export.bench import PARTS, compare_latency, kernel_time_by_part
 from quantface import __version__
 from quantface.data import atomic_write_bytes
 from quantface.errors import exit_status
@@ -63,6 +66,10 @@ def run(recipe: str, threads: int, repeats: int, size: int | None, workdir: Path
         print(f"exported {label}: {paths[label]}")
     timings = compare_latency(paths, threads=threads, repeats=repeats)
     fp, ref, cpu, norot = (timings[k] for k in variants)
+    parts = {k: kernel_time_by_part(paths[k], threads=threads) for k in ("fp32", "ort-cpu")}
+    # Amdahl: with the rotations, low-rank branches and activation quantizers at zero cost, the
+    # ort-cpu graph still runs its integer convs, layout changes and the float ops it shares with FP32.
+    floor = sum(parts["ort-cpu"][p] for p in (PARTS[0], PARTS[1], PARTS[5], PARTS[6]))
     return {
         "recipe": recipe,
         "threads": threads,
@@ -77,6 +84,8 @@ def run(recipe: str, threads: int, repeats: int, size: int | None, workdir: Path
         "speedup_reference_vs_fp32": fp.median_ms / ref.median_ms,
         "hadamard_share_ort_cpu": (cpu.median_ms - norot.median_ms) / cpu.median_ms,
         "reference_breakdown_bytes": tensor_breakdown(ref.path),
+        "kernel_ms_by_part": parts,
+        "speedup_bound_ort_cpu": sum(parts["fp32"].values()) / floor,
     }
 
 
@@ -95,6 +104,16 @@ def markdown(r: dict) -> str:
               "`reference` file by kind of tensor:", "", "| tensors | bytes |", "|---|---:|"]
     for k, v in sorted(r["reference_breakdown_bytes"].items(), key=lambda kv: -kv[1]):
         lines.append(f"| {k} | {v / 1e6:.2f} MB |")
+    parts = r["kernel_ms_by_part"]
+    lines += ["", f"Where the time goes: ONNX Runtime's profiler, kernel time per run (mean of 20, {r['threads']} threads, "
+              "after its fusions; wall time adds scheduling between nodes):", "",
+              "| part | FP32 | ort-cpu |", "|---|---:|---:|"]
+    for part in PARTS:
+        lines.append(f"| {part} | {parts['fp32'][part]:.1f} ms | {parts['ort-cpu'][part]:.1f} ms |")
+    lines.append(f"| total | {sum(parts['fp32'].values()):.1f} ms | {sum(parts['ort-cpu'].values()):.1f} ms |")
+    lines += ["", f"Upper bound on the ort-cpu speed-up with free rotations, low-rank branches and activation "
+              f"quantizers (FP32 total / ort-cpu's integer convs, float convs, layout and other float ops): "
+              f"**{r['speedup_bound_ort_cpu']:.2f}×**."]
     return "\n".join(lines) + "\n"
 
 
