@@ -33,12 +33,12 @@ def make_initializer(name: str, array: np.ndarray, elem_type: int | None = None)
     if elem_type is None:
         if array.dtype.kind == "f" and array.dtype != np.float16:
             array = array.astype(np.float32)
-        return numpy_helper.from_array(np.ascontiguousarray(array), name)
+        return numpy_helper.from_array(np.asarray(array, order="C"), name)
     lo, hi = INT_RANGES[elem_type]
     if array.size and (array.min() < lo or array.max() > hi):
         raise ValueError(f"initializer {name}: values outside the range of {TensorProto.DataType.Name(elem_type)}")
     np_type = helper.tensor_dtype_to_np_dtype(elem_type)
-    return numpy_helper.from_array(np.ascontiguousarray(array.astype(np.int64).astype(np_type)), name)
+    return numpy_helper.from_array(np.asarray(array.astype(np.int64).astype(np_type), order="C"), name)
 
 
 class GraphBuilder:
