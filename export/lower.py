@@ -19,9 +19,10 @@ output y, in order (every node optional, as the recipe says)::
   output channel with the recipe's scales and zero point 0. Conv weights are (out, in, kh, kw) with
   ``axis=0``; Linear weights are stored transposed, (in, out), for ``MatMul`` with ``axis=1`` — the
   output channel in both cases (the standard QDQ form of MatMul).
-* ``ort-cpu`` only (``export.profiles``): the Conv's bias as ``P_bias_DequantizeLinear`` of INT32
+* ``ort-cpu`` and ``qnn`` (``export.profiles``): the Conv's bias as ``P_bias_DequantizeLinear`` of INT32
   codes, and ``P_OutputQuantizeLinear`` → ``P_OutputDequantizeLinear`` (UINT8) on the Conv's output,
-  before ``P_LowRankAdd`` — the pattern ONNX Runtime fuses into ``QLinearConv``.
+  before ``P_LowRankAdd`` — the pattern ONNX Runtime fuses into ``QLinearConv`` (and the QNN EP
+  gives the HTP as an integer convolution).
 * The merged low-rank branch (rank 2r) runs in full precision from x' — after the rotation, before
   the activation QDQ, as in calibration: a k×k conv (the layer's stride, padding, dilation) to rank
   2r then a 1×1 conv back, or two MatMuls for a Linear.

@@ -20,6 +20,9 @@ Every mapping (``w`` = weight bits in 2..8, ``a`` = activation bits in 2..8 or 1
   the float low-rank branch is added (its effect is what ``quantface validate`` reports as parity).
   Recipes without output ranges (written before they were recorded; see
   ``tools/add_output_ranges.py``) export their convolutions in float, as before.
+* ``qnn`` requantizes convolution outputs the same way: a DQ → Conv → Q node unit (bias INT32) is
+  what the QNN EP hands to the HTP as an integer convolution; without the output Q the conv is a
+  float op (FP16 on v73 and newer HTPs, the CPU on older ones).
 * ``qnn`` targets ONNX Runtime's QNN execution provider (Qualcomm HTP): no model-local functions
   (so the rotation is emitted as its body, inline), unsigned 8/16-bit activations, signed 8-bit
   per-channel weights. 16-bit activations come only from the hardware-aware bit allocation
@@ -64,7 +67,7 @@ CONTAINER_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.INT8: 8
 PROFILES: dict[str, Profile] = {p.name: p for p in [
     Profile("reference", int4_weights=True, uint4_acts=True, inline_rotation=False, half_lowrank=True),
     Profile("ort-cpu", int4_weights=False, uint4_acts=False, inline_rotation=False, requant_conv_outputs=True),
-    Profile("qnn", int4_weights=False, uint4_acts=False, inline_rotation=True),
+    Profile("qnn", int4_weights=False, uint4_acts=False, inline_rotation=True, requant_conv_outputs=True),
 ]}
 
 

@@ -10,7 +10,8 @@ Checked:
 * activations: ``QuantizeLinear`` produces uint8 or uint16 (and ``DequantizeLinear`` of computed
   values reads one of those);
 * weights: ``DequantizeLinear`` of an initializer reads int8 or int4 codes, per output channel
-  (1-D scale as long as the quantized axis), with zero points 0 (QNN's weights are symmetric).
+  (1-D scale as long as the quantized axis), with zero points 0 (QNN's weights are symmetric); a
+  1-D INT32 initializer feeding a ``Conv``'s bias is a bias (codes on s_x·s_w, zero points 0).
 
 Not checked (run a real QNN EP session on the device for those): per-op attribute and rank limits,
 and whether the float (non-QDQ) ops — normalisations, softmax, the low-rank branch, the rotation —
@@ -79,6 +80,7 @@ def qnn_report(model: onnx.ModelProto | str | Path) -> list[str]:
             if out and (out not in values or not _static(values[out])):
                 problems.append(f"node {node.name}: output {out} has no static shape")
 
+    biases = {n.input[2] for n in graph.node if n.op_type == "Conv" and len(n.input) > 2}
     for node in graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "QuantizeLinear":
@@ -88,6 +90,11 @@ def qnn_report(model: onnx.ModelProto | str | Path) -> list[str]:
                 problems.append(f"node {node.name}: activations quantized to {_name(t)} (QNN takes UINT8/UINT16)")
         elif node.op_type == "DequantizeLinear" and node.input[0] in inits:
             codes = inits[node.input[0]]
+            if codes.data_type == TensorProto.INT32 and len(codes.dims) == 1 and node.output[0] in biases:
+                zp = inits.get(node.input[2]) if len(node.input) > 2 else None
+                if zp is not None and np.any(numpy_helper.to_array(zp, base_dir or "") != 0):
+                    problems.append(f"node {node.name}: bias zero points are not 0")
+                continue
             if codes.data_type not in WEIGHT_TYPES:
                 problems.append(f"node {node.name}: weights stored as {_name(codes.data_type)} (QNN takes INT8/INT4)")
             scale = inits.get(node.input[1])

@@ -1,7 +1,7 @@
 """``quantface validate``: an exported graph against the PyTorch model it came from, on real faces.
 
 ONNX Runtime (CPU EP) and the PyTorch model (the fake-quant model of the recipe — simulating the
-``ort-cpu`` graph's 8-bit requantized convolution outputs when the graph has them — or the FP model
+``ort-cpu`` / ``qnn`` graph's 8-bit requantized convolution outputs when it has them — or the FP model
 for an FP32 graph) restore the same degraded faces through the same ``RestorationPipeline`` code. Reported:
 parity between the two (PSNR over the whole set of float outputs mapped to [0, 1], capped at 200 dB
 for identical outputs, and max-abs), quality of the ONNX output against the HQ faces and against the
@@ -76,7 +76,7 @@ def validate(cfg: ValidateConfig) -> dict:
     loaded = load_folder(cfg.data, size, cfg.limit)
     lqs = [degrade(hq, cfg.seed, i)[0] for i, hq in enumerate(loaded.images)]
 
-    # The PyTorch side simulates what the graph computes: the ort-cpu profile's requantized outputs too.
+    # The PyTorch side simulates what the graph computes: requantized conv outputs (ort-cpu, qnn) too.
     requantized = json.loads(onnx_backend.metadata.get("quantface.requantized_layers", "[]"))
     torch_spec = dataclasses.replace(cfg.model, requant_outputs=bool(requantized))
     onnx_rec, torch_rec = _Recording(onnx_backend), _Recording(torch_spec.torch_backend())

@@ -40,7 +40,7 @@ class ModelSpec(JsonConfig):
     recipe: str | None = None
     onnx: str | None = None
     device: str = "auto"  # auto (CUDA when torch sees a GPU, else CPU) | cpu | cuda | cuda:N
-    # With a recipe: also simulate the ort-cpu graph's 8-bit requantized conv outputs (for parity with it).
+    # With a recipe: also simulate the ort-cpu / qnn graphs' 8-bit requantized conv outputs (parity with them).
     requant_outputs: bool = False
 
     def __post_init__(self) -> None:

@@ -128,17 +128,17 @@ def test_graph_structure_follows_the_recipe(cache, method, bits, profile):
     w_bits, a_bits = int(bits[1]), int(bits[3])
 
     # Q/DQ counts: one Q and one DQ per quantized activation, one DQ per quantized weight; in the
-    # ort-cpu profile also an 8-bit Q/DQ on each quantized conv's output and a DQ of its INT32 bias.
+    # ort-cpu and qnn profiles also an 8-bit Q/DQ on each quantized conv's output and a DQ of its INT32 bias.
     n_act = sum(e["act_bits"] is not None for e in live.values())
     n_w = sum(e["weight_bits"] is not None for e in live.values())
     # (every quantized conv with 8-bit-or-narrower input whose bias fits the accumulator grid: in
     # svdquant's tiny recipe the SVD takes some 8-channel convs whole, leaving a degenerate scale)
     torch_layers = quant_layers(apply_recipe(cache.fp, recipe))
-    requant = {n for n, e in live.items() if profile == "ort-cpu" and e["kind"] == "conv"
+    requant = {n for n, e in live.items() if profile in ("ort-cpu", "qnn") and e["kind"] == "conv"
                and e["weight_bits"] is not None and e["act_bits"] is not None and torch_layers[n].requantizable}
     biased = {n for n in requant if cache.fp.get_submodule(n).bias is not None}
     assert set(json.loads(meta["requantized_layers"])) == requant
-    assert len(requant) >= len(live) // 2 or profile != "ort-cpu"
+    assert len(requant) >= len(live) // 2 or profile == "reference"
     assert ops.count("QuantizeLinear") == n_act + len(requant)
     assert ops.count("DequantizeLinear") == n_act + n_w + len(requant) + len(biased)
     for name, e in live.items():
@@ -273,6 +273,29 @@ def test_output_ranges_added_to_an_old_recipe_are_the_calibrated_ones(cache, tmp
     assert load_recipe(old).sha256 == meta["tensors_sha256"]
 
 
+def test_qnn_report_takes_int32_conv_biases_only():
+    from onnx import helper
+
+    def init(name, array):
+        return numpy_helper.from_array(array, name)
+
+    inits = [init("w", np.zeros((2, 2, 1, 1), np.int8)), init("ws", np.ones(2, np.float32)),
+             init("wz", np.zeros(2, np.int8)), init("b", np.zeros(2, np.int32)), init("bs", np.ones(2, np.float32)),
+             init("bz", np.array([0, 1], np.int32)), init("m", np.zeros(2, np.int32))]
+    nodes = [helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], name="w_dq", axis=0),
+             helper.make_node("DequantizeLinear", ["b", "bs", "bz"], ["bd"], name="b_dq", axis=0),
+             helper.make_node("DequantizeLinear", ["m", "bs"], ["md"], name="m_dq", axis=0),
+             helper.make_node("Conv", ["x", "wd", "bd"], ["c"], name="conv"),
+             helper.make_node("Add", ["c", "md"], ["y"], name="add")]
+    shape = [1, 2, 4, 4]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits)
+    report = qnn_report(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    assert "node b_dq: bias zero points are not 0" in report  # an INT32 conv bias is fine, its zero point not
+    assert "node m_dq: weights stored as INT32 (QNN takes INT8/INT4)" in report  # INT32 elsewhere is not
+    assert not [line for line in report if line.startswith("node w_dq")]
+
+
 # ---------------------------------------------------------------------------------------- parity
 @pytest.mark.parametrize("profile", PROFILES)
 @pytest.mark.parametrize("method,bits", CASES)
@@ -283,8 +306,8 @@ def test_onnx_runtime_matches_the_fake_quant_model(cache, method, bits, profile)
     the random tiny model amplifies (29–150 dB by CPU), so there the graph must only be the quantized
     model rather than the FP one; end-to-end parity is measured on the trained model below."""
     x = _input()
-    # ort-cpu requantizes conv outputs to 8 bits (QLinearConv): the PyTorch side simulates that too.
-    qmodel = apply_recipe(cache.fp, cache.recipe(method, bits), requant_outputs=profile == "ort-cpu")
+    # ort-cpu and qnn requantize conv outputs to 8 bits (QLinearConv): the PyTorch side simulates that too.
+    qmodel = apply_recipe(cache.fp, cache.recipe(method, bits), requant_outputs=profile != "reference")
     path = cache.export(method, bits, profile)
     for i in range(len(x)):
         layers = layer_parity(path, qmodel, x[i:i + 1])

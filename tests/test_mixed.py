@@ -306,9 +306,9 @@ def test_qnn_target_16_bit_activations_round_trip_and_export(image_folder, tmp_p
         assert onnx.TensorProto.UINT16 in zp_types.values()
         if profile == "qnn":
             assert qnn_report(out) == []
-        # ort-cpu requantizes the outputs of 8-bit-input convs: simulated too. Parity layer by layer
+        # ort-cpu and qnn requantize the outputs of 8-bit-input convs: simulated too. Parity layer by layer
         # (tests.parity); end to end only "the quantized model, not the FP one" (code flips cascade).
-        qmodel = apply_recipe(tiny_model, result.recipe, requant_outputs=profile == "ort-cpu")
+        qmodel = apply_recipe(tiny_model, result.recipe, requant_outputs=profile != "reference")
         layers = layer_parity(out, qmodel, x[:1].numpy())
         assert layers and all(p.rel_l2 <= 1e-4 and p.exact_fraction >= 0.99 for p in layers.values())
         got = OnnxBackend(out)(x.numpy())
