@@ -3,8 +3,8 @@
 A recipe folder holds ``recipe.json`` (human readable: per layer its weight / activation bits, the
 activation scale and zero point, granularity, Hadamard order and seed, smoothing and low-rank tensor
 references, the range of the quantized product's output on calibration images — optional, recipes
-written before it have none) and ``recipe.safetensors`` (the tensors: integer weight codes — 4-bit codes packed two
-per byte —, per-channel weight scales, smoothing vectors, merged low-rank factors).
+written before it have none) and ``recipe.safetensors`` (the tensors: integer weight codes — 4-bit
+codes packed two per byte —, per-channel weight scales, smoothing vectors, merged low-rank factors).
 
 ``load_recipe`` + ``apply_recipe`` rebuild the calibrated fake-quant model from the FP model bit for
 bit: weights are rebuilt from codes × scales, Hadamard matrices from (order, seed). A recipe made
@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from calibration.layers import LowRank, QuantLayer, quant_layers, wrap_layers
 from quantface import __version__
+from quantface.data import atomic_write_bytes
 from quantface.errors import QuantFaceError
 from quantface.hadamard import random_hadamard
 from quantface.quant import pack_int4, unpack_int4
@@ -112,6 +113,18 @@ def _layer_entry(layer: QuantLayer, tensors: dict[str, torch.Tensor]) -> dict:
     return entry
 
 
+def _meta_text(meta: dict) -> str:
+    return json.dumps(meta, indent=1) + "\n"
+
+
+def rewrite_meta(recipe: Recipe, layers: dict[str, dict]) -> None:
+    """Replace the per-layer entries of ``recipe``'s ``recipe.json`` (atomically), keeping its
+    tensors file and everything else; for fields added to recipes after they were written."""
+    meta = {**recipe.meta, "layers": layers}
+    atomic_write_bytes(recipe.path / JSON_NAME, _meta_text(meta).encode())
+    recipe.meta = meta
+
+
 def save_recipe(qmodel: torch.nn.Module, fp_model: torch.nn.Module, cfg, spec, stats: dict,
                 sections: dict | None = None, files: dict[str, bytes] | None = None) -> Path:
     """Write the frozen ``qmodel`` as a recipe folder ``cfg.out`` (atomically: temp folder, rename).
@@ -145,7 +158,7 @@ def save_recipe(qmodel: torch.nn.Module, fp_model: torch.nn.Module, cfg, spec, s
             **sections,
             "layers": entries,
         }
-        (tmp / JSON_NAME).write_text(json.dumps(meta, indent=1) + "\n")
+        (tmp / JSON_NAME).write_text(_meta_text(meta))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

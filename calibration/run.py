@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +31,8 @@ from tqdm import tqdm
 from calibration.config import CalibConfig
 from calibration.layers import QuantLayer, quant_layers, wrap_layers
 from calibration.methods import DEFAULT_STEPS, MethodSpec, get_method
-from calibration.recipe import JSON_NAME, apply_recipe, load_recipe, save_recipe
-from quantface.data import atomic_write_bytes, load_folder
+from calibration.recipe import apply_recipe, load_recipe, rewrite_meta, save_recipe
+from quantface.data import load_folder
 from quantface.degradation import degrade
 from quantface.device import describe as describe_device
 from quantface.device import resolve_device
@@ -270,8 +269,6 @@ def add_output_ranges(recipe_dir: str | Path, data: str | None = None) -> Path:
     size = cfg.get("size") or fp_model.config.working_size
     lq = degraded_inputs(data or cfg["data"], size, cfg["stat_images"], cfg["seed"])
     ranges = observe_output_ranges(qmodel, quant_layers(qmodel), lq, cfg["stat_images"])
-    meta = dict(recipe.meta)
-    meta["layers"] = {n: {**e, "output_range": list(ranges[n]) if n in ranges else None}
-                      for n, e in recipe.layers.items()}
-    atomic_write_bytes(recipe.path / JSON_NAME, (json.dumps(meta, indent=1) + "\n").encode())
+    rewrite_meta(recipe, {n: {**e, "output_range": list(ranges[n]) if n in ranges else None}
+                          for n, e in recipe.layers.items()})
     return recipe.path

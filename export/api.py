@@ -108,7 +108,7 @@ class OnnxBackend:
     (N, 3, H, W) float32 in [-1, 1] → the model's output. A model exported for a static batch b is
     run b images at a time (the last chunk padded by repeating its last image)."""
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, profile_prefix: str | None = None):
         path = Path(path)
         if not path.is_file():
             raise ExportError(f"ONNX model {path} does not exist")
@@ -117,6 +117,9 @@ class OnnxBackend:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        if profile_prefix:  # ONNX Runtime's profiler: ``session.end_profiling()`` writes the trace
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own pybind error types for unreadable models

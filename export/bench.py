@@ -9,6 +9,7 @@ numbers to compare.
 
 from __future__ import annotations
 
+import json
 import statistics
 import tempfile
 import time
@@ -87,23 +88,12 @@ def kernel_time_by_part(path: str | Path, threads: int = 2, runs: int = 20, seed
     """Mean milliseconds per run that ONNX Runtime's profiler attributes to each of ``PARTS`` (node
     kernel times summed; a run's wall time adds scheduling between nodes). Nodes are classified by
     the exporter's names (``<layer>_LowRank*``, ``<layer>_Hadamard`` and its inlined body) and by op."""
-    import json
-
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
-        options.profile_file_prefix = str(Path(tmp) / "profile")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        inp = session.get_inputs()[0]
-        x = np.random.default_rng(seed).uniform(-1, 1, inp.shape).astype(np.float32)
+        backend = OnnxBackend(path, threads=threads, profile_prefix=str(Path(tmp) / "profile"))
+        x = np.random.default_rng(seed).uniform(-1, 1, backend.input_shape).astype(np.float32)
         for _ in range(runs):
-            session.run(None, {inp.name: x})
-        events = json.loads(Path(session.end_profiling()).read_text())
+            backend(x)
+        events = json.loads(Path(backend.session.end_profiling()).read_text())
     totals = dict.fromkeys(PARTS, 0.0)
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):

@@ -20,14 +20,14 @@ Every mapping (``w`` = weight bits in 2..8, ``a`` = activation bits in 2..8 or 1
   the float low-rank branch is added (its effect is what ``quantface validate`` reports as parity).
   Recipes without output ranges (written before they were recorded; see
   ``tools/add_output_ranges.py``) export their convolutions in float, as before.
-* ``qnn`` requantizes convolution outputs the same way: a DQ → Conv → Q node unit (bias INT32) is
-  what the QNN EP hands to the HTP as an integer convolution; without the output Q the conv is a
-  float op (FP16 on v73 and newer HTPs, the CPU on older ones).
 * ``qnn`` targets ONNX Runtime's QNN execution provider (Qualcomm HTP): no model-local functions
   (so the rotation is emitted as its body, inline), unsigned 8/16-bit activations, signed 8-bit
   per-channel weights. 16-bit activations come only from the hardware-aware bit allocation
   (``calibrate --target qnn``, ``calibration.mixed``); ``act_type`` puts them in UINT16 in every
   profile (ONNX Runtime's CPU kernels run 16-bit QuantizeLinear / DequantizeLinear too).
+  It requantizes convolution outputs as ``ort-cpu`` does: a DQ → Conv → Q node unit (bias INT32) is
+  what the QNN EP hands to the HTP as an integer convolution; without the output Q the conv is a
+  float op (FP16 on v73 and newer HTPs, the CPU on older ones).
 
 Exact b-bit grid: whenever the container is wider than the bits, a float ``Clip`` to
 ``[(0 − z)·s, (2^b − 1 − z)·s]`` precedes the activation's ``QuantizeLinear``, so its codes stay in

@@ -188,15 +188,21 @@ def act_qparams(sample: torch.Tensor, bits: int, method: str = "mse", percentile
     return act_qparams_from_range(best_lo, best_hi, bits)
 
 
+def _bias_on_grid(bias: torch.Tensor, act_scale: torch.Tensor | float, w_scale: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bias / (s_x · s_w), s_x · s_w): the bias in accumulator steps, per output channel."""
+    scale = torch.as_tensor(act_scale, dtype=torch.float32) * w_scale.detach().float()
+    return bias.detach().float() / scale, scale
+
+
 def bias_codes(bias: torch.Tensor, act_scale: torch.Tensor | float, w_scale: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """A layer's float bias as int32 codes on the grid of its integer accumulator: scale
     s_x · s_w (per output channel), zero point 0 — the form ONNX ``QLinearConv`` takes its bias in.
-    The rounding error, at most s_x · s_w / 2 per channel, is below one accumulator step. Codes are
-    clamped to ±``BIAS_CODE_LIMIT``; see ``bias_fits``."""
-    scale = torch.as_tensor(act_scale, dtype=torch.float32) * w_scale.detach().float()
-    codes = torch.round(bias.detach().float() / scale).clamp(-BIAS_CODE_LIMIT, BIAS_CODE_LIMIT)
-    return codes.to(torch.int32), scale
+    The rounding error, at most s_x · s_w / 2 per channel, is below one accumulator step. Only for
+    biases that ``bias_fits``."""
+    steps, scale = _bias_on_grid(bias, act_scale, w_scale)
+    return torch.round(steps).to(torch.int32), scale
 
 
 def bias_fits(bias: torch.Tensor, act_scale: torch.Tensor | float, w_scale: torch.Tensor) -> bool:
@@ -204,8 +210,7 @@ def bias_fits(bias: torch.Tensor, act_scale: torch.Tensor | float, w_scale: torc
     exactly (integer kernels convert the accumulator to float to requantize). Degenerate weight
     scales (a channel the low-rank branch took whole, scale ``EPS``) put it at ~10^9 codes, where
     ONNX Runtime's QLinearConv and the float simulation part ways."""
-    scale = torch.as_tensor(act_scale, dtype=torch.float32) * w_scale.detach().float()
-    return bool((bias.detach().float() / scale).abs().max() <= BIAS_CODE_LIMIT)
+    return bool(_bias_on_grid(bias, act_scale, w_scale)[0].abs().max() <= BIAS_CODE_LIMIT)
 
 
 def requantize(acc: torch.Tensor, act_scale: torch.Tensor, w_scale: torch.Tensor, out_scale: torch.Tensor,
