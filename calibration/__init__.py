@@ -1,8 +1,12 @@
 """QuantFace calibration in PyTorch: fake-quant layers, rotation-scaling channel balancing, QD-LoRA,
 the baselines, and the recipe that export reads. Entry point: ``calibrate(CalibConfig)``."""
 
-from calibration.config import CalibConfig, parse_bits
-from calibration.methods import METHODS, MethodSpec, get_method
+if __name__ != "quantface.calibration":  # the folder imported as a bare top-level package (e.g. from the repo root)
+    raise ImportError(f"calibration/ is the package quantface.calibration; import quantface.calibration, not {__name__}")
+
+
+from quantface.calibration.config import CalibConfig, parse_bits
+from quantface.calibration.methods import METHODS, MethodSpec, get_method
 
 __all__ = ["CalibConfig", "METHODS", "MethodSpec", "get_method", "parse_bits", "calibrate"]
 
@@ -10,6 +14,6 @@ __all__ = ["CalibConfig", "METHODS", "MethodSpec", "get_method", "parse_bits", "
 def calibrate(cfg: CalibConfig):
     """Run one calibration method, write its recipe folder, return a ``CalibrationResult``
     (recipe path, calibrated model, seconds); see ``calibration.run``."""
-    from calibration.run import calibrate as _calibrate
+    from quantface.calibration.run import calibrate as _calibrate
 
     return _calibrate(cfg)

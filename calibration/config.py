@@ -93,7 +93,7 @@ class CalibConfig(JsonConfig):
         if (self.lpips_backbone is None) != (self.lpips_lin is None):
             raise ConfigError("LPIPS needs both --lpips-backbone and --lpips-lin")
         check_device_name(self.device)
-        from calibration.mixed import check_config
+        from quantface.calibration.mixed import check_config
 
         check_config(self)
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from calibration.config import CalibConfig
-from calibration.layers import QuantLayer
-from calibration.methods import MethodSpec
+from quantface.calibration.config import CalibConfig
+from quantface.calibration.layers import QuantLayer
+from quantface.calibration.methods import MethodSpec
 from quantface.checkpoint import load_checkpoint, save_checkpoint
 from quantface.metrics import ssim_map
 

@@ -83,15 +83,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from calibration.layers import QuantLayer
+from quantface.calibration.layers import QuantLayer
 from quantface.data import atomic_write_bytes
 from quantface.errors import ConfigError
 from quantface.metrics import ssim_map
 from quantface.quant import EPS, act_qparams, check_bits, dequantize, qrange, quantize, weight_scale
 
 if TYPE_CHECKING:
-    from calibration.config import CalibConfig
-    from calibration.methods import MethodSpec
+    from quantface.calibration.config import CalibConfig
+    from quantface.calibration.methods import MethodSpec
 
 B_MIN, B_MAX = 2, 8  # sensitivity sweep range (B_max = 8)
 METRICS = ("ssim", "psnr", "lpips")

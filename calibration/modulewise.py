@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from calibration.config import CalibConfig
-from calibration.layers import QuantLayer
+from quantface.calibration.config import CalibConfig
+from quantface.calibration.layers import QuantLayer
 from quantface.quant import EPS, act_qparams_from_range, fake_quantize, qrange
 
 IMAGES = 4  # calibration images whose layer inputs are cached

@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from calibration.layers import LowRank, QuantLayer, quant_layers, wrap_layers
+from quantface.calibration.layers import LowRank, QuantLayer, quant_layers, wrap_layers
 from quantface import __version__
 from quantface.data import atomic_write_bytes
 from quantface.errors import QuantFaceError

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from calibration.config import CalibConfig
-from calibration.layers import QuantLayer, quant_layers, wrap_layers
-from calibration.methods import DEFAULT_STEPS, MethodSpec, get_method
-from calibration.recipe import apply_recipe, load_recipe, rewrite_meta, save_recipe
+from quantface.calibration.config import CalibConfig
+from quantface.calibration.layers import QuantLayer, quant_layers, wrap_layers
+from quantface.calibration.methods import DEFAULT_STEPS, MethodSpec, get_method
+from quantface.calibration.recipe import apply_recipe, load_recipe, rewrite_meta, save_recipe
 from quantface.data import load_folder
 from quantface.degradation import degrade
 from quantface.device import describe as describe_device
@@ -222,18 +222,18 @@ def calibrate(cfg: CalibConfig) -> CalibrationResult:
     layers = prepare(qmodel, data, cfg, spec, samples)
     allocation = None
     if cfg.mp_budget is not None:  # adaptive bit widths (paper §3.4), then the usual refinement with them
-        from calibration.mixed import allocate_bits
-        from calibration.recipe import weights_fingerprint
+        from quantface.calibration.mixed import allocate_bits
+        from quantface.calibration.recipe import weights_fingerprint
 
         allocation = allocate_bits(qmodel, layers, data, cfg, spec, samples, weights_fingerprint(fp_model))
         samples = None
     steps = cfg.steps if cfg.steps is not None else DEFAULT_STEPS.get(spec.refine or "", 0)
     if spec.refine == "distill" and steps:
-        from calibration.distill import distill
+        from quantface.calibration.distill import distill
 
         distill(qmodel, layers, data, cfg, spec, steps)
     elif spec.refine == "modulewise" and steps:
-        from calibration.modulewise import modulewise_calibrate
+        from quantface.calibration.modulewise import modulewise_calibrate
 
         modulewise_calibrate(fp_model, qmodel, layers, data, cfg, steps)
     for layer in layers.values():

@@ -8,15 +8,20 @@ Importing ``export`` (or ``export.config``, e.g. for CLI defaults) does not impo
 or onnxruntime; the functions below are loaded on first use.
 """
 
+
 from __future__ import annotations
+
+
+if __name__ != "quantface.export":  # the folder imported as a bare top-level package (e.g. from the repo root)
+    raise ImportError(f"export/ is the package quantface.export; import quantface.export, not {__name__}")
 
 import importlib
 
-from export.config import ExportConfig
-from export.errors import ExportError
+from quantface.export.config import ExportConfig
+from quantface.export.errors import ExportError
 
-_LAZY = {"ExportResult": "export.api", "OnnxBackend": "export.api", "build_onnx": "export.api",
-         "export_onnx": "export.api", "qnn_report": "export.qnn_check", "PROFILES": "export.profiles"}
+_LAZY = {"ExportResult": "quantface.export.api", "OnnxBackend": "quantface.export.api", "build_onnx": "quantface.export.api",
+         "export_onnx": "quantface.export.api", "qnn_report": "quantface.export.qnn_check", "PROFILES": "quantface.export.profiles"}
 
 __all__ = ["ExportConfig", "ExportError", *_LAZY]
 
@@ -24,4 +29,4 @@ __all__ = ["ExportConfig", "ExportError", *_LAZY]
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'export' has no attribute {name!r}")
+    raise AttributeError(f"module 'quantface.export' has no attribute {name!r}")

@@ -24,16 +24,16 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from calibration.layers import quant_layers
-from calibration.recipe import apply_recipe, load_recipe
-from export.config import ExportConfig
-from export.errors import ExportError
-from export.fold import annotate_shapes, constants_to_initializers, fold_constants, remove_identities
-from export.graph import op_counts
-from export.lower import lower_quant_layers, requantized
-from export.profiles import get_profile
-from export.save import add_metadata, save_atomic
-from export.trace import INPUT_NAME, trace_to_onnx
+from quantface.calibration.layers import quant_layers
+from quantface.calibration.recipe import apply_recipe, load_recipe
+from quantface.export.config import ExportConfig
+from quantface.export.errors import ExportError
+from quantface.export.fold import annotate_shapes, constants_to_initializers, fold_constants, remove_identities
+from quantface.export.graph import op_counts
+from quantface.export.lower import lower_quant_layers, requantized
+from quantface.export.profiles import get_profile
+from quantface.export.save import add_metadata, save_atomic
+from quantface.export.trace import INPUT_NAME, trace_to_onnx
 from quantface import __version__
 from quantface.errors import ConfigError
 from quantface.models import load_model

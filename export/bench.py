@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.api import OnnxBackend
-from export.save import file_bytes
+from quantface.export.api import OnnxBackend
+from quantface.export.save import file_bytes
 from quantface.errors import ConfigError
 
 

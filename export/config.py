@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from export.profiles import PROFILES
+from quantface.export.profiles import PROFILES
 from quantface.config import JsonConfig
 from quantface.errors import ConfigError
 from quantface.models import MODEL_NAMES

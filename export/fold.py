@@ -20,8 +20,8 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper, shape_inference
 
-from export.errors import ExportError
-from export.graph import consumers, make_initializer, producers, remove_dead, shape_view
+from quantface.export.errors import ExportError
+from quantface.export.graph import consumers, make_initializer, producers, remove_dead, shape_view
 
 
 def remove_identities(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -38,12 +38,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from calibration.layers import QuantLayer
-from export.errors import ExportError
-from export.graph import GraphBuilder, replace_nodes
-from export.profiles import CONTAINER_BITS, Profile
-from export.rotation import DOMAIN, VERSION, emit_rotation, hadamard_functions
-from export.trace import MARKER_DOMAIN, MARKER_OP
+from quantface.calibration.layers import QuantLayer
+from quantface.export.errors import ExportError
+from quantface.export.graph import GraphBuilder, replace_nodes
+from quantface.export.profiles import CONTAINER_BITS, Profile
+from quantface.export.rotation import DOMAIN, VERSION, emit_rotation, hadamard_functions
+from quantface.export.trace import MARKER_DOMAIN, MARKER_OP
 from quantface.quant import REQUANT_BITS, act_qparams_from_range, bias_codes, qrange
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper, shape_inference
 
-from export.graph import shape_view
+from quantface.export.graph import shape_view
 
 QNN_OPS = frozenset("""
 Abs Add And ArgMax ArgMin Asin Atan AveragePool BatchNormalization Cast Ceil Clip Concat Conv

@@ -50,7 +50,7 @@ import onnx
 from onnxscript import opset21 as op
 from onnxscript import script, values
 
-from export.graph import GraphBuilder
+from quantface.export.graph import GraphBuilder
 from quantface.hadamard import block_hadamard, kron_factors
 
 DOMAIN, VERSION, OP = "quantface", 1, "Hadamard"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnx
 
-from export.errors import ExportError
+from quantface.export.errors import ExportError
 
 # Protobuf cannot serialise a message of 2 GiB or more; above this the tensors go to external data.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24  # with a margin for the graph structure itself

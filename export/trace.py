@@ -27,7 +27,7 @@ import onnx
 import torch
 from onnx import version_converter
 
-from calibration.layers import QuantLayer, quant_layers
+from quantface.calibration.layers import QuantLayer, quant_layers
 
 INPUT_NAME, OUTPUT_NAME = "lq", "restored"
 MARKER_DOMAIN, MARKER_OP = "quantface_export", "QuantLayer"

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from export.api import OnnxBackend
-from export.save import file_bytes
+from quantface.export.api import OnnxBackend
+from quantface.export.save import file_bytes
 from quantface import __version__
 from quantface.config import JsonConfig
 from quantface.data import atomic_write_bytes, load_folder

@@ -57,10 +57,10 @@ def _step(label: str) -> float:
 
 def run_chain(cfg: ChainConfig) -> dict:
     """Run the chain; returns (and writes to ``<out>/summary.json``) every number it printed."""
-    from calibration import CalibConfig, calibrate
-    from export import ExportConfig, export_onnx
-    from export.bench import compare_latency
-    from export.validate import ValidateConfig, validate
+    from quantface.calibration import CalibConfig, calibrate
+    from quantface.export import ExportConfig, export_onnx
+    from quantface.export.bench import compare_latency
+    from quantface.export.validate import ValidateConfig, validate
 
     out = Path(cfg.out)
     summary: dict = {"config": asdict(cfg), "seconds": {}}

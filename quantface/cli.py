@@ -109,7 +109,7 @@ def _mp_args(a: argparse.Namespace) -> dict:
 
 
 def _cmd_calibrate(a: argparse.Namespace) -> int:
-    from calibration import CalibConfig, calibrate
+    from quantface.calibration import CalibConfig, calibrate
 
     cfg = CalibConfig(method=a.method, bits=a.bits, data=a.data, out=a.out, model=a.model, weights=_weights(a),
                       seed=a.seed, size=a.size, limit=a.limit, stat_images=a.stat_images, rank=a.rank, alpha=a.alpha,
@@ -142,7 +142,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
-    from export import ExportConfig, export_onnx
+    from quantface.export import ExportConfig, export_onnx
 
     if a.fp32 and a.recipe:
         print("error: --fp32 exports the unquantized model; drop --recipe or --fp32", file=sys.stderr)
@@ -158,7 +158,7 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
 
 def _cmd_validate(a: argparse.Namespace) -> int:
-    from export.validate import ValidateConfig, validate
+    from quantface.export.validate import ValidateConfig, validate
 
     r = validate(ValidateConfig(onnx=a.onnx, data=a.data, model=_model_spec(a), limit=a.limit, seed=a.seed,
                                 threads=a.threads, repeats=a.repeats, json_out=a.json))
@@ -217,8 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the results here")
     p.set_defaults(func=_cmd_eval)
 
-    from calibration import METHODS, CalibConfig
-    from calibration.mixed import DEFAULT_EPSILON
+    from quantface.calibration import METHODS, CalibConfig
+    from quantface.calibration.mixed import DEFAULT_EPSILON
 
     d = CalibConfig()
     p = sub.add_parser("calibrate", help="calibrate a quantized model and write its recipe")

@@ -62,14 +62,14 @@ class ModelSpec(JsonConfig):
         fp = self.fp_model()
         if self.recipe is None:
             return fp
-        from calibration.recipe import apply_recipe
+        from quantface.calibration.recipe import apply_recipe
 
         return apply_recipe(fp, self.recipe, requant_outputs=self.requant_outputs)
 
     def pipeline(self, batch_size: int = 8) -> tuple[RestorationPipeline, int]:
         """The restoration pipeline for this model and its working size (an ONNX graph's input size)."""
         if self.onnx is not None:
-            from export.api import OnnxBackend
+            from quantface.export.api import OnnxBackend
 
             backend = OnnxBackend(self.onnx)
             side = backend.input_shape[-1]

@@ -178,7 +178,7 @@ def four_bit_tensors(model: onnx.ModelProto) -> list[str]:
 
 def _metadata(model: onnx.ModelProto) -> dict[str, object]:
     """The export's ``quantface.*`` metadata, JSON values decoded."""
-    from export.save import read_metadata
+    from quantface.export.save import read_metadata
 
     out: dict[str, object] = {}
     for key, value in read_metadata(model).items():

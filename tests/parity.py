@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from calibration.layers import quant_layers
+from quantface.calibration.layers import quant_layers
 
 
 @dataclass

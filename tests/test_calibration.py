@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from calibration import METHODS, CalibConfig, calibrate
-from calibration.run import CalibData, smoothing_scale
-from calibration.layers import QuantLayer, wrap_layers
-from calibration.methods import get_method
-from calibration.recipe import RecipeError, apply_recipe, load_recipe
+from quantface.calibration import METHODS, CalibConfig, calibrate
+from quantface.calibration.run import CalibData, smoothing_scale
+from quantface.calibration.layers import QuantLayer, wrap_layers
+from quantface.calibration.methods import get_method
+from quantface.calibration.recipe import RecipeError, apply_recipe, load_recipe
 from quantface.errors import ConfigError
 from quantface.hadamard import random_hadamard
 from quantface.models.reference import ReferenceRestorer
@@ -120,7 +120,7 @@ def test_distillation_resumes_to_the_same_result(image_folder, tmp_path, tiny_we
     # Interrupt after the checkpoint at step 2 by running 2 steps with a checkpoint kept...
     cfg = _cfg(image_folder, tmp_path / "b", "quantface", weights=tiny_weights, steps=4, lr=1e-3,
                checkpoint_every=2)
-    from calibration import distill as distill_mod
+    from quantface.calibration import distill as distill_mod
 
     real = distill_mod.distill
 
@@ -153,7 +153,7 @@ def test_distillation_moves_towards_the_fp_model(image_folder, tmp_path, tiny_we
 
 def test_each_trained_group_gets_its_learning_rate(tmp_path):
     """--lr drives the SVD-initialised branch, --lora-lr the LoRA-initialised one, --scale-lr the scales."""
-    from calibration.distill import distill, learning_rates
+    from quantface.calibration.distill import distill, learning_rates
 
     torch.manual_seed(0)
     layer = QuantLayer(nn.Conv2d(3, 3, 3, padding=1))

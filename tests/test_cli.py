@@ -71,7 +71,7 @@ def test_demo_runs_the_chain(tiny_weights, tiny_model, tmp_path, capsys, monkeyp
     assert s["validate"]["n"] == 9 and np.isfinite(s["validate"]["parity_psnr"])  # astronaut + 8 LFW faces
     # Parity of the demo's ort-cpu graph with its recipe, layer by layer (tests.parity: end to end, the
     # random tiny model amplifies float-order code flips; the trained model's is in test_export).
-    from calibration.recipe import apply_recipe
+    from quantface.calibration.recipe import apply_recipe
     from quantface.pipeline import images_to_tensor
     from tests.parity import layer_parity
 
@@ -114,7 +114,7 @@ def test_calibrate_export_validate_chain(image_folder, tiny_weights, tiny_model,
     r = json.loads(report.read_text())
     assert np.isfinite(r["parity_psnr"]) and r["n"] == 2 and r["threads"] == 1 and r["file_bytes"] > 0
     # Parity layer by layer (tests.parity; end to end the random tiny model amplifies code flips).
-    from calibration.recipe import apply_recipe
+    from quantface.calibration.recipe import apply_recipe
     from tests.parity import layer_parity
 
     x = np.random.default_rng(0).uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32)

@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 
-import calibration.run as run
-from calibration import CalibConfig, calibrate
+import quantface.calibration.run as run
+from quantface.calibration import CalibConfig, calibrate
 from quantface.device import check_device_name, resolve_device
 from quantface.cli import main
 from quantface.errors import ConfigError

@@ -22,13 +22,13 @@ import pytest
 import torch
 from onnx import TensorProto, numpy_helper
 
-from calibration import CalibConfig, calibrate
-from calibration.layers import quant_layers
-from calibration.recipe import RecipeError, apply_recipe, load_recipe
-from export import ExportConfig, ExportError, OnnxBackend, export_onnx, qnn_report
-from export import save as save_mod
-from export.graph import all_names
-from export.save import read_metadata
+from quantface.calibration import CalibConfig, calibrate
+from quantface.calibration.layers import quant_layers
+from quantface.calibration.recipe import RecipeError, apply_recipe, load_recipe
+from quantface.export import ExportConfig, ExportError, OnnxBackend, export_onnx, qnn_report
+from quantface.export import save as save_mod
+from quantface.export.graph import all_names
+from quantface.export.save import read_metadata
 from quantface import __version__
 from quantface.data import write_image
 from quantface.errors import ConfigError, QuantFaceError
@@ -238,7 +238,7 @@ def test_onnx_runtime_fuses_each_requantized_convolution(cache, tmp_path):
 
 
 def test_kernel_time_by_part_finds_every_part_of_an_ort_cpu_graph(cache):
-    from export.bench import PARTS, kernel_time_by_part
+    from quantface.export.bench import PARTS, kernel_time_by_part
 
     parts = kernel_time_by_part(cache.export("quantface", "W4A4", "ort-cpu"), threads=1, runs=2)
     assert list(parts) == list(PARTS)
@@ -253,7 +253,7 @@ def test_output_ranges_added_to_an_old_recipe_are_the_calibrated_ones(cache, tmp
     without ranges the ort-cpu export keeps its convolutions in float (no output Q/DQ)."""
     import shutil
 
-    from calibration.run import add_output_ranges
+    from quantface.calibration.run import add_output_ranges
 
     old = tmp_path / "old"
     shutil.copytree(cache.recipe("quantface", "W4A4"), old)
@@ -435,7 +435,7 @@ def test_config_validation_and_round_trip():
         with pytest.raises(ConfigError):
             ExportConfig(**bad)
     with pytest.raises(ConfigError, match="multiple of 16"):
-        from export import build_onnx
+        from quantface.export import build_onnx
 
         build_onnx(ExportConfig(size=40))
 
@@ -464,8 +464,8 @@ def test_hadamard_node_computes_the_rotation(n, overload, conv):
     it) run by ONNX Runtime equals x·Q in float64 to float32 accuracy."""
     from onnx import helper
 
-    from export.graph import GraphBuilder
-    from export.rotation import DOMAIN, VERSION, emit_rotation, hadamard_functions
+    from quantface.export.graph import GraphBuilder
+    from quantface.export.rotation import DOMAIN, VERSION, emit_rotation, hadamard_functions
     from quantface.hadamard import random_hadamard, rotate_channels
 
     q = random_hadamard(n, seed=n)

@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from calibration import CalibConfig, calibrate
-from calibration import mixed
-from calibration.layers import wrap_layers
-from calibration.methods import get_method
-from calibration.mixed import Option, QParams, allocate, layer_errors, sensitivity_sweep
-from calibration.recipe import apply_recipe
-from calibration.run import CalibData, prepare
+from quantface.calibration import CalibConfig, calibrate
+from quantface.calibration import mixed
+from quantface.calibration.layers import wrap_layers
+from quantface.calibration.methods import get_method
+from quantface.calibration.mixed import Option, QParams, allocate, layer_errors, sensitivity_sweep
+from quantface.calibration.recipe import apply_recipe
+from quantface.calibration.run import CalibData, prepare
 from quantface.cli import main
 from quantface.errors import ConfigError
 from quantface.quant import act_qparams, check_bits, dequantize, qrange, quantize, weight_scale
@@ -90,7 +90,7 @@ def test_infeasible_budget_is_one_clear_config_error():
 
 
 def test_costs_and_budgets_of_each_mode():
-    from calibration.mixed import LayerStats, build_problem, candidate_choices, check_budget
+    from quantface.calibration.mixed import LayerStats, build_problem, candidate_choices, check_budget
 
     def stats(choices):
         return {"a": LayerStats(elements=100, macs=1000, weights=50, sq_error={c: 1.0 for c in choices}),
@@ -259,7 +259,7 @@ def test_mixed_bits_round_trip_through_the_recipe(image_folder, tmp_path, tiny_w
     onnx = pytest.importorskip("onnx")
     from onnx import numpy_helper
 
-    from export import ExportConfig, export_onnx
+    from quantface.export import ExportConfig, export_onnx
 
     out = tmp_path / "mp.onnx"
     export_onnx(ExportConfig(weights=str(tiny_weights), recipe=str(result.recipe), profile="reference", out=str(out)))
@@ -278,7 +278,7 @@ def test_mixed_bits_round_trip_through_the_recipe(image_folder, tmp_path, tiny_w
 
 def test_qnn_target_16_bit_activations_round_trip_and_export(image_folder, tmp_path, tiny_weights, tiny_model):
     onnx = pytest.importorskip("onnx")
-    from export import ExportConfig, OnnxBackend, export_onnx, qnn_report
+    from quantface.export import ExportConfig, OnnxBackend, export_onnx, qnn_report
     from tests.parity import layer_parity
 
     result = calibrate(_mp_cfg(image_folder, tmp_path, tiny_weights, "qnn", mp_budget=0.75, target="qnn",

@@ -18,8 +18,8 @@ from torch import nn
 
 pytest.importorskip("diffusers", reason="the osdface model needs diffusers: pip install '.[osdface]' or '.[test]'")
 
-from calibration import METHODS, CalibConfig, calibrate  # noqa: E402
-from calibration.recipe import apply_recipe  # noqa: E402
+from quantface.calibration import METHODS, CalibConfig, calibrate  # noqa: E402
+from quantface.calibration.recipe import apply_recipe  # noqa: E402
 from quantface.cli import main  # noqa: E402
 from quantface.data import write_image  # noqa: E402
 from quantface.errors import ConfigError, WeightsError  # noqa: E402
@@ -324,7 +324,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.parametrize("profile", ["reference", "ort-cpu"])
 def test_export_runs_in_onnxruntime_close_to_the_fake_quant_model(cache, profile):
-    from export import ExportConfig, OnnxBackend, export_onnx
+    from quantface.export import ExportConfig, OnnxBackend, export_onnx
 
     result = cache.export_recipe()
     out = cache.root / "onnx" / f"{profile}.onnx"
@@ -337,7 +337,7 @@ def test_export_runs_in_onnxruntime_close_to_the_fake_quant_model(cache, profile
     n_live = len(json.loads((result.recipe / "recipe.json").read_text())["layers"]) - len(exported.constant_layers)
     import onnx
 
-    from export.save import read_metadata
+    from quantface.export.save import read_metadata
 
     # ort-cpu: one more Q per requantized conv output (every quantized conv here), simulated in PyTorch too.
     requantized = json.loads(read_metadata(onnx.load(str(out)))["requantized_layers"])

@@ -28,8 +28,8 @@ import pytest
 import torch
 from skimage import data as skdata
 
-from calibration import CalibConfig, calibrate
-from export import ExportConfig, export_onnx
+from quantface.calibration import CalibConfig, calibrate
+from quantface.export import ExportConfig, export_onnx
 from quantface import __version__, app_contract
 from quantface.cli import main
 from quantface.data import center_crop_resize, read_image, write_image

@@ -191,7 +191,7 @@ def _canvas_pixels(driver, canvas_id: str) -> np.ndarray:
 def real_packages(tmp_path_factory) -> dict[str, Path]:
     """recipes/quantface_w4a4 exported with the ort-cpu and reference profiles, packaged for the web."""
     _require_browser()
-    from export import ExportConfig, export_onnx
+    from quantface.export import ExportConfig, export_onnx
 
     root = tmp_path_factory.mktemp("web")
     out = {}

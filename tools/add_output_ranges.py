@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from calibration.run import add_output_ranges
+from quantface.calibration.run import add_output_ranges
 from quantface.errors import exit_status
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calibration.mixed import Option, Solution, allocate  # noqa: E402
+from quantface.calibration.mixed import Option, Solution, allocate  # noqa: E402
 from quantface.errors import exit_status  # noqa: E402
 
 REAL_LIMIT_S, SYNTHETIC_LIMIT_S = 5.0, 60.0
@@ -48,11 +48,11 @@ def from_recipe(path: Path) -> tuple[dict[str, list[Option]], float, str]:
 def on_the_fly(data: str, images: int, budget: float) -> tuple[dict[str, list[Option]], float, str]:
     import copy
 
-    from calibration import CalibConfig
-    from calibration.methods import get_method
-    from calibration.mixed import QParams, build_problem, candidate_choices, layer_errors, sensitivity_sweep
-    from calibration.recipe import weights_fingerprint
-    from calibration.run import CalibData, prepare
+    from quantface.calibration import CalibConfig
+    from quantface.calibration.methods import get_method
+    from quantface.calibration.mixed import QParams, build_problem, candidate_choices, layer_errors, sensitivity_sweep
+    from quantface.calibration.recipe import weights_fingerprint
+    from quantface.calibration.run import CalibData, prepare
     from quantface.models import load_model
 
     cfg = CalibConfig(method="quantface", bits="W4A4", data=data, out=str(Path("/tmp") / "bench_allocation"),

@@ -31,8 +31,8 @@ from pathlib import Path
 import onnx
 from onnx import numpy_helper
 
-from export import ExportConfig, export_onnx
-from export.bench import PARTS, compare_latency, kernel_time_by_part
+from quantface.export import ExportConfig, export_onnx
+from quantface.export.bench import PARTS, compare_latency, kernel_time_by_part
 from quantface import __version__
 from quantface.data import atomic_write_bytes
 from quantface.errors import exit_status

@@ -239,8 +239,8 @@ def _dir_bytes(path: Path) -> int:
 def pipeline(args, config: dict, stages: Stages) -> dict:
     import numpy as np
 
-    from calibration import CalibConfig, calibrate
-    from export import ExportConfig, OnnxBackend, export_onnx
+    from quantface.calibration import CalibConfig, calibrate
+    from quantface.export import ExportConfig, OnnxBackend, export_onnx
     from quantface.data import shipped_faces, write_image
     from quantface.device import resolve_device
     from quantface.models import load_model

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from calibration import METHODS, CalibConfig, calibrate
+from quantface.calibration import METHODS, CalibConfig, calibrate
 from quantface.errors import exit_status
 
 RUNS = [("quantface", "W6A6"), ("quantface", "W4A6"), ("quantface", "W4A4")] + [
