@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
 from quantface.config import JsonConfig
 from quantface.device import check_device_name
 from quantface.errors import ConfigError
-from quantface.quant import check_bits
+from quantface.bits import check_bits
 
 BITS_PATTERN = re.compile(r"^W(\d)A(\d)$")
+METRICS = ("ssim", "psnr", "lpips")
+COSTS = ("elements", "bops")
+TARGETS = ("qnn",)
+# Deviation thresholds ε of the sensitivity sweep (``calibration.mixed``'s docstring says why 1e-5 for 1 − SSIM).
+DEFAULT_EPSILON = {"ssim": 1e-5, "psnr": 1e-7, "lpips": 5e-4}
+
 
 
 def parse_bits(bits: str) -> tuple[int, int]:
@@ -93,9 +100,7 @@ class CalibConfig(JsonConfig):
         if (self.lpips_backbone is None) != (self.lpips_lin is None):
             raise ConfigError("LPIPS needs both --lpips-backbone and --lpips-lin")
         check_device_name(self.device)
-        from quantface.calibration.mixed import check_config
-
-        check_config(self)
+        check_mixed_precision(self)
 
     @property
     def weight_bits(self) -> int:
@@ -104,3 +109,50 @@ class CalibConfig(JsonConfig):
     @property
     def act_bits(self) -> int:
         return parse_bits(self.bits)[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Mixed-precision fields (the allocation itself is ``calibration.mixed``)
+# ------------------------------------------------------------------------------------------------
+
+def epsilon(cfg: CalibConfig) -> float:
+    return cfg.mp_epsilon if cfg.mp_epsilon is not None else DEFAULT_EPSILON[cfg.mp_metric]
+
+
+def check_mixed_precision(cfg: CalibConfig) -> None:
+    """One-sentence ConfigErrors for the mixed-precision fields."""
+    if cfg.mp_metric not in METRICS:
+        raise ConfigError(f"--mp-metric {cfg.mp_metric!r} is not one of {', '.join(METRICS)}")
+    if cfg.mp_cost not in COSTS:
+        raise ConfigError(f"--mp-cost {cfg.mp_cost!r} is not one of {', '.join(COSTS)}")
+    if cfg.target is not None and cfg.target not in TARGETS:
+        raise ConfigError(f"--target {cfg.target!r} is not one of {', '.join(TARGETS)}")
+    if isinstance(cfg.mp_sweep_images, bool) or not isinstance(cfg.mp_sweep_images, int) or cfg.mp_sweep_images < 1:
+        raise ConfigError(f"--mp-sweep-images {cfg.mp_sweep_images!r} must be a positive integer")
+    if cfg.mp_epsilon is not None and not (isinstance(cfg.mp_epsilon, (int, float)) and 0 < cfg.mp_epsilon < math.inf):
+        raise ConfigError(f"--mp-epsilon {cfg.mp_epsilon!r} must be a positive number")
+    cands = cfg.mp_candidates
+    if not isinstance(cands, tuple) or not cands:
+        raise ConfigError(f"--mp-candidates {cands!r} must list at least one bit width, e.g. 3,4,5,6")
+    for b in cands:
+        check_bits(b)
+    if len(set(cands)) != len(cands):
+        raise ConfigError(f"--mp-candidates {','.join(map(str, cands))} lists a bit width twice")
+    if cfg.mp_metric == "lpips" and not cfg.lpips_backbone:
+        raise ConfigError("--mp-metric lpips needs local LPIPS weights (--lpips-backbone and --lpips-lin)")
+    budget = cfg.mp_budget
+    if budget is None:
+        if cfg.target is not None:
+            raise ConfigError(f"--target {cfg.target} allocates bits and needs --mp-budget")
+        return
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < math.inf:
+        raise ConfigError(f"--mp-budget {budget!r} must be a positive number")
+    if cfg.target == "qnn":
+        if budget > 1:
+            raise ConfigError(f"--mp-budget {budget} must be a fraction in (0, 1] of the all-A16/W8 bytes "
+                              f"with --target qnn")
+        if cfg.mp_cost != "elements":
+            raise ConfigError("--mp-cost does not apply with --target qnn, whose cost is its byte table")
+    elif budget < min(cands):
+        raise ConfigError(f"--mp-budget {budget} mean activation bits is infeasible: the smallest candidate "
+                          f"bit width is {min(cands)}")

@@ -25,8 +25,9 @@ from torch import nn
 
 from quantface.errors import ConfigError
 from quantface.hadamard import fold_into_weight, rotate_channels
-from quantface.quant import (EPS, MAX_BITS, REQUANT_BITS, act_qparams_from_range, bias_codes, bias_fits,
-                             dequantize, fake_quantize, qrange, quantize, requantize)
+from quantface.quant import (EPS, REQUANT_BITS, act_qparams_from_range, bias_codes, dequantize, fake_quantize,
+                             qrange, quantize, requantizable, requantize)
+from quantface.recipe import HadamardSpec
 
 
 class LowRank(nn.Module):
@@ -74,7 +75,7 @@ class QuantLayer(nn.Module):
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
         self.register_buffer("smooth", None)  # s, shape (in,)
         self.register_buffer("rotation", None)  # Q, shape (in, in), orthogonal
-        self.rotation_seed: int | None = None
+        self.hadamard: HadamardSpec | None = None  # the signs Q was built from (stored in the recipe)
         self.lowrank: LowRank | None = None  # SVD branch L1·L2
         self.lora: LowRank | None = None  # LoRA branch A·B
         self.weight_bits: int | None = None
@@ -133,14 +134,14 @@ class QuantLayer(nn.Module):
         self.weight = self.weight * s.view(shape)
         self.smooth = s.detach().clone()
 
-    def fold_rotation(self, q: torch.Tensor, seed: int) -> None:
-        """x ↦ x·Q online, W ↦ W·Q offline (per kernel position for convs)."""
+    def fold_rotation(self, hadamard: HadamardSpec) -> None:
+        """x ↦ x·Q online, W ↦ W·Q offline (per kernel position for convs), Q = ``hadamard.matrix()``."""
         if self.rotation is not None or self.lowrank is not None:
             raise ConfigError(f"layer {self.name}: the rotation must be folded before the SVD split, once")
-        q = q.to(device=self.weight.device, dtype=self.weight.dtype)
+        q = hadamard.matrix().to(device=self.weight.device, dtype=self.weight.dtype)
         self.weight = fold_into_weight(self.weight, q)
-        self.rotation = q.detach().clone()
-        self.rotation_seed = seed
+        self.rotation = q
+        self.hadamard = hadamard
 
     def split_lowrank(self, rank: int) -> None:
         """W' = L1·L2 + R by truncated SVD (L1 = U_r·Σ_r, L2 = V_rᵀ); the layer keeps R."""
@@ -234,13 +235,9 @@ class QuantLayer(nn.Module):
     # ---- forward ------------------------------------------------------------------------------
     @property
     def requantizable(self) -> bool:
-        """A convolution with quantized weights and input and a recorded output range: the layers
-        whose product the ``ort-cpu`` export requantizes to ``REQUANT_BITS`` (an integer QLinearConv,
-        which takes 8-bit inputs: not after 16-bit activations), unless its bias does not fit the
-        accumulator grid (``quantface.quant.bias_fits``)."""
-        return (self.conv_args is not None and self.weight_bits is not None and self.act_bits is not None
-                and self.act_bits <= MAX_BITS and self.output_range is not None
-                and (self.bias is None or bias_fits(self.bias, self.a_scale, self.w_scale)))
+        """Whether the ``ort-cpu`` export requantizes this layer's product (``quantface.quant.requantizable``)."""
+        return requantizable(self.conv_args is not None, self.weight_bits, self.act_bits, self.output_range,
+                             self.bias, None if self.a_scale is None else self.a_scale.detach(), self.w_scale)
 
     def quantized_product(self, x: torch.Tensor) -> torch.Tensor:
         """The quantized path's output for an already transformed input (no low-rank branch); with

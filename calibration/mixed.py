@@ -87,6 +87,7 @@ from quantface.calibration.layers import QuantLayer
 from quantface.data import atomic_write_bytes
 from quantface.errors import ConfigError
 from quantface.metrics import ssim_map
+from quantface.calibration.config import COSTS, DEFAULT_EPSILON, METRICS, TARGETS, epsilon  # noqa: F401
 from quantface.quant import EPS, act_qparams, check_bits, dequantize, qrange, quantize, weight_scale
 
 if TYPE_CHECKING:
@@ -94,11 +95,6 @@ if TYPE_CHECKING:
     from quantface.calibration.methods import MethodSpec
 
 B_MIN, B_MAX = 2, 8  # sensitivity sweep range (B_max = 8)
-METRICS = ("ssim", "psnr", "lpips")
-COSTS = ("elements", "bops")
-TARGETS = ("qnn",)
-# Deviation thresholds ε (see the module docstring for why 1e-5 for 1 − SSIM).
-DEFAULT_EPSILON = {"ssim": 1e-5, "psnr": 1e-7, "lpips": 5e-4}
 QNN_WEIGHT_BITS, QNN_ACT_BITS = (4, 8), (8, 16)
 QNN_BYTE_TABLE = ("bytes of option (w, a) of layer i = E_i·a/8 (input activation elements per image at a bits) "
                   "+ P_i·w/8 (quantized residual weight parameters at w bits); low-rank branches excluded "
@@ -109,53 +105,6 @@ CACHE_SUFFIX = ".mp_cache"
 _SWEEP_IRRELEVANT = {"out", "steps", "batch_size", "lr", "scale_lr", "lora_lr", "lambda_perceptual", "lambda_mse",
                      "checkpoint_every", "resume", "threads", "mp_budget", "mp_candidates", "mp_cost", "target",
                      "bits"}
-
-
-# ------------------------------------------------------------------------------------------------
-# Configuration checks (called from CalibConfig.__post_init__)
-# ------------------------------------------------------------------------------------------------
-
-def epsilon(cfg: "CalibConfig") -> float:
-    return cfg.mp_epsilon if cfg.mp_epsilon is not None else DEFAULT_EPSILON[cfg.mp_metric]
-
-
-def check_config(cfg: "CalibConfig") -> None:
-    """One-sentence ConfigErrors for the mixed-precision fields."""
-    if cfg.mp_metric not in METRICS:
-        raise ConfigError(f"--mp-metric {cfg.mp_metric!r} is not one of {', '.join(METRICS)}")
-    if cfg.mp_cost not in COSTS:
-        raise ConfigError(f"--mp-cost {cfg.mp_cost!r} is not one of {', '.join(COSTS)}")
-    if cfg.target is not None and cfg.target not in TARGETS:
-        raise ConfigError(f"--target {cfg.target!r} is not one of {', '.join(TARGETS)}")
-    if isinstance(cfg.mp_sweep_images, bool) or not isinstance(cfg.mp_sweep_images, int) or cfg.mp_sweep_images < 1:
-        raise ConfigError(f"--mp-sweep-images {cfg.mp_sweep_images!r} must be a positive integer")
-    if cfg.mp_epsilon is not None and not (isinstance(cfg.mp_epsilon, (int, float)) and 0 < cfg.mp_epsilon < math.inf):
-        raise ConfigError(f"--mp-epsilon {cfg.mp_epsilon!r} must be a positive number")
-    cands = cfg.mp_candidates
-    if not isinstance(cands, tuple) or not cands:
-        raise ConfigError(f"--mp-candidates {cands!r} must list at least one bit width, e.g. 3,4,5,6")
-    for b in cands:
-        check_bits(b)
-    if len(set(cands)) != len(cands):
-        raise ConfigError(f"--mp-candidates {','.join(map(str, cands))} lists a bit width twice")
-    if cfg.mp_metric == "lpips" and not cfg.lpips_backbone:
-        raise ConfigError("--mp-metric lpips needs local LPIPS weights (--lpips-backbone and --lpips-lin)")
-    budget = cfg.mp_budget
-    if budget is None:
-        if cfg.target is not None:
-            raise ConfigError(f"--target {cfg.target} allocates bits and needs --mp-budget")
-        return
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < math.inf:
-        raise ConfigError(f"--mp-budget {budget!r} must be a positive number")
-    if cfg.target == "qnn":
-        if budget > 1:
-            raise ConfigError(f"--mp-budget {budget} must be a fraction in (0, 1] of the all-A16/W8 bytes "
-                              f"with --target qnn")
-        if cfg.mp_cost != "elements":
-            raise ConfigError("--mp-cost does not apply with --target qnn, whose cost is its byte table")
-    elif budget < min(cands):
-        raise ConfigError(f"--mp-budget {budget} mean activation bits is infeasible: the smallest candidate "
-                          f"bit width is {min(cands)}")
 
 
 # ------------------------------------------------------------------------------------------------

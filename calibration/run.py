@@ -31,16 +31,16 @@ from tqdm import tqdm
 from quantface.calibration.config import CalibConfig
 from quantface.calibration.layers import QuantLayer, quant_layers, wrap_layers
 from quantface.calibration.methods import DEFAULT_STEPS, MethodSpec, get_method
-from quantface.calibration.recipe import apply_recipe, load_recipe, rewrite_meta, save_recipe
+from quantface.calibration.recipe import apply_recipe, save_recipe
 from quantface.data import load_folder
 from quantface.degradation import degrade
 from quantface.device import describe as describe_device
 from quantface.device import resolve_device
 from quantface.errors import ConfigError
-from quantface.hadamard import random_hadamard
 from quantface.models import load_model
 from quantface.pipeline import images_to_tensor
 from quantface.quant import act_qparams, weight_scale
+from quantface.recipe import HadamardSpec, read_recipe, rewrite_layers, weights_fingerprint
 
 # Values kept per layer and batch for activation-range search (random positions).
 SAMPLES_PER_BATCH = 1 << 14
@@ -176,8 +176,7 @@ def prepare(model: torch.nn.Module, data: CalibData, cfg: CalibConfig, spec: Met
             layer.fold_smoothing(smoothing_scale(raw.absmax[name], layer.weight, cfg.alpha))
     for index, (name, layer) in enumerate(layers.items()):
         if spec.hadamard and layer.in_channels >= cfg.rotate_min_channels:
-            seed = cfg.seed * 100003 + index
-            layer.fold_rotation(torch.from_numpy(random_hadamard(layer.in_channels, seed)).float(), seed)
+            layer.fold_rotation(HadamardSpec.draw(layer.in_channels, cfg.seed * 100003 + index))
         if spec.svd_rank:
             layer.split_lowrank(spec.svd_rank * cfg.rank)
         layer.set_weight_quant(cfg.weight_bits, weight_scale(layer.weight, cfg.weight_bits, spec.scale_init))
@@ -223,7 +222,6 @@ def calibrate(cfg: CalibConfig) -> CalibrationResult:
     allocation = None
     if cfg.mp_budget is not None:  # adaptive bit widths (paper §3.4), then the usual refinement with them
         from quantface.calibration.mixed import allocate_bits
-        from quantface.calibration.recipe import weights_fingerprint
 
         allocation = allocate_bits(qmodel, layers, data, cfg, spec, samples, weights_fingerprint(fp_model))
         samples = None
@@ -262,13 +260,12 @@ def add_output_ranges(recipe_dir: str | Path, data: str | None = None) -> Path:
     """Record stage 8's output ranges into a recipe written without them (its ``recipe.json`` is
     rewritten atomically; tensors, bits and scales are unchanged). The inputs are the recipe's own
     calibration images (``data`` overrides their folder), degraded with its seed."""
-    recipe = load_recipe(recipe_dir)
-    cfg = recipe.meta["calibration"]
+    recipe = read_recipe(recipe_dir)
+    cfg = recipe.calibration
     fp_model = load_model(cfg["model"], cfg.get("weights"))
     qmodel = apply_recipe(fp_model, recipe)
     size = cfg.get("size") or fp_model.config.working_size
     lq = degraded_inputs(data or cfg["data"], size, cfg["stat_images"], cfg["seed"])
     ranges = observe_output_ranges(qmodel, quant_layers(qmodel), lq, cfg["stat_images"])
-    rewrite_meta(recipe, {n: {**e, "output_range": list(ranges[n]) if n in ranges else None}
-                          for n, e in recipe.layers.items()})
+    rewrite_layers(recipe, output_range={n: tuple(r) for n, r in ranges.items()})
     return recipe.path

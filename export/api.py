@@ -2,7 +2,7 @@
 
 ``build_onnx`` composes the passes, in order::
 
-    trace_to_onnx            torch.onnx.export (TorchScript) with one placeholder per quantized layer
+    trace_to_onnx            torch.onnx.export (TorchScript) of the FP model, one placeholder per recipe layer
     remove_identities        drop Identity nodes (torch emits one per shared parameter)
     constants_to_initializers
     lower_quant_layers       placeholders → Smooth / Hadamard / Clip / Q / DQ / Conv|MatMul / low-rank
@@ -24,12 +24,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from quantface.calibration.layers import quant_layers
-from quantface.calibration.recipe import apply_recipe, load_recipe
 from quantface.export.config import ExportConfig
 from quantface.export.errors import ExportError
 from quantface.export.fold import annotate_shapes, constants_to_initializers, fold_constants, remove_identities
 from quantface.export.graph import op_counts
+from quantface.export.layer import export_layers
 from quantface.export.lower import lower_quant_layers, requantized
 from quantface.export.profiles import get_profile
 from quantface.export.save import add_metadata, save_atomic
@@ -37,6 +36,7 @@ from quantface.export.trace import INPUT_NAME, trace_to_onnx
 from quantface import __version__
 from quantface.errors import ConfigError
 from quantface.models import load_model
+from quantface.recipe import read_recipe
 
 
 @dataclass
@@ -61,10 +61,8 @@ def build_onnx(cfg: ExportConfig) -> tuple[onnx.ModelProto, list[str]]:
     size = cfg.size or config.working_size
     if size % config.size_multiple:
         raise ConfigError(f"--size {size} is not a multiple of {config.size_multiple}, which the model needs")
-    recipe = load_recipe(cfg.recipe) if cfg.recipe else None
-    torch_model = apply_recipe(fp_model, recipe) if recipe else fp_model  # RecipeError if it does not fit
-    del fp_model  # apply_recipe made a copy: free the FP weights before tracing (GBs for OSDFace)
-    layers = quant_layers(torch_model)
+    recipe = read_recipe(cfg.recipe) if cfg.recipe else None
+    layers = export_layers(recipe, fp_model) if recipe else {}  # RecipeError if it does not fit
     passes = [
         remove_identities,
         constants_to_initializers,
@@ -72,7 +70,7 @@ def build_onnx(cfg: ExportConfig) -> tuple[onnx.ModelProto, list[str]]:
         fold_constants,
         annotate_shapes,
     ]
-    model = trace_to_onnx(torch_model, cfg.batch, size)
+    model = trace_to_onnx(fp_model, cfg.batch, size, list(layers))
     for run in passes:
         model = run(model)
     constant = sorted(n for n in layers if not _quantized_layer_present(model, n))
@@ -83,8 +81,8 @@ def build_onnx(cfg: ExportConfig) -> tuple[onnx.ModelProto, list[str]]:
         "rotation": cfg.rotation,
         "input": {"name": INPUT_NAME, "shape": [cfg.batch, config.image_channels, size, size], "range": [-1, 1]},
         "recipe_sha256": recipe.sha256 if recipe else "",
-        "method": recipe.meta.get("method", "") if recipe else "fp32",
-        "layer_bits": {n: {"weight_bits": e["weight_bits"], "act_bits": e["act_bits"]}
+        "method": recipe.method if recipe else "fp32",
+        "layer_bits": {n: {"weight_bits": e.weight_bits, "act_bits": e.act_bits}
                        for n, e in (recipe.layers.items() if recipe else [])},
         "constant_layers": constant,
         # Layers whose conv output this graph requantizes to 8 bits (QLinearConv): what a PyTorch

@@ -27,8 +27,8 @@ output y, in order (every node optional, as the recipe says)::
   the activation QDQ, as in calibration: a k×k conv (the layer's stride, padding, dilation) to rank
   2r then a 1×1 conv back, or two MatMuls for a Linear.
 
-Requires: placeholders from ``export.trace``; one ``QuantLayer`` per placeholder (from
-``calibration.recipe.apply_recipe``). Ensures: no placeholder or ``quantface_export`` import left;
+Requires: placeholders from ``export.trace``; one ``ExportLayer`` (recipe entry + FP module) per
+placeholder (``export.layer.export_layers``). Ensures: no placeholder or ``quantface_export`` import left;
 the ``quantface`` domain and its function(s) present iff a Hadamard node was emitted.
 """
 
@@ -38,9 +38,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from quantface.calibration.layers import QuantLayer
 from quantface.export.errors import ExportError
 from quantface.export.graph import GraphBuilder, replace_nodes
+from quantface.export.layer import ExportLayer
 from quantface.export.profiles import CONTAINER_BITS, Profile
 from quantface.export.rotation import DOMAIN, VERSION, emit_rotation, hadamard_functions
 from quantface.export.trace import MARKER_DOMAIN, MARKER_OP
@@ -51,7 +51,7 @@ def _np(t) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
-def _conv_attrs(layer: QuantLayer, kernel: tuple[int, ...]) -> dict:
+def _conv_attrs(layer: ExportLayer, kernel: tuple[int, ...]) -> dict:
     args = layer.conv_args
     if isinstance(args["padding"], str):
         raise ExportError(f"layer {layer.name}: string padding {args['padding']!r} is not supported by the exporter")
@@ -60,7 +60,7 @@ def _conv_attrs(layer: QuantLayer, kernel: tuple[int, ...]) -> dict:
                 dilations=list(args["dilation"]))
 
 
-def _activation_qdq(b: GraphBuilder, p: str, x: str, layer: QuantLayer, profile: Profile) -> list[onnx.NodeProto]:
+def _activation_qdq(b: GraphBuilder, p: str, x: str, layer: ExportLayer, profile: Profile) -> list[onnx.NodeProto]:
     bits = layer.act_bits
     container = profile.act_type(bits)
     scale = np.float32(layer.a_scale.detach())
@@ -81,7 +81,7 @@ def _activation_qdq(b: GraphBuilder, p: str, x: str, layer: QuantLayer, profile:
     return nodes
 
 
-def _weight(b: GraphBuilder, p: str, layer: QuantLayer, profile: Profile, conv: bool) -> tuple[str, list]:
+def _weight(b: GraphBuilder, p: str, layer: ExportLayer, profile: Profile, conv: bool) -> tuple[str, list]:
     """Name of the (dequantized) weight the main op consumes, and the nodes producing it."""
     if layer.weight_bits is None:
         w = _np(layer.quantized_weight())
@@ -99,13 +99,13 @@ def _weight(b: GraphBuilder, p: str, layer: QuantLayer, profile: Profile, conv: 
     return dq.output[0], [dq]
 
 
-def requantized(layer: QuantLayer, profile: Profile) -> bool:
+def requantized(layer: ExportLayer, profile: Profile) -> bool:
     """Whether ``profile`` requantizes this layer's product to 8 bits (see ``export.profiles`` and
-    ``QuantLayer.requantizable``)."""
+    ``quantface.quant.requantizable``)."""
     return profile.requant_conv_outputs and layer.requantizable
 
 
-def _int32_bias(b: GraphBuilder, p: str, layer: QuantLayer) -> tuple[str, list[onnx.NodeProto]]:
+def _int32_bias(b: GraphBuilder, p: str, layer: ExportLayer) -> tuple[str, list[onnx.NodeProto]]:
     """The bias as INT32 codes on the accumulator grid s_x·s_w, dequantized per output channel."""
     codes, scale = bias_codes(layer.bias, layer.a_scale.detach(), layer.w_scale)
     c = b.initializer(f"{p}.bias_codes", _np(codes), TensorProto.INT32)
@@ -115,7 +115,7 @@ def _int32_bias(b: GraphBuilder, p: str, layer: QuantLayer) -> tuple[str, list[o
     return dq.output[0], [dq]
 
 
-def _output_qdq(b: GraphBuilder, p: str, x: str, layer: QuantLayer, y: str | None) -> list[onnx.NodeProto]:
+def _output_qdq(b: GraphBuilder, p: str, x: str, layer: ExportLayer, y: str | None) -> list[onnx.NodeProto]:
     """8-bit per-tensor Q → DQ of the product over the layer's recorded output range."""
     scale, zero = act_qparams_from_range(*layer.output_range, REQUANT_BITS)
     s = b.initializer(f"{p}.output_scale", np.array(float(scale), np.float32))
@@ -126,7 +126,7 @@ def _output_qdq(b: GraphBuilder, p: str, x: str, layer: QuantLayer, y: str | Non
 
 def _factor(b: GraphBuilder, name: str, array: np.ndarray, half: bool) -> tuple[str, list[onnx.NodeProto]]:
     """A low-rank factor as an initializer: float16 + Cast when asked and float16 holds it exactly
-    (factors of frozen recipes are float16-rounded, see ``QuantLayer.freeze``), else float32."""
+    (factors of frozen recipes are float16-rounded, see ``quantface.calibration.layers.QuantLayer.freeze``), else float32."""
     if half:
         h = array.astype(np.float16)
         if np.array_equal(h.astype(array.dtype), array):
@@ -135,7 +135,7 @@ def _factor(b: GraphBuilder, name: str, array: np.ndarray, half: bool) -> tuple[
     return b.initializer(name, array), []
 
 
-def lower_layer(b: GraphBuilder, layer: QuantLayer, x: str, y: str, profile: Profile, rotation: bool
+def lower_layer(b: GraphBuilder, layer: ExportLayer, x: str, y: str, profile: Profile, rotation: bool
                 ) -> list[onnx.NodeProto]:
     """The nodes of one quantized layer, from input value ``x`` to output value ``y``."""
     p = layer.name
@@ -195,7 +195,7 @@ def lower_layer(b: GraphBuilder, layer: QuantLayer, x: str, y: str, profile: Pro
     return nodes
 
 
-def lower_quant_layers(model: onnx.ModelProto, layers: dict[str, QuantLayer], profile: Profile,
+def lower_quant_layers(model: onnx.ModelProto, layers: dict[str, ExportLayer], profile: Profile,
                        rotation: bool = True) -> onnx.ModelProto:
     """Replace every placeholder by ``lower_layer``'s nodes (see the module docstring)."""
     graph = model.graph

@@ -5,13 +5,13 @@ Exporter: the TorchScript one (``dynamo=False``). It names nodes after the modul
 Reshape → InstanceNormalization → Reshape → Mul → Add (ops every target, QNN included, runs) and lets
 an ``autograd.Function`` choose its own ONNX node through ``symbolic``.
 
-Quantized layers: every ``QuantLayer`` of the fake-quant model is swapped for a ``_Marker`` whose
-``symbolic`` emits one placeholder node ``quantface_export::QuantLayer(x)`` carrying the layer name
-as attribute ``layer``. Its forward runs the real layer, so shapes downstream of it are traced
-correctly, and its weights never reach the graph (the traced layer ops are dead and dropped).
-``export.lower`` then replaces every placeholder by the layer's QDQ subgraph built from the recipe
-tensors — the exporter never has to understand QuantLayer, and no node has to be recognised by
-pattern or by name.
+Quantized layers: the FP model is traced, with every Conv2d / Linear the recipe quantizes swapped
+for a ``_Marker`` whose ``symbolic`` emits one placeholder node ``quantface_export::QuantLayer(x)``
+carrying the layer name as attribute ``layer``. Its forward runs the FP layer, so shapes downstream
+of it are traced correctly, and its weights never reach the graph (the traced layer ops are dead
+and dropped). ``export.lower`` then replaces every placeholder by the layer's QDQ subgraph built
+from the recipe — the exporter never sees calibration's fake-quant layers, and no node has to be
+recognised by pattern or by name.
 
 The graph is then moved to opset 21 (INT4 / UINT4 Q/DQ) by ``onnx.version_converter``; opset 20→21
 only widened type constraints and Q/DQ for the ops this exporter emits.
@@ -27,7 +27,6 @@ import onnx
 import torch
 from onnx import version_converter
 
-from quantface.calibration.layers import QuantLayer, quant_layers
 
 INPUT_NAME, OUTPUT_NAME = "lq", "restored"
 MARKER_DOMAIN, MARKER_OP = "quantface_export", "QuantLayer"
@@ -48,7 +47,7 @@ class _MarkerFn(torch.autograd.Function):
 
 
 class _Marker(torch.nn.Module):
-    def __init__(self, layer: QuantLayer, name: str):
+    def __init__(self, layer: torch.nn.Module, name: str):
         super().__init__()
         self.layer = layer
         self.layer_name = name
@@ -58,12 +57,13 @@ class _Marker(torch.nn.Module):
 
 
 @contextmanager
-def _with_markers(model: torch.nn.Module):
-    """``model`` in eval mode with every QuantLayer swapped for its ``_Marker``, in place (a deep
-    copy would double the memory of a billion-parameter model); layers and modes restored after."""
+def _with_markers(model: torch.nn.Module, names: list[str]):
+    """``model`` in eval mode with each module in ``names`` swapped for its ``_Marker``, in place (a
+    deep copy would double the memory of a billion-parameter model); modules and modes restored after."""
     modes = {m: m.training for m in model.modules()}
     swapped = []
-    for name, layer in quant_layers(model).items():
+    for name in names:
+        layer = model.get_submodule(name)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, _Marker(layer, name))
@@ -77,15 +77,15 @@ def _with_markers(model: torch.nn.Module):
             m.training = mode
 
 
-def trace_to_onnx(model: torch.nn.Module, batch: int, size: int) -> onnx.ModelProto:
-    """ONNX graph of ``model`` (FP or fake-quant) for a static (batch, 3, size, size) input ``lq`` and
-    output ``restored``; each QuantLayer is one ``quantface_export::QuantLayer`` placeholder.
+def trace_to_onnx(model: torch.nn.Module, batch: int, size: int, quantized: list[str] = ()) -> onnx.ModelProto:
+    """ONNX graph of the FP ``model`` for a static (batch, 3, size, size) input ``lq`` and output
+    ``restored``; each module named in ``quantized`` is one ``quantface_export::QuantLayer`` placeholder.
 
     Ensures: opset 21 (IR 10), static input/output shapes, torch's own constant folding applied (the rest —
     shape arithmetic, the timestep path — is left to ``export.fold``)."""
     example = torch.zeros(batch, model.config.image_channels, size, size)
     buffer = io.BytesIO()
-    with _with_markers(model) as marked, warnings.catch_warnings(), torch.no_grad():
+    with _with_markers(model, list(quantized)) as marked, warnings.catch_warnings(), torch.no_grad():
         has_markers = any(isinstance(m, _Marker) for m in marked.modules())
         # The legacy-exporter deprecation and the tracer's "shape check is constant" warnings are
         # expected: the exported graph is specialised to this static input on purpose.

@@ -60,7 +60,7 @@ def run_chain(cfg: ChainConfig) -> dict:
     from quantface.calibration import CalibConfig, calibrate
     from quantface.export import ExportConfig, export_onnx
     from quantface.export.bench import compare_latency
-    from quantface.export.validate import ValidateConfig, validate
+    from quantface.validate import ValidateConfig, validate
 
     out = Path(cfg.out)
     summary: dict = {"config": asdict(cfg), "seconds": {}}

@@ -158,7 +158,7 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
 
 def _cmd_validate(a: argparse.Namespace) -> int:
-    from quantface.export.validate import ValidateConfig, validate
+    from quantface.validate import ValidateConfig, validate
 
     r = validate(ValidateConfig(onnx=a.onnx, data=a.data, model=_model_spec(a), limit=a.limit, seed=a.seed,
                                 threads=a.threads, repeats=a.repeats, json_out=a.json))
@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
 
     from quantface.calibration import METHODS, CalibConfig
-    from quantface.calibration.mixed import DEFAULT_EPSILON
+    from quantface.calibration.config import DEFAULT_EPSILON
 
     d = CalibConfig()
     p = sub.add_parser("calibrate", help="calibrate a quantized model and write its recipe")

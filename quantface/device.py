@@ -8,10 +8,12 @@ deep inside a forward pass. Nothing requires a GPU: every job runs on the CPU.
 from __future__ import annotations
 
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from quantface.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 HELP = "auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N (default: auto)"
@@ -24,8 +26,10 @@ def check_device_name(name: str) -> str:
     return name
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str) -> "torch.device":
     """``auto`` → cuda when available, else cpu; a named CUDA device must exist."""
+    import torch
+
     check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -39,7 +43,9 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def describe(device: torch.device) -> str:
+def describe(device: "torch.device") -> str:
+    import torch
+
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return f"cpu ({torch.get_num_threads()} threads)"

@@ -221,16 +221,27 @@ def kron_factors(n: int) -> tuple[np.ndarray, np.ndarray] | None:
     return hadamard_matrix(a) / np.sqrt(a), hadamard_matrix(b) / np.sqrt(b)
 
 
-def random_hadamard(n: int, seed: int) -> np.ndarray:
-    """Randomized Hadamard transform Q = diag(d) @ block_hadamard(n), d ∈ {±1}^n; orthogonal.
+def random_signs(n: int, seed: int) -> np.ndarray:
+    """n random signs (int8 ±1) drawn from ``numpy.random.default_rng(seed)``. Calibration draws a
+    rotation's signs once; the recipe stores them (``quantface.recipe``), so nothing depends on NumPy
+    keeping this stream. Version-1 recipes stored only the seed, and are read back through this."""
+    return np.random.default_rng(seed).choice([-1.0, 1.0], size=int(n)).astype(np.int8)
 
-    d is drawn from numpy.random.default_rng(seed), so Q is deterministic per (n, seed). The sign
-    flip comes *before* the mixing (x Q = (x ⊙ d) H/√n): flipping after mixing would leave every
-    output magnitude unchanged, so only this order makes the spreading independent of the
+
+def signed_hadamard(signs: np.ndarray) -> np.ndarray:
+    """Randomized Hadamard transform Q = diag(d) @ block_hadamard(n) for signs d ∈ {±1}^n; orthogonal.
+
+    The sign flip comes *before* the mixing (x Q = (x ⊙ d) H/√n): flipping after mixing would leave
+    every output magnitude unchanged, so only this order makes the spreading independent of the
     structure of x (the incoherence argument of QuIP# / QuaRot).
     """
-    d = np.random.default_rng(seed).choice([-1.0, 1.0], size=int(n))
-    return d[:, None] * block_hadamard(n)
+    d = np.asarray(signs, dtype=np.float64)
+    return d[:, None] * block_hadamard(d.size)
+
+
+def random_hadamard(n: int, seed: int) -> np.ndarray:
+    """``signed_hadamard(random_signs(n, seed))``: deterministic per (n, seed)."""
+    return signed_hadamard(random_signs(n, seed))
 
 
 # ----------------------------------------------------------------------------- torch side

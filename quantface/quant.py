@@ -22,32 +22,11 @@ import torch
 
 from quantface.errors import ConfigError
 
-MIN_BITS, MAX_BITS = 2, 8
-# Activations (unsigned grids) may also take 16-bit codes: QNN's UINT16 activations, chosen only by
-# the hardware-aware bit allocation (``calibration.mixed``). Codes up to 2^16 − 1 < 2^24 are exact
-# in float32, so quantize / dequantize stay exact. Weights stay at most 8 bits (int8 storage), and
-# ``--bits`` keeps the 2..8 range.
-WIDE_ACT_BITS = 16
-# Bits of the ``ort-cpu`` export's requantized convolution outputs (UINT8, what QLinearConv emits).
-REQUANT_BITS = 8
+from quantface.bits import MAX_BITS, MIN_BITS, REQUANT_BITS, WIDE_ACT_BITS, check_bits, qrange  # noqa: F401
+
 BIAS_CODE_LIMIT = 1 << 24  # |INT32 bias codes| of a requantized conv (see ``bias_fits``)
 # Smallest scale we allow: keeps x / s finite for all-zero channels.
 EPS = 1e-8
-
-
-def check_bits(bits: int, wide: bool = False) -> int:
-    """``bits`` in MIN_BITS..MAX_BITS (or WIDE_ACT_BITS when ``wide``, for activations), else ConfigError."""
-    if not isinstance(bits, int) or not (MIN_BITS <= bits <= MAX_BITS or (wide and bits == WIDE_ACT_BITS)):
-        allowed = f"{MIN_BITS}..{MAX_BITS}" + (f" or {WIDE_ACT_BITS}" if wide else "")
-        raise ConfigError(f"bit width {bits!r} is outside the supported range {allowed}")
-    return bits
-
-
-def qrange(bits: int, signed: bool) -> tuple[int, int]:
-    """Integer code range of a b-bit grid: signed [−2^(b−1), 2^(b−1)−1], unsigned [0, 2^b−1]
-    (unsigned activation grids also allow b = WIDE_ACT_BITS)."""
-    check_bits(bits, wide=not signed)
-    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
 
 
 class RoundSTE(torch.autograd.Function):
@@ -211,6 +190,18 @@ def bias_fits(bias: torch.Tensor, act_scale: torch.Tensor | float, w_scale: torc
     scales (a channel the low-rank branch took whole, scale ``EPS``) put it at ~10^9 codes, where
     ONNX Runtime's QLinearConv and the float simulation part ways."""
     return bool(_bias_on_grid(bias, act_scale, w_scale)[0].abs().max() <= BIAS_CODE_LIMIT)
+
+
+def requantizable(conv: bool, weight_bits: int | None, act_bits: int | None,
+                  output_range: tuple[float, float] | None, bias: torch.Tensor | None,
+                  act_scale: torch.Tensor | float | None, w_scale: torch.Tensor | None) -> bool:
+    """Whether an integer kernel can run a layer's product with its output requantized to
+    ``REQUANT_BITS`` (ONNX Runtime's QLinearConv): a convolution with quantized weights and an input of
+    at most ``MAX_BITS`` (QLinearConv takes 8-bit inputs: not after 16-bit activations), a recorded
+    output range, and a bias that fits the accumulator grid (``bias_fits``). The one predicate the
+    calibrated model's simulation and the exporter both use."""
+    return (conv and weight_bits is not None and act_bits is not None and act_bits <= MAX_BITS
+            and output_range is not None and (bias is None or bias_fits(bias, act_scale, w_scale)))
 
 
 def requantize(acc: torch.Tensor, act_scale: torch.Tensor, w_scale: torch.Tensor, out_scale: torch.Tensor,

@@ -12,9 +12,9 @@ from quantface.calibration import METHODS, CalibConfig, calibrate
 from quantface.calibration.run import CalibData, smoothing_scale
 from quantface.calibration.layers import QuantLayer, wrap_layers
 from quantface.calibration.methods import get_method
-from quantface.calibration.recipe import RecipeError, apply_recipe, load_recipe
+from quantface.calibration.recipe import apply_recipe
+from quantface.recipe import HadamardSpec, RecipeError, read_recipe
 from quantface.errors import ConfigError
-from quantface.hadamard import random_hadamard
 from quantface.models.reference import ReferenceRestorer
 from quantface.models.store import load_weights
 from tests.conftest import TINY
@@ -40,7 +40,7 @@ def test_rotation_scaling_and_svd_split_preserve_the_model(tiny_model):
     for i, layer in enumerate(wrap_layers(model).values()):
         act_max = torch.rand(layer.in_channels, generator=g) * 10 + 0.1
         layer.fold_smoothing(smoothing_scale(act_max, layer.weight, 0.5))
-        layer.fold_rotation(torch.from_numpy(random_hadamard(layer.in_channels, i)).float(), i)
+        layer.fold_rotation(HadamardSpec.draw(layer.in_channels, i))
         layer.split_lowrank(2)
         layer.add_lora(2, g)
     with torch.no_grad():
@@ -183,23 +183,23 @@ def test_recipe_errors(image_folder, tmp_path, tiny_weights, tiny_model):
         apply_recipe(other, path)
     write({**meta, "version": 99})
     with pytest.raises(RecipeError, match="version 99"):
-        load_recipe(path)
+        read_recipe(path)
     bad_layer = dict(meta["layers"])
     first = next(iter(bad_layer))
     bad_layer[first] = {**bad_layer[first], "weight_scale": "nope"}
     write({**meta, "layers": bad_layer})
     with pytest.raises(RecipeError, match="lacks tensor nope"):
-        load_recipe(path)
+        read_recipe(path)
     write(meta)
     blob = (path / "recipe.safetensors").read_bytes()
     (path / "recipe.safetensors").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(RecipeError, match="truncated or modified"):
-        load_recipe(path)
+        read_recipe(path)
     (path / "recipe.json").write_text("{not json")
     with pytest.raises(RecipeError, match="not valid JSON"):
-        load_recipe(path)
+        read_recipe(path)
     with pytest.raises(RecipeError, match="has no recipe.json"):
-        load_recipe(tmp_path / "nowhere")
+        read_recipe(tmp_path / "nowhere")
 
 
 def test_calib_config_round_trip_and_validation():
