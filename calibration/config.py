@@ -113,7 +113,11 @@ class CalibConfig(JsonConfig):
         from quantface.paths import check_output_dir
 
         list_images(self.data)
-        check_output_dir(self.out, "--out")
+        out = check_output_dir(self.out, "--out")
+        if out.is_dir() and any(out.iterdir()) and not (out / "recipe.json").is_file():
+            # the recipe writer replaces the whole folder: never a folder that is not an earlier recipe
+            raise ConfigError(f"--out {out} is a folder that holds no recipe.json; give a new folder or an "
+                              f"earlier recipe's")
         if self.lpips_backbone:
             from quantface.lpips import load_lpips
 

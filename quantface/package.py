@@ -41,6 +41,7 @@ kernel the model needs before and after optimisation.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import io
 import json
@@ -79,6 +80,7 @@ OPTIMIZATION_STYLE = {"ort-cpu": "Fixed", "qnn": "Runtime"}
 TARGET_PLATFORM = "arm"
 CHECK_SEED = 0
 PACKAGE_FILES = (f"{MODEL_STEM}.onnx", f"{MODEL_STEM}.ort", MODEL_JSON, OPS_CONFIG)
+LEGACY_TEMP = ".package.*.tmp"  # work folders earlier versions built inside --out (gone with the old folder)
 
 
 class PackageError(QuantFaceError):
@@ -108,7 +110,8 @@ class PackageConfig(JsonConfig):
         """Before any work: ``out`` is new, empty or an earlier package (whose files it replaces)."""
         out = check_output_dir(self.out, "--out")
         if out.is_dir():
-            others = sorted(p.name for p in out.iterdir() if p.name not in PACKAGE_FILES)
+            others = sorted(p.name for p in out.iterdir() if p.name not in PACKAGE_FILES
+                            and not fnmatch.fnmatch(p.name, LEGACY_TEMP))
             if others:
                 raise PackageError(f"--out {out} holds files that are not part of a package (e.g. {others[0]}); "
                                    f"give a new or empty folder, or an earlier package folder")

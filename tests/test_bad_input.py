@@ -344,6 +344,8 @@ BAD = [
     Bad("package-out-holds-other-files", P, "--out {tmp}/pkg holds files that are not part of a package (e.g. "
         "notes.txt)", _dir("pkg", "notes.txt")),
     Bad("calibrate-out-is-a-file", C, "--out {tmp}/recipe is an existing file", _file("recipe")),
+    Bad("calibrate-out-folder-that-is-not-a-recipe", C, "--out {tmp}/recipe is a folder that holds no recipe.json",
+        _dir("recipe", "thesis.tex")),
     Bad("calibrate-out-under-a-file", C.replace("{tmp}/recipe", "{tmp}/f/recipe"),
         "--out {tmp}/f/recipe lies under {tmp}/f, which is a file", _file("f")),
     Bad("demo-out-is-a-file", D + " --fp-only", "--out {tmp}/demo is an existing file", _file("demo")),
@@ -501,16 +503,6 @@ def test_existing_json_is_replaced_and_stale_temps_are_cleaned(fx, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.tmp-x", "e.json"]
 
 
-def test_export_replaces_a_file_and_cleans_its_stale_temp_folder(fx, tmp_path):
-    out = tmp_path / "m.onnx"
-    out.write_bytes(b"old")
-    (tmp_path / ".m.onnx.tmp-killed").mkdir()
-    (tmp_path / ".m.onnx.tmp-killed" / "m.onnx").write_bytes(b"partial")
-    assert main(["export", "--weights", str(fx.weights), "--fp32", "--out", str(out)]) == 0
-    onnx.checker.check_model(onnx.load(str(out)))
-    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
-
-
 # -------------------------------------------------------------------------- interrupted writes
 def test_interrupted_package_leaves_no_target_folder(fx, tmp_path, monkeypatch, capsys):
     """A kill while the package is built: the target folder never appears half-made."""
@@ -539,6 +531,15 @@ def test_package_builds_beside_the_target_and_cleans_a_killed_run(fx, tmp_path, 
     assert main(["package", "--onnx", str(fx.onnx), "--out", str(tmp_path / "pkg"), "--format", "onnx"]) == 0
     assert seen == {"target_existed": False, "staged": ["model.json", "model.onnx", "required_operators.config"]}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
+    assert sorted(p.name for p in (tmp_path / "pkg").iterdir()) == ["model.json", "model.onnx",
+                                                                    "required_operators.config"]
+
+
+def test_package_into_a_folder_an_old_version_left_half_made(fx, tmp_path):
+    """Earlier versions built inside --out: a kill left pkg/ holding only .package.*.tmp/. Packaging
+    into it again works and leaves exactly the package."""
+    (tmp_path / "pkg" / ".package.abc123.tmp" / "src").mkdir(parents=True)
+    assert main(["package", "--onnx", str(fx.onnx), "--out", str(tmp_path / "pkg"), "--format", "onnx"]) == 0
     assert sorted(p.name for p in (tmp_path / "pkg").iterdir()) == ["model.json", "model.onnx",
                                                                     "required_operators.config"]
 
@@ -602,12 +603,19 @@ def umask_027():
 
 
 def test_outputs_get_the_umask_mode_not_mkstemps_0600(fx, tmp_path, umask_027):
+    """Restored PNGs, JSON and .onnx get 0666 less the umask. The export also replaces an existing
+    file and removes the temp folder a killed export left."""
     mode = umask_027
     assert main(["restore", "--weights", str(fx.weights), "--input", str(fx.faces),
                  "--output", str(tmp_path / "out")]) == 0
     assert main(["eval", "--weights", str(fx.weights), "--data", str(fx.faces), "--limit", "1",
                  "--json", str(tmp_path / "e.json")]) == 0
+    (tmp_path / "m.onnx").write_bytes(b"old")
+    (tmp_path / ".m.onnx.tmp-killed").mkdir()
+    (tmp_path / ".m.onnx.tmp-killed" / "m.onnx").write_bytes(b"partial")
     assert main(["export", "--weights", str(fx.weights), "--fp32", "--out", str(tmp_path / "m.onnx")]) == 0
+    onnx.checker.check_model(onnx.load(str(tmp_path / "m.onnx")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.json", "m.onnx", "out"]
     files = [*(tmp_path / "out").iterdir(), tmp_path / "e.json", tmp_path / "m.onnx"]
     assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: oct(mode) for f in files}
     d = paths.temp_dir(tmp_path / "folder")
