@@ -6,7 +6,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from quantface.config import JsonConfig
+from quantface.config import JsonConfig, check_int, check_size
 from quantface.device import check_device_name
 from quantface.errors import ConfigError
 from quantface.bits import check_bits
@@ -97,10 +97,41 @@ class CalibConfig(JsonConfig):
             raise ConfigError(f"--steps {self.steps} must be non-negative")
         if self.batch_size < 1 or self.stat_images < 1:
             raise ConfigError("batch size and statistics images must be positive")
+        check_int(self.seed, "--seed", 0)
+        check_size(self.size)
+        if self.limit is not None:
+            check_int(self.limit, "--limit")
+        if self.threads is not None:
+            check_int(self.threads, "--threads")
+        check_int(self.checkpoint_every, "checkpoint_every")
+        if not self.out:
+            raise ConfigError("--out must name the recipe folder to write")
         if (self.lpips_backbone is None) != (self.lpips_lin is None):
             raise ConfigError("LPIPS needs both --lpips-backbone and --lpips-lin")
         check_device_name(self.device)
         check_mixed_precision(self)
+
+    def check(self) -> None:
+        """Before any work: the calibration faces exist, the recipe folder can be written, and the
+        LPIPS weights (if given) load: a bad file is refused now, not after the statistics pass."""
+        from quantface.data import list_images
+        from quantface.paths import check_output_dir
+
+        list_images(self.data)
+        out = check_output_dir(self.out, "--out")
+        if out.is_dir() and any(out.iterdir()) and not (out / "recipe.json").is_file():
+            # the recipe writer replaces the whole folder: never a folder that is not an earlier recipe
+            raise ConfigError(f"--out {out} is a folder that holds no recipe.json; give a new folder or an "
+                              f"earlier recipe's")
+        if self.lpips_backbone:
+            from quantface.lpips import load_lpips
+
+            load_lpips(self.lpips_net, self.lpips_backbone, self.lpips_lin)
+        from quantface.calibration.distill import checkpoint_path
+        from quantface.checkpoint import checkpoint_step
+
+        if self.resume and checkpoint_path(self).exists():
+            checkpoint_step(checkpoint_path(self))  # readable; whether it fits is checked when it loads
 
     @property
     def weight_bits(self) -> int:

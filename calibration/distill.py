@@ -24,6 +24,11 @@ from quantface.metrics import ssim_map
 CHECKPOINT_NAME = "distill_checkpoint.safetensors"
 
 
+def checkpoint_path(cfg: CalibConfig) -> Path:
+    """Where distillation checkpoints beside the recipe folder ``cfg.out`` (and resumes from)."""
+    return Path(cfg.out).parent / f".{Path(cfg.out).name}.{CHECKPOINT_NAME}"
+
+
 def perceptual_loss(cfg: CalibConfig, device: torch.device | str = "cpu"):
     """LPIPS(pred, target) from local weights if configured, else 1 − SSIM; inputs in [-1, 1]."""
     if cfg.lpips_backbone:
@@ -70,7 +75,7 @@ def distill(qmodel: torch.nn.Module, layers: dict[str, QuantLayer], data, cfg: C
     lrs = learning_rates(cfg)
     opt = torch.optim.Adam([{"params": params, "lr": lrs[name]} for name, params in groups.items()])
     named = _named(qmodel, trained)
-    ckpt = Path(cfg.out).parent / f".{Path(cfg.out).name}.{CHECKPOINT_NAME}"
+    ckpt = checkpoint_path(cfg)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     start = load_checkpoint(ckpt, named, opt) if cfg.resume and ckpt.exists() else 0
     if start:

@@ -206,6 +206,7 @@ class CalibrationResult:
 def calibrate(cfg: CalibConfig) -> CalibrationResult:
     """Run ``cfg.method`` on ``cfg.model`` and write the recipe to ``cfg.out``."""
     spec = get_method(cfg.method)
+    cfg.check()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -213,7 +214,9 @@ def calibrate(cfg: CalibConfig) -> CalibrationResult:
     np.random.seed(cfg.seed)
     t0 = time.time()
     fp_model = load_model(cfg.model, cfg.weights).to(device)
-    size = cfg.size or fp_model.config.working_size
+    size = cfg.size if cfg.size is not None else fp_model.config.working_size
+    if size % fp_model.config.size_multiple:
+        raise ConfigError(f"--size {size} is not a multiple of {fp_model.config.size_multiple}, which the model needs")
     data = CalibData.build(fp_model, cfg, size)
     print(f"{cfg.method} {cfg.bits}: {len(data)} calibration images at {size}px on {describe_device(device)}")
     qmodel = copy.deepcopy(fp_model)

@@ -8,6 +8,7 @@ from quantface.export.profiles import PROFILES
 from quantface.config import JsonConfig
 from quantface.errors import ConfigError
 from quantface.models import MODEL_NAMES
+from quantface.paths import check_input_dir, check_output_file
 
 
 @dataclass
@@ -42,3 +43,9 @@ class ExportConfig(JsonConfig):
             raise ConfigError(f"rotation must be true or false, got {self.rotation!r}")
         if not self.out or self.out.endswith(("/", "\\")):
             raise ConfigError(f"--out {self.out!r} must name a file")
+
+    def check(self) -> None:
+        """Before any work: the recipe folder exists and ``out`` can be written as a file."""
+        if self.recipe is not None:
+            check_input_dir(self.recipe, "recipe folder")
+        check_output_file(self.out, "--out")

@@ -1,9 +1,13 @@
 """Finishing passes and writing: metadata, the ONNX checker, and an atomic save.
 
 Writing is atomic: the model (and, above 2 GB, its external data file ``<name>.data``) is written
-into a temporary folder next to the destination, checked there, then moved into place with
+into a temporary folder next to the destination (``quantface.paths.temp_dir``: ``.<name>.tmp-*``,
+removed by the next write if a run is killed), checked there, then moved into place with
 ``os.replace`` — data first, model last — so a reader never sees a partial file and a failure
 leaves nothing behind.
+
+A graph is one of ours when it carries ``quantface.*`` metadata (``add_metadata``); ``foreign_graph``
+gives the sentence for one that does not.
 """
 
 from __future__ import annotations
@@ -11,12 +15,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import onnx
 
 from quantface.export.errors import ExportError
+from quantface.paths import check_output_file, file_mode, temp_dir
 
 # Protobuf cannot serialise a message of 2 GiB or more; above this the tensors go to external data.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24  # with a margin for the graph structure itself
@@ -41,6 +46,13 @@ def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
     return {p.key[n:]: p.value for p in model.metadata_props if p.key.startswith(METADATA_PREFIX)}
 
 
+def foreign_graph(path: str | Path, metadata_keys: Iterable[str]) -> str | None:
+    """None for a graph with ``quantface.*`` metadata; else the sentence saying it has none."""
+    if any(k.startswith(METADATA_PREFIX) for k in metadata_keys):
+        return None
+    return f"{path} has no quantface metadata: it is not a graph written by quantface export"
+
+
 def tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes of initializer data (computed without serialising, which fails above 2 GiB)."""
     total = 0
@@ -59,11 +71,10 @@ def file_bytes(path: str | Path) -> int:
 def save_atomic(model: onnx.ModelProto, path: str | Path) -> int:
     """Check (``onnx.checker``, ``full_check=True``) and write ``model`` to ``path`` atomically;
     returns the bytes written (model plus external data)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = check_output_file(path, "--out")
     external = tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD
     data_name = path.name + ".data"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = temp_dir(path)
     try:
         target = tmp / path.name
         if external:
@@ -74,6 +85,8 @@ def save_atomic(model: onnx.ModelProto, path: str | Path) -> int:
             onnx.checker.check_model(model, full_check=True)
             onnx.save_model(model, str(target))
         written = sum(f.stat().st_size for f in tmp.iterdir())
+        for f in tmp.iterdir():
+            os.chmod(f, file_mode())
         if (tmp / data_name).exists():  # absent when no tensor reached size_threshold
             os.replace(tmp / data_name, path.parent / data_name)
         os.replace(target, path)

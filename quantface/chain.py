@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from quantface.config import JsonConfig
+from quantface.config import JsonConfig, check_int
 from quantface.data import atomic_write_bytes, shipped_faces, write_image
 from quantface.errors import ConfigError
 from quantface.jobs import DemoConfig, ModelSpec, demo
@@ -48,6 +48,28 @@ class ChainConfig(JsonConfig):
             raise ConfigError("the demo needs at least one calibration and one validation face")
         if self.calib_faces + self.validate_faces > 200:
             raise ConfigError("scikit-image ships 200 LFW faces: calibration + validation faces must not exceed 200")
+        check_int(self.steps, "--steps", 0)
+        check_int(self.threads, "--threads")
+        check_int(self.repeats, "repeats")
+        check_int(self.seed, "--seed", 0)
+        self.calib_config()  # the calibration's own option checks, before anything is written
+
+    def calib_config(self) -> "CalibConfig":
+        """The fast preset's calibration of faces in ``<out>/faces/calibration`` into ``<out>/recipe``."""
+        from quantface.calibration import CalibConfig
+
+        out = Path(self.out)
+        return CalibConfig(method=self.method, bits=self.bits, data=str(out / "faces" / "calibration"),
+                           out=str(out / "recipe"), weights=self.model.weights, seed=self.seed, steps=self.steps,
+                           stat_images=min(16, self.calib_faces), resume=False, threads=self.threads,
+                           device=self.model.device)
+
+    def check(self) -> None:
+        """Before any work: the output folder can be written and the model's files exist."""
+        from quantface.paths import check_output_dir
+
+        check_output_dir(self.out, "--out")
+        self.model.check()
 
 
 def _step(label: str) -> float:
@@ -57,11 +79,12 @@ def _step(label: str) -> float:
 
 def run_chain(cfg: ChainConfig) -> dict:
     """Run the chain; returns (and writes to ``<out>/summary.json``) every number it printed."""
-    from quantface.calibration import CalibConfig, calibrate
+    from quantface.calibration import calibrate
     from quantface.export import ExportConfig, export_onnx
     from quantface.export.bench import compare_latency
     from quantface.validate import ValidateConfig, validate
 
+    cfg.check()
     out = Path(cfg.out)
     summary: dict = {"config": asdict(cfg), "seconds": {}}
 
@@ -78,9 +101,7 @@ def run_chain(cfg: ChainConfig) -> dict:
 
     t = _step(f"2/5 calibrate {cfg.method} {cfg.bits} (fast preset: {cfg.calib_faces} faces, {cfg.steps} steps)")
     recipe = out / "recipe"
-    calib = calibrate(CalibConfig(method=cfg.method, bits=cfg.bits, data=str(calib_dir), out=str(recipe),
-                                  weights=cfg.model.weights, seed=cfg.seed, steps=cfg.steps,
-                                  stat_images=min(16, cfg.calib_faces), resume=False, threads=cfg.threads))
+    calib = calibrate(cfg.calib_config())
     summary["seconds"]["calibrate"] = time.perf_counter() - t
 
     t = _step("3/5 export FP32 and the reference / ort-cpu profiles")

@@ -6,8 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from quantface.errors import WeightsError
+
+RESUME_HINT = "delete it or pass --no-resume"
 
 
 def save_checkpoint(path: str | Path, params: dict[str, torch.nn.Parameter], opt: torch.optim.Adam, step: int,
@@ -26,11 +30,29 @@ def save_checkpoint(path: str | Path, params: dict[str, torch.nn.Parameter], opt
     tmp.replace(path)
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The step a checkpoint was taken at; a ``WeightsError`` naming the file if it is unreadable."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return int((f.metadata() or {})["step"])
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+        raise WeightsError(f"checkpoint {path} is unreadable or truncated ({type(exc).__name__}); "
+                           f"{RESUME_HINT}") from None
+
+
 def load_checkpoint(path: str | Path, params: dict[str, torch.nn.Parameter], opt: torch.optim.Adam) -> int:
-    """Restore ``params`` and Adam's state in place; returns the step the checkpoint was taken at."""
-    with safe_open(str(path), "pt") as f:
-        step = int((f.metadata() or {})["step"])
-    tensors = load_file(str(path))
+    """Restore ``params`` and Adam's state in place; returns the step the checkpoint was taken at.
+    A checkpoint that is unreadable or of another run (other tensors or shapes) is one ``WeightsError``."""
+    step = checkpoint_step(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise WeightsError(f"checkpoint {path} is unreadable or truncated ({exc}); {RESUME_HINT}") from None
+    for name, p in params.items():
+        t = tensors.get(f"param.{name}")
+        if t is None or t.shape != p.shape:
+            raise WeightsError(f"checkpoint {path} is of another run (tensor {name} is "
+                               f"{'missing' if t is None else 'of another shape'}); {RESUME_HINT}")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[f"param.{name}"])

@@ -150,8 +150,10 @@ def _cmd_export(a: argparse.Namespace) -> int:
     if not a.fp32 and not a.recipe:
         print("error: give --recipe RECIPE_DIR (or --fp32 for the unquantized baseline graph)", file=sys.stderr)
         return 2
-    r = export_onnx(ExportConfig(model=a.model, weights=_weights(a), recipe=a.recipe, profile=a.profile, out=a.out,
-                                 size=a.size, batch=a.batch, rotation=not a.no_rotation))
+    cfg = ExportConfig(model=a.model, weights=_weights(a), recipe=a.recipe, profile=a.profile, out=a.out,
+                       size=a.size, batch=a.batch, rotation=not a.no_rotation)
+    cfg.check()  # before tracing: the recipe folder exists and --out can be written
+    r = export_onnx(cfg)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(r.node_counts.items()) if v)
     print(f"wrote {r.path} ({r.bytes / 1e6:.2f} MB, profile {a.profile if a.recipe else 'fp32'}): {counts}")
     return 0

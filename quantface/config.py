@@ -47,3 +47,22 @@ class JsonConfig:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{cls.__name__} is not valid JSON: {exc}") from None
         return cls.from_dict(raw)
+
+
+# Sides the restoration pipeline and the models take (the reference model's size_multiple).
+SIZE_MULTIPLE = 16
+
+
+def check_int(value: object, flag: str, minimum: int = 1) -> None:
+    """``value`` is an integer of at least ``minimum``, else one ``ConfigError`` sentence naming ``flag``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{flag} {value!r} must be an integer of at least {minimum}" if not isinstance(value, int)
+                          else f"{flag} {value} must be at least {minimum}")
+
+
+def check_size(size: object, flag: str = "--size", multiple: int = SIZE_MULTIPLE) -> None:
+    """An optional working size (None: the model's) is a positive multiple of ``multiple``."""
+    if size is None:
+        return
+    if isinstance(size, bool) or not isinstance(size, int) or size < multiple or size % multiple:
+        raise ConfigError(f"{flag} {size} must be a positive multiple of {multiple}")

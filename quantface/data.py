@@ -3,13 +3,15 @@
 Images are handled as HWC uint8 RGB numpy arrays everywhere outside the model. Any mode Pillow can
 open is converted: grayscale, RGBA / LA (alpha composited on white), palette, CMYK, and 16-bit
 grayscale (scaled, not truncated). A file that cannot be decoded raises ``ImageError`` with one
-sentence naming the file; ``load_folder`` skips such files, counts them and reports them at the end.
+sentence naming the file and the reason; ``load_folder`` skips such files, counts them and reports
+them at the end. An image of more than ``MAX_IMAGE_PIXELS`` (64 megapixels, e.g. 8000×8000) is
+refused before it is decoded: faces are resized to a few hundred pixels anyway, and a larger file is
+more likely a decompression bomb than a photograph.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +20,12 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from quantface.errors import ImageError
+from quantface.paths import atomic_write_bytes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+# The largest image read_image decodes (width × height). Below Pillow's own decompression-bomb
+# warning (89.5 MP), so every image Pillow would warn about or refuse gets this one sentence instead.
+MAX_IMAGE_PIXELS = 64_000_000
 
 
 def list_images(path: str | Path) -> list[Path]:
@@ -57,13 +63,27 @@ def to_rgb_uint8(img: Image.Image) -> np.ndarray:
 def read_image(path: str | Path) -> np.ndarray:
     """Decode one image file to HWC uint8 RGB, or raise ``ImageError`` naming the file."""
     path = Path(path)
+    limit = f"above the {MAX_IMAGE_PIXELS // 1_000_000}-megapixel limit (MAX_IMAGE_PIXELS in quantface/data.py)"
     try:
-        with Image.open(path) as img:
-            img.load()
-            return to_rgb_uint8(img)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise ImageError(f"image {path} is {w}x{h} pixels, {limit}")
+                img.load()
+                return to_rgb_uint8(img)
+    except ImageError:
+        raise
     except FileNotFoundError:
         raise ImageError(f"image file {path} does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except IsADirectoryError:
+        raise ImageError(f"image file {path} is a folder") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"cannot read image {path}: Pillow recognises no image format in it") from None
+    except Image.DecompressionBombError:  # Pillow refuses above 2 × its own limit before we see the size
+        raise ImageError(f"image {path} is {limit}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"cannot read image {path}: {exc}") from None
 
 
@@ -110,8 +130,18 @@ def load_folder(path: str | Path, size: int, limit: int | None = None) -> Loaded
         except ImageError as exc:
             out.skipped.append(str(exc))
     if not out.images:
-        raise ImageError(f"no readable images in {path}: {len(out.skipped)} file(s) failed to decode")
+        raise ImageError(nothing_readable(path, out.skipped))
     return out
+
+
+def nothing_readable(path: str | Path, skipped: list[str]) -> str:
+    """The sentence for a file or folder none of whose images could be read: each names the file
+    and the reason (for several files, their count and the first one's reason)."""
+    if Path(path).is_file():
+        return skipped[0]
+    if len(skipped) == 1:
+        return f"no readable images in {path}: {skipped[0]}"
+    return f"no readable images in {path}: {len(skipped)} files failed to decode, the first: {skipped[0]}"
 
 
 # The astronaut photograph's face region (x0, y0, x1, y1): a CelebA-HQ-like crop with hair and chin.
@@ -132,21 +162,6 @@ def shipped_faces(size: int, lfw_count: int = 5) -> tuple[list[np.ndarray], list
         faces.append(center_crop_resize(np.repeat(gray[:, :, None], 3, axis=2), size))
         names.append(f"lfw_{i:03d}")
     return faces, names
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_image(path: str | Path, img: np.ndarray) -> None:

@@ -8,6 +8,7 @@ the HQ face, as means and per image.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,14 +18,15 @@ import numpy as np
 from tqdm import tqdm
 
 from quantface import __version__
-from quantface.config import JsonConfig
-from quantface.data import (atomic_write_bytes, center_crop_resize, list_images, load_folder, read_image,
-                            shipped_faces, write_image)
+from quantface.config import SIZE_MULTIPLE, JsonConfig, check_int, check_size
+from quantface.data import (atomic_write_bytes, center_crop_resize, list_images, load_folder, nothing_readable,
+                            read_image, shipped_faces, write_image)
 from quantface.degradation import DegradationConfig, degrade
 from quantface.errors import ConfigError, ImageError
 from quantface.device import check_device_name, resolve_device
 from quantface.metrics import psnr, ssim
 from quantface.models import load_model
+from quantface.paths import check_input_dir, check_input_file, check_output_dir, check_output_file
 from quantface.pipeline import RestorationPipeline, TorchBackend
 
 
@@ -45,6 +47,15 @@ class ModelSpec(JsonConfig):
 
     def __post_init__(self) -> None:
         check_device_name(self.device)
+        if self.recipe is not None and self.onnx is not None:
+            raise ConfigError("give --recipe (the fake-quant PyTorch model) or --onnx (an exported graph), not both")
+
+    def check(self) -> None:
+        """The recipe folder and the ONNX file exist (their contents are checked when they load)."""
+        if self.recipe is not None:
+            check_input_dir(self.recipe, "recipe folder")
+        if self.onnx is not None:
+            check_input_file(self.onnx, "ONNX model")
 
     def fp_spec(self) -> "ModelSpec":
         """The same network in full precision (no recipe, no ONNX graph), on the same device."""
@@ -66,17 +77,32 @@ class ModelSpec(JsonConfig):
 
         return apply_recipe(fp, self.recipe, requant_outputs=self.requant_outputs)
 
-    def pipeline(self, batch_size: int = 8) -> tuple[RestorationPipeline, int]:
-        """The restoration pipeline for this model and its working size (an ONNX graph's input size)."""
+    def pipeline(self, batch_size: int = 8, size: int | None = None) -> tuple[RestorationPipeline, int]:
+        """The restoration pipeline for this model and the side it runs at: ``size`` if given (a positive
+        multiple of 16), else the model's working size; an ONNX graph with a static input side runs at
+        that side, which ``size`` must then equal. A graph without quantface metadata (not one of our
+        exports) runs too, after one ``warning:`` line on stderr."""
         if self.onnx is not None:
             from quantface.export.api import OnnxBackend
+            from quantface.export.save import foreign_graph
 
             backend = OnnxBackend(self.onnx)
+            foreign = foreign_graph(self.onnx, backend.metadata)
+            if foreign:
+                print(f"warning: {foreign}; running it as an image-to-image graph (nothing checks what it computes)",
+                      file=sys.stderr)
             side = backend.input_shape[-1]
-            size = side if isinstance(side, int) else self.fp_model().config.working_size
-            return RestorationPipeline(backend, batch_size), size
+            if isinstance(side, int):
+                if side < SIZE_MULTIPLE or side % SIZE_MULTIPLE:
+                    raise ConfigError(f"ONNX model {self.onnx} takes {side}x{side} images; the pipeline needs "
+                                      f"a side that is a positive multiple of {SIZE_MULTIPLE}")
+                if size is not None and size != side:
+                    raise ConfigError(f"--size {size} does not match ONNX model {self.onnx}, whose input is "
+                                      f"{side}x{side}; drop --size")
+                return RestorationPipeline(backend, batch_size), side
+            return RestorationPipeline(backend, batch_size), _resolve_size(size, self.fp_model().config.working_size)
         backend = self.torch_backend()
-        return RestorationPipeline(backend, batch_size), backend.module.config.working_size
+        return RestorationPipeline(backend, batch_size), _resolve_size(size, backend.module.config.working_size)
 
     def torch_backend(self) -> TorchBackend:
         """The PyTorch model (FP or fake-quant) as a pipeline backend on ``device``."""
@@ -84,9 +110,8 @@ class ModelSpec(JsonConfig):
 
 
 def _resolve_size(size: int | None, working_size: int) -> int:
-    size = size or working_size
-    if size < 16 or size % 16:
-        raise ConfigError(f"--size {size} must be a positive multiple of 16")
+    size = working_size if size is None else size
+    check_size(size)
     return size
 
 
@@ -102,14 +127,24 @@ class EvalConfig(JsonConfig):
     batch_size: int = 8
 
     def __post_init__(self) -> None:
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"--limit {self.limit} must be at least 1")
+        if self.limit is not None:
+            check_int(self.limit, "--limit")
+        check_int(self.seed, "--seed", 0)
+        check_size(self.size)
+        check_int(self.batch_size, "batch size")
+
+    def check(self) -> None:
+        """Before any work: the inputs exist and the output can be written."""
+        list_images(self.data)
+        if self.json_out:
+            check_output_file(self.json_out, "--json")
+        self.model.check()
 
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Degrade, restore and score ``cfg.data``; writes ``cfg.json_out`` (atomically) when given."""
-    pipeline, working = cfg.model.pipeline(cfg.batch_size)
-    size = _resolve_size(cfg.size, working)
+    cfg.check()
+    pipeline, size = cfg.model.pipeline(cfg.batch_size, cfg.size)
     loaded = load_folder(cfg.data, size, cfg.limit)
     degradation = DegradationConfig(second_stage=cfg.second_stage)
     lqs = [degrade(hq, cfg.seed, i, degradation)[0] for i, hq in enumerate(loaded.images)]
@@ -163,14 +198,24 @@ class RestoreConfig(JsonConfig):
     size: int | None = None
     batch_size: int = 8
 
+    def __post_init__(self) -> None:
+        check_size(self.size)
+        check_int(self.batch_size, "batch size")
+
+    def check(self) -> None:
+        """Before any work: the input exists and the output folder can be written."""
+        list_images(self.input)
+        check_output_dir(self.output, "--output")
+        self.model.check()
+
 
 def restore(cfg: RestoreConfig) -> tuple[list[Path], list[str]]:
     """Restore a file or a folder of faces into ``cfg.output`` (PNG, same stems).
 
     Each face is centre-cropped and resized to the working size first. Unreadable files are skipped;
     returns (written files, skip messages)."""
-    pipeline, working = cfg.model.pipeline(cfg.batch_size)
-    size = _resolve_size(cfg.size, working)
+    cfg.check()
+    pipeline, size = cfg.model.pipeline(cfg.batch_size, cfg.size)
     files = list_images(cfg.input)
     out_dir = Path(cfg.output)
     written, skipped = [], []
@@ -184,7 +229,7 @@ def restore(cfg: RestoreConfig) -> tuple[list[Path], list[str]]:
         write_image(target, pipeline([lq])[0])
         written.append(target)
     if not written:
-        raise ImageError(f"no readable images in {cfg.input}: {len(skipped)} file(s) failed to decode")
+        raise ImageError(nothing_readable(cfg.input, skipped))
     return written, skipped
 
 
@@ -213,11 +258,19 @@ class DemoConfig(JsonConfig):
     model: ModelSpec = field(default_factory=ModelSpec)
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        check_int(self.seed, "--seed", 0)
+
+    def check(self) -> None:
+        check_output_dir(self.out, "--out")
+        self.model.check()
+
 
 def demo(cfg: DemoConfig) -> dict:
     """The main job on the embedded default: restore real faces shipped by scikit-image and write a
     before/after grid. The astronaut's face is HQ, so it is degraded (seed, index 0) and scored; the
     LFW faces are genuinely low-resolution (25×25) and are restored as they are."""
+    cfg.check()
     pipeline, size = cfg.model.pipeline()
     faces, names = shipped_faces(size)
     out = Path(cfg.out)

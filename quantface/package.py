@@ -1,7 +1,8 @@
 """``quantface package``: an exported ONNX graph → a folder a phone app or a browser page loads.
 
-The folder holds three files, each written atomically (``model.json`` last, so a reader that sees it
-also sees the model it names)::
+The folder is built complete under a temporary name beside it (``.<name>.tmp-*``) and renamed into
+place (``quantface.paths.replace_dir``), so it never exists half-made; a graph without ``quantface.*``
+metadata (not written by ``quantface export``) is refused. It holds three files::
 
     model.ort | model.onnx        the network (format below)
     required_operators.config     the operators it needs, for a reduced-operator ONNX Runtime build
@@ -40,11 +41,11 @@ kernel the model needs before and after optimisation.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import io
 import json
 import logging
-import os
 import shutil
 import tempfile
 from collections import Counter
@@ -59,8 +60,8 @@ from onnx import TensorProto
 from quantface import __version__
 from quantface import app_contract
 from quantface.config import JsonConfig
-from quantface.data import atomic_write_bytes
 from quantface.errors import ConfigError, QuantFaceError
+from quantface.paths import atomic_copy, atomic_write_bytes, check_output_dir, replace_dir, temp_dir
 
 FORMATS = ("auto", "ort", "onnx")
 MODEL_JSON = "model.json"
@@ -78,7 +79,8 @@ MAX_APP_MODEL_BYTES = 20 * 1024 * 1024
 OPTIMIZATION_STYLE = {"ort-cpu": "Fixed", "qnn": "Runtime"}
 TARGET_PLATFORM = "arm"
 CHECK_SEED = 0
-_READABLE = 0o644  # mkstemp's 0600 would hide the files from a web server or adb running as another user
+PACKAGE_FILES = (f"{MODEL_STEM}.onnx", f"{MODEL_STEM}.ort", MODEL_JSON, OPS_CONFIG)
+LEGACY_TEMP = ".package.*.tmp"  # work folders earlier versions built inside --out (gone with the old folder)
 
 
 class PackageError(QuantFaceError):
@@ -103,6 +105,19 @@ class PackageConfig(JsonConfig):
             raise ConfigError(f"--format {self.format!r} must be one of {', '.join(FORMATS)}")
         if not self.out:
             raise ConfigError("--out must name a folder")
+
+    def check(self) -> None:
+        """Before any work: ``out`` is new, empty or an earlier package (whose files it replaces)."""
+        out = check_output_dir(self.out, "--out")
+        if out.is_dir():
+            others = sorted(p.name for p in out.iterdir() if p.name not in PACKAGE_FILES
+                            and not fnmatch.fnmatch(p.name, LEGACY_TEMP))
+            if others:
+                raise PackageError(f"--out {out} holds files that are not part of a package (e.g. {others[0]}); "
+                                   f"give a new or empty folder, or an earlier package folder")
+        for flag, given in (("--into-app", self.app_assets), ("--into-web", self.web_model_dir)):
+            if given:
+                check_output_dir(given, flag)
 
 
 @dataclass
@@ -309,21 +324,25 @@ def _decide(cfg: PackageConfig, src: Path, four_bit: list[str]) -> tuple[str, st
 
 def package(cfg: PackageConfig) -> PackageResult:
     """Package ``cfg.onnx`` into ``cfg.out`` (and copy it into the demo folders when asked)."""
+    from quantface.export.save import foreign_graph
+
+    cfg.check()
     src = Path(cfg.onnx)
     model = _load(src)
+    foreign = foreign_graph(src, (p.key for p in model.metadata_props))
+    if foreign:
+        raise PackageError(f"{foreign}; only quantface's own exports are packaged for the apps")
     inp, outp = _io(model, src)
     meta = _metadata(model)
     profile = str(meta.get("profile", "unknown"))
     fmt, reason = _decide(cfg, src, four_bit_tensors(model))
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise PackageError(f"--out {out} exists and is not a folder")
     targets = [_demo_dir(cfg.app_assets, APP_ASSETS, "--into-app")] if cfg.into_app else []
     targets += [_demo_dir(cfg.web_model_dir, WEB_MODEL_DIR, "--into-web")] if cfg.into_web else []
     ort = _ort()
     style = OPTIMIZATION_STYLE.get(profile, "Fixed")
-    out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".package.", suffix=".tmp", dir=out))
+    staging = temp_dir(out)  # the whole package folder, renamed onto ``out`` once complete
+    work = Path(tempfile.mkdtemp(prefix="work.", dir=staging))
     try:
         try:
             converted, tool_config = _convert(src, work, style)
@@ -404,9 +423,13 @@ def package(cfg: PackageConfig) -> PackageResult:
             "source": {"file": src.name, "sha256": sha256_file(src), "tool_version": meta.get("tool_version", "")},
             "tool_version": __version__,
         }
-        _install(out, staged, _ops_text(ops, header).encode(), manifest)
+        shutil.rmtree(work / "src", ignore_errors=True)
+        shutil.rmtree(work / "ort", ignore_errors=True)
+        _install(staging, staged, _ops_text(ops, header).encode(), manifest)
+        shutil.rmtree(work)
+        replace_dir(staging, out)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     result = PackageResult(out, out / model_name, fmt, reason, manifest)
     for target in targets:
         _install(target, out / model_name, None, manifest)
@@ -426,23 +449,11 @@ def _demo_dir(given: str | None, default: Path, flag: str) -> Path:
 def _install(folder: Path, model_file: Path, ops: bytes | None, manifest: dict) -> None:
     """Put the model (and the operator config) into ``folder`` atomically, model.json last; drop a
     model of the other format left there by an earlier run."""
-    folder.mkdir(parents=True, exist_ok=True)
     name = manifest["model_file"]
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        shutil.copyfile(model_file, tmp)
-        os.chmod(tmp, _READABLE)
-        os.replace(tmp, folder / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_copy(model_file, folder / name)
     if ops is not None:
         atomic_write_bytes(folder / OPS_CONFIG, ops)
     for stale in (f"{MODEL_STEM}.onnx", f"{MODEL_STEM}.ort"):
         if stale != name:
             (folder / stale).unlink(missing_ok=True)
-    if ops is not None:
-        os.chmod(folder / OPS_CONFIG, _READABLE)
     atomic_write_bytes(folder / MODEL_JSON, (json.dumps(manifest, indent=2) + "\n").encode())
-    os.chmod(folder / MODEL_JSON, _READABLE)

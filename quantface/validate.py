@@ -19,14 +19,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from quantface.export.api import OnnxBackend
-from quantface.export.save import file_bytes
+from quantface.export.errors import ExportError
+from quantface.export.save import file_bytes, foreign_graph
 from quantface import __version__
-from quantface.config import JsonConfig
-from quantface.data import atomic_write_bytes, load_folder
+from quantface.config import JsonConfig, check_int
+from quantface.data import atomic_write_bytes, list_images, load_folder
 from quantface.degradation import degrade
 from quantface.errors import ConfigError
 from quantface.jobs import ModelSpec
 from quantface.metrics import psnr, ssim
+from quantface.paths import check_input_file, check_output_file
 from quantface.pipeline import RestorationPipeline, images_to_tensor
 
 PSNR_CAP = 200.0
@@ -58,8 +60,19 @@ class ValidateConfig(JsonConfig):
     def __post_init__(self) -> None:
         if self.threads < 1 or self.repeats < 1:
             raise ConfigError("--threads and --repeats must be positive")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"--limit {self.limit} must be at least 1")
+        if self.limit is not None:
+            check_int(self.limit, "--limit")
+        check_int(self.seed, "--seed", 0)
+        if self.model.onnx is not None:
+            raise ConfigError("validate takes the graph under test as --onnx and compares it with the PyTorch model")
+
+    def check(self) -> None:
+        """Before any work: the graph and the faces exist, the report can be written."""
+        check_input_file(self.onnx, "ONNX model")
+        list_images(self.data)
+        if self.json_out:
+            check_output_file(self.json_out, "--json")
+        self.model.check()
 
 
 def _parity_psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -69,7 +82,11 @@ def _parity_psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def validate(cfg: ValidateConfig) -> dict:
+    cfg.check()
     onnx_backend = OnnxBackend(cfg.onnx, threads=cfg.threads)
+    foreign = foreign_graph(cfg.onnx, onnx_backend.metadata)
+    if foreign:  # nothing to compare it with: validate compares our exports with their PyTorch model
+        raise ExportError(foreign)
     shape = onnx_backend.input_shape
     size = shape[-1] if isinstance(shape[-1], int) else cfg.model.fp_model().config.working_size
     batch = shape[0] if isinstance(shape[0], int) else 1
