@@ -26,7 +26,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from quantface import __version__
 from quantface.errors import QuantFaceError
 from quantface.hadamard import random_signs, signed_hadamard
+from quantface.paths import atomic_write_bytes, file_mode, replace_dir, temp_dir
 from quantface.quant import check_bits, pack_int4, unpack_int4
 
 FORMAT = "quantface-recipe"
@@ -192,18 +192,6 @@ def _meta_text(meta: dict) -> str:
     return json.dumps(meta, indent=1) + "\n"
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished folder ``tmp`` to ``out``; an existing ``out`` is moved aside first and
-    deleted only after the new one is in place, so a crash leaves the old or the new recipe."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def write_recipe(recipe: Recipe, out: str | Path, files: dict[str, bytes] | None = None) -> Path:
     """Write ``recipe`` as the folder ``out`` (atomically: a temp folder beside it, then a rename);
     ``files`` are extra files (name → bytes) written into the folder with it (e.g. plots). Sets
@@ -214,27 +202,21 @@ def write_recipe(recipe: Recipe, out: str | Path, files: dict[str, bytes] | None
     tensors: dict[str, torch.Tensor] = {}
     entries = {name: _layer_entry(name, layer, tensors) for name, layer in recipe.layers.items()}
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir(out)  # .<name>.tmp-*, beside out; stale ones from a killed run removed
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
         save_file(tensors, str(tmp / TENSORS_NAME))
         for fname, blob in files.items():
             (tmp / fname).write_bytes(blob)
         recipe.tensors_sha256 = hashlib.sha256((tmp / TENSORS_NAME).read_bytes()).hexdigest()
         (tmp / JSON_NAME).write_text(_meta_text(_meta(recipe, entries)))
-        _replace_dir(tmp, out)
+        for f in tmp.iterdir():
+            os.chmod(f, file_mode())
+        replace_dir(tmp, out)  # the old recipe is deleted only once the new one is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     recipe.path, recipe.version = out, VERSION
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def rewrite_layers(recipe: Recipe, **fields: dict) -> None:
@@ -246,8 +228,6 @@ def rewrite_layers(recipe: Recipe, **fields: dict) -> None:
             setattr(layer, fname, values.get(name))
     tensors: dict[str, torch.Tensor] = {}
     entries = {name: _layer_entry(name, layer, tensors) for name, layer in recipe.layers.items()}
-    from quantface.data import atomic_write_bytes
-
     atomic_write_bytes(recipe.path / JSON_NAME, _meta_text(_meta(recipe, entries)).encode())
 
 

@@ -197,7 +197,6 @@ V = (f"validate {W} --onnx {{fx.onnx}} --data {{fx.faces}} --limit 1 --repeats 1
      f"--json {{tmp}}/v.json")
 P = "package --onnx {fx.onnx} --out {tmp}/pkg"
 D = f"demo {W} --out {{tmp}}/demo"
-XFAIL_SCHEMA = (pytest.mark.xfail(strict=True, reason="typed recipe schema check lands with the typed recipe"),)
 LIMIT = f"above the {MAX_IMAGE_PIXELS // 1_000_000}-megapixel limit (MAX_IMAGE_PIXELS in quantface/data.py)"
 
 BAD = [
@@ -267,11 +266,11 @@ BAD = [
     Bad("validate-recipe-missing", V + " --recipe {tmp}/nope", "recipe folder {tmp}/nope does not exist"),
     Bad("eval-recipe-and-onnx", E + " --recipe {fx.recipe} --onnx {fx.onnx}", "not both"),
     Bad("recipe-without-layers", E + " --recipe {tmp}/recipe", "layers",
-        _recipe_copy(edit=lambda m: m.pop("layers")), XFAIL_SCHEMA),
+        _recipe_copy(edit=lambda m: m.pop("layers"))),
     Bad("recipe-layer-without-weight-shape", E + " --recipe {tmp}/recipe", "weight_shape",
-        _recipe_copy(edit=lambda m: _first_layer(m).pop("weight_shape")), XFAIL_SCHEMA),
+        _recipe_copy(edit=lambda m: _first_layer(m).pop("weight_shape"))),
     Bad("recipe-layers-as-list", E + " --recipe {tmp}/recipe", "layers",
-        _recipe_copy(edit=lambda m: m.update(layers=list(m["layers"].values()))), XFAIL_SCHEMA),
+        _recipe_copy(edit=lambda m: m.update(layers=list(m["layers"].values())))),
     # ---- ONNX files
     Bad("restore-onnx-missing", R + " --onnx {tmp}/no.onnx", "ONNX model {tmp}/no.onnx does not exist"),
     Bad("restore-onnx-is-a-folder", R + " --onnx {tmp}/d.onnx", "ONNX model {tmp}/d.onnx is not a file", _dir("d.onnx")),
