@@ -32,26 +32,16 @@ from quantface.calibration.config import CalibConfig
 from quantface.calibration.layers import QuantLayer, quant_layers, wrap_layers
 from quantface.calibration.methods import DEFAULT_STEPS, MethodSpec, get_method
 from quantface.calibration.recipe import apply_recipe, save_recipe
-from quantface.data import load_folder
-from quantface.degradation import degrade
+from quantface.degradation import degraded_inputs
 from quantface.device import describe as describe_device
 from quantface.device import resolve_device
 from quantface.errors import ConfigError
 from quantface.models import load_model
-from quantface.pipeline import images_to_tensor
 from quantface.quant import act_qparams, weight_scale
 from quantface.recipe import HadamardSpec, read_recipe, rewrite_layers, weights_fingerprint
 
 # Values kept per layer and batch for activation-range search (random positions).
 SAMPLES_PER_BATCH = 1 << 14
-
-
-def degraded_inputs(data: str, size: int, limit: int | None, seed: int) -> torch.Tensor:
-    """The calibration inputs: HQ faces of ``data`` degraded with (seed, index), (N, 3, H, W) in [-1, 1]."""
-    loaded = load_folder(data, size, limit)
-    if loaded.skipped:
-        print(loaded.report())
-    return images_to_tensor([degrade(hq, seed, i)[0] for i, hq in enumerate(loaded.images)])
 
 
 @dataclass

@@ -64,24 +64,33 @@ def compare_latency(models: dict[str, str | Path], threads: int = 2, repeats: in
 
 
 # Parts of a graph's kernel time, by ONNX Runtime's node (after its fusions) — see ``kernel_time_by_part``.
-PARTS = ("integer convolutions (QLinearConv)", "float convolutions", "low-rank branches", "Hadamard rotations",
-         "activation quantizers (Clip, Q, DQ)", "layout (Transpose, Reorder)", "other float ops")
+PARTS = ("integer convolutions (QLinearConv)", "other integer ops (QLinearMatMul, QGemm, QLinear*)",
+         "float convolutions", "low-rank branches", "Hadamard rotations", "activation quantizers (Clip, Q, DQ)",
+         "layout (Transpose, Reorder)", "other float ops")
+# Parts that exist only to carry our graphs' transforms and requantization (none of them in an FP32 graph).
+OVERHEAD_PARTS = (PARTS[3], PARTS[4], PARTS[5])
+# Integer kernels ONNX Runtime's CPU EP fuses QDQ node units into, besides QLinearConv (ORT's own
+# quantizers produce them for MatMul / Gemm / Add / Mul / Sigmoid / Softmax / Concat / pools).
+_INTEGER_OPS = frozenset({"QGemm", "MatMulInteger", "MatMulIntegerToFloat", "ConvInteger", "QAttention",
+                          "DynamicQuantizeMatMul", "QuickGeluInteger"})
 
 
 def _part(node_name: str, op: str) -> str:
     if "_LowRank" in node_name:
-        return PARTS[2]
-    if "Hadamard" in node_name:
         return PARTS[3]
+    if "Hadamard" in node_name:
+        return PARTS[4]
     if op == "QLinearConv":
         return PARTS[0]
-    if op in ("Conv", "FusedConv"):
+    if op.startswith("QLinear") or op in _INTEGER_OPS:
         return PARTS[1]
+    if op in ("Conv", "FusedConv"):
+        return PARTS[2]
     if op in ("QuantizeLinear", "DequantizeLinear", "Clip"):
-        return PARTS[4]
-    if op in ("Transpose", "ReorderInput", "ReorderOutput"):
         return PARTS[5]
-    return PARTS[6]
+    if op in ("Transpose", "ReorderInput", "ReorderOutput"):
+        return PARTS[6]
+    return PARTS[7]
 
 
 def kernel_time_by_part(path: str | Path, threads: int = 2, runs: int = 20, seed: int = 0) -> dict[str, float]:

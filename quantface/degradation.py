@@ -7,6 +7,9 @@ already degraded image before the final upsampling, as in two-stage pipelines (R
 
 All randomness comes from ``numpy.random.default_rng([seed, index])``: the same (seed, index) gives
 the same degraded image on every machine and in every process, whatever order samples are drawn in.
+
+``degraded_inputs`` is the one place that turns a folder of HQ faces into network inputs this way:
+calibration and ONNX Runtime's peer quantizers (``quantface.export.peers``) feed exactly its arrays.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import cv2
 import numpy as np
 
 from quantface.config import JsonConfig
+from quantface.data import load_folder
 from quantface.errors import ConfigError
 
 
@@ -108,3 +112,13 @@ def degrade(hq: np.ndarray, seed: int, index: int, config: DegradationConfig | N
         params.append(second)
     lq = cv2.resize(img, (w, h), interpolation=cv2.INTER_CUBIC)
     return np.clip(np.round(lq), 0, 255).astype(np.uint8), params
+
+
+def degraded_inputs(data: str, size: int, limit: int | None, seed: int) -> "torch.Tensor":
+    """The calibration inputs: HQ faces of ``data`` degraded with (seed, index), (N, 3, H, W) in [-1, 1]."""
+    from quantface.pipeline import images_to_tensor  # torch: imported where the tensor is made
+
+    loaded = load_folder(data, size, limit)
+    if loaded.skipped:
+        print(loaded.report())
+    return images_to_tensor([degrade(hq, seed, i)[0] for i, hq in enumerate(loaded.images)])

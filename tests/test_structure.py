@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = {"quantface.cli", "quantface.__main__", "quantface.chain", "quantface.jobs", "quantface.validate",
-       "quantface.package", "quantface.app_contract", "quantface.train"}
+       "quantface.package", "quantface.app_contract", "quantface.train", "quantface.deploy_bench"}
 ALLOWED = {"core": {"core"}, "calibration": {"core", "calibration"}, "export": {"core", "export"},
            "app": {"core", "calibration", "export", "app"}}
 
