@@ -23,6 +23,10 @@ output y, in order (every node optional, as the recipe says)::
   codes, and ``P_OutputQuantizeLinear`` → ``P_OutputDequantizeLinear`` (UINT8) on the Conv's output,
   before ``P_LowRankAdd`` — the pattern ONNX Runtime fuses into ``QLinearConv`` (and the QNN EP
   gives the HTP as an integer convolution).
+* ``qnn`` (``Profile.scales_after_product``), every quantized layer not requantized (the Linear
+  layers, convs without a usable output range): ``P_weight_DequantizeLinear`` of the codes at unit
+  per-tensor scale → ``P_Conv`` / ``P_MatMul`` (no bias) → ``P_WeightScale`` (Mul by the per-channel
+  scales) → ``P_BiasAdd``: what the QNN EP keeps on the HTP (see ``export.profiles``).
 * The merged low-rank branch (rank 2r) runs in full precision from x' — after the rotation, before
   the activation QDQ, as in calibration: a k×k conv (the layer's stride, padding, dilation) to rank
   2r then a 1×1 conv back, or two MatMuls for a Linear.
@@ -99,6 +103,23 @@ def _weight(b: GraphBuilder, p: str, layer: ExportLayer, profile: Profile, conv:
     return dq.output[0], [dq]
 
 
+def _weight_scales_after(b: GraphBuilder, p: str, layer: ExportLayer, conv: bool) -> tuple[str, list, str]:
+    """``qnn`` profile, layers not requantized (see ``export.profiles``): the codes dequantized at unit
+    per-tensor scale (a DQ the QNN EP takes standalone), and the per-channel scales for the ``Mul``
+    after the product. Returns (dequantized codes, their nodes, the scales' initializer)."""
+    codes = _np(layer.weight_codes).astype(np.int64)
+    lo, hi = qrange(layer.weight_bits, signed=True)
+    if codes.min() < lo or codes.max() > hi:
+        raise ExportError(f"layer {p}: weight codes exceed the {layer.weight_bits}-bit range")
+    scale = _np(layer.w_scale).astype(np.float32).reshape(-1)
+    codes_name = b.initializer(f"{p}.weight_codes", codes if conv else codes.T, TensorProto.INT8)
+    one = b.initializer(f"{p}.weight_unit_scale", np.array(1.0, np.float32))
+    z = b.initializer(f"{p}.weight_zero_point", np.array(0), TensorProto.INT8)
+    dq = b.node("DequantizeLinear", [codes_name, one, z], f"{p}_weight_DequantizeLinear")
+    s = b.initializer(f"{p}.weight_scale", scale.reshape(-1, *[1] * (layer.weight.dim() - 2)) if conv else scale)
+    return dq.output[0], [dq], s
+
+
 def requantized(layer: ExportLayer, profile: Profile) -> bool:
     """Whether ``profile`` requantizes this layer's product to 8 bits (see ``export.profiles`` and
     ``quantface.quant.requantizable``)."""
@@ -115,13 +136,13 @@ def _int32_bias(b: GraphBuilder, p: str, layer: ExportLayer) -> tuple[str, list[
     return dq.output[0], [dq]
 
 
-def _output_qdq(b: GraphBuilder, p: str, x: str, layer: ExportLayer, y: str | None) -> list[onnx.NodeProto]:
+def _output_qdq(b: GraphBuilder, p: str, x: str, layer: ExportLayer) -> list[onnx.NodeProto]:
     """8-bit per-tensor Q → DQ of the product over the layer's recorded output range."""
     scale, zero = act_qparams_from_range(*layer.output_range, REQUANT_BITS)
     s = b.initializer(f"{p}.output_scale", np.array(float(scale), np.float32))
     z = b.initializer(f"{p}.output_zero_point", np.array(int(zero)), TensorProto.UINT8)
     q = b.node("QuantizeLinear", [x, s, z], f"{p}_OutputQuantizeLinear")
-    return [q, b.node("DequantizeLinear", [q.output[0], s, z], f"{p}_OutputDequantizeLinear", output=y)]
+    return [q, b.node("DequantizeLinear", [q.output[0], s, z], f"{p}_OutputDequantizeLinear")]
 
 
 def _factor(b: GraphBuilder, name: str, array: np.ndarray, half: bool) -> tuple[str, list[onnx.NodeProto]]:
@@ -156,28 +177,39 @@ def lower_layer(b: GraphBuilder, layer: ExportLayer, x: str, y: str, profile: Pr
     if layer.act_bits is not None:
         nodes += _activation_qdq(b, p, x, layer, profile)
         x_main = nodes[-1].output[0]
-    w, w_nodes = _weight(b, p, layer, profile, conv)
-    nodes += w_nodes
     branch = layer.lowrank
     has_bias = layer.bias is not None
     requant = requantized(layer, profile)
+    scales_after = profile.scales_after_product and layer.weight_bits is not None and not requant
+    if scales_after:
+        w, w_nodes, w_scale = _weight_scales_after(b, p, layer, conv)
+    else:
+        w, w_nodes = _weight(b, p, layer, profile, conv)
+    nodes += w_nodes
     if requant and has_bias:
         bias, bias_nodes = _int32_bias(b, p, layer)
         nodes += bias_nodes
+    elif has_bias:  # a conv's bias after its WeightScale is added to (N, out, H, W)
+        bias_array = _np(layer.bias)
+        bias = b.initializer(f"{p}.bias", bias_array.reshape(-1, 1, 1) if conv and scales_after else bias_array)
     else:
-        bias = b.initializer(f"{p}.bias", _np(layer.bias)) if has_bias else None
-    last_main = branch is None and (conv or not has_bias)
+        bias = None
     if conv:
         attrs = _conv_attrs(layer, tuple(layer.weight.shape[2:]))
-        nodes.append(b.node("Conv", [x_main, w] + ([bias] if bias else []), f"{p}_Conv",
-                            output=y if last_main and not requant else None, **attrs))
+        conv_bias = [bias] if bias and not scales_after else []
+        nodes.append(b.node("Conv", [x_main, w] + conv_bias, f"{p}_Conv", **attrs))
         if requant:
-            nodes += _output_qdq(b, p, nodes[-1].output[0], layer, y if last_main else None)
+            nodes += _output_qdq(b, p, nodes[-1].output[0], layer)
     else:
-        nodes.append(b.node("MatMul", [x_main, w], f"{p}_MatMul", output=y if last_main else None))
-        if bias:
-            nodes.append(b.node("Add", [nodes[-1].output[0], bias], f"{p}_BiasAdd", output=y if branch is None else None))
-    if branch is not None:
+        nodes.append(b.node("MatMul", [x_main, w], f"{p}_MatMul"))
+    if scales_after:
+        nodes.append(b.node("Mul", [nodes[-1].output[0], w_scale], f"{p}_WeightScale"))
+    if bias and (scales_after or not conv):
+        nodes.append(b.node("Add", [nodes[-1].output[0], bias], f"{p}_BiasAdd"))
+    if branch is None:  # the main path's last node writes the layer's output
+        nodes[-1].output[0] = y
+        b.values.add(y)
+    else:
         main = nodes[-1].output[0]
         down, up = _np(branch.down), _np(branch.up)
         if not conv:

@@ -28,6 +28,13 @@ Every mapping (``w`` = weight bits in 2..8, ``a`` = activation bits in 2..8 or 1
   It requantizes convolution outputs as ``ort-cpu`` does: a DQ → Conv → Q node unit (bias INT32) is
   what the QNN EP hands to the HTP as an integer convolution; without the output Q the conv is a
   float op (FP16 on v73 and newer HTPs, the CPU on older ones).
+  Every other quantized layer (Linear layers, convs whose product is not requantized) keeps its
+  INT8 codes but applies the per-channel weight scales after the product: ``DequantizeLinear`` of the
+  codes at unit per-tensor scale → ``MatMul`` / ``Conv`` → ``Mul`` by the scales (→ bias ``Add``),
+  the same codes × scales up to float rounding. The real QNN EP (onnxruntime-qnn 2.7) places a
+  per-channel weight DQ on the CPU unless it is inside a full QDQ node unit with a Q on the
+  product, and the HTP rejects an integer Gemm/FullyConnected with a float output; a per-tensor DQ
+  it takes standalone, so the layer runs on the HTP as a float (FP16) product of integer codes.
 
 Exact b-bit grid: whenever the container is wider than the bits, a float ``Clip`` to
 ``[(0 − z)·s, (2^b − 1 − z)·s]`` precedes the activation's ``QuantizeLinear``, so its codes stay in
@@ -51,6 +58,10 @@ class Profile:
     inline_rotation: bool  # emit the Hadamard body inline instead of a quantface::Hadamard node
     half_lowrank: bool = False  # store float16-exact low-rank factors as float16 (+ Cast) for size
     requant_conv_outputs: bool = False  # 8-bit Q→DQ on quantized convs' outputs, so ORT fuses QLinearConv
+    # Layers not requantized: per-channel weight scales applied after the product (DQ of the codes at
+    # unit per-tensor scale → Conv/MatMul → Mul by the scales), since the QNN EP runs a per-channel DQ
+    # outside a full QDQ node unit (Q on the output) on the CPU (see export.lower).
+    scales_after_product: bool = False
 
     def weight_type(self, bits: int) -> int:
         return TensorProto.INT4 if self.int4_weights and bits <= 4 else TensorProto.INT8
@@ -67,7 +78,8 @@ CONTAINER_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.INT8: 8
 PROFILES: dict[str, Profile] = {p.name: p for p in [
     Profile("reference", int4_weights=True, uint4_acts=True, inline_rotation=False, half_lowrank=True),
     Profile("ort-cpu", int4_weights=False, uint4_acts=False, inline_rotation=False, requant_conv_outputs=True),
-    Profile("qnn", int4_weights=False, uint4_acts=False, inline_rotation=True, requant_conv_outputs=True),
+    Profile("qnn", int4_weights=False, uint4_acts=False, inline_rotation=True, requant_conv_outputs=True,
+            scales_after_product=True),
 ]}
 
 

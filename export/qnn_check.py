@@ -9,9 +9,16 @@ Checked:
 * shapes: every graph input, output and intermediate value has a static shape;
 * activations: ``QuantizeLinear`` produces uint8 or uint16 (and ``DequantizeLinear`` of computed
   values reads one of those);
-* weights: ``DequantizeLinear`` of an initializer reads int8 or int4 codes, per output channel
-  (1-D scale as long as the quantized axis), with zero points 0 (QNN's weights are symmetric); a
-  1-D INT32 initializer feeding a ``Conv``'s bias is a bias (codes on s_x·s_w, zero points 0).
+* weights: ``DequantizeLinear`` of an initializer reads int8 or int4 codes with zero points 0 (QNN's
+  weights are symmetric); a 1-D INT32 initializer feeding a ``Conv``'s bias is a bias (codes on
+  s_x·s_w, zero points 0);
+* node units, as the real QNN EP (onnxruntime-qnn 2.7, ``export.qnn_ep.placement``) groups them: a
+  per-channel weight DQ (1-D scale as long as the quantized axis) must feed only Conv / ConvTranspose
+  / MatMul / Gemm node units — every float input dequantized, the product read only by a
+  ``QuantizeLinear`` — or the EP runs it standalone on the CPU ("QNN EP does not support a standalone
+  DQ op with per-channel quantization"); a per-tensor weight DQ may stand alone. A Gemm of
+  dequantized inputs needs a ``QuantizeLinear`` on its output too: the HTP rejects an integer
+  FullyConnected with a float output (QNN error 3110, "Failed to add node", so the unit goes to the CPU).
 
 Not checked (run a real QNN EP session on the device for those): per-op attribute and rank limits,
 and whether the float (non-QDQ) ops — normalisations, softmax, the low-rank branch, the rotation —
@@ -26,7 +33,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper, shape_inference
 
-from quantface.export.graph import shape_view
+from quantface.export.graph import consumers, producers, shape_view
 
 QNN_OPS = frozenset("""
 Abs Add And ArgMax ArgMin Asin Atan AveragePool BatchNormalization Cast Ceil Clip Concat Conv
@@ -81,6 +88,7 @@ def qnn_report(model: onnx.ModelProto | str | Path) -> list[str]:
                 problems.append(f"node {node.name}: output {out} has no static shape")
 
     biases = {n.input[2] for n in graph.node if n.op_type == "Conv" and len(n.input) > 2}
+    made_by, users = producers(graph), consumers(graph)
     for node in graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "QuantizeLinear":
@@ -98,11 +106,10 @@ def qnn_report(model: onnx.ModelProto | str | Path) -> list[str]:
             if codes.data_type not in WEIGHT_TYPES:
                 problems.append(f"node {node.name}: weights stored as {_name(codes.data_type)} (QNN takes INT8/INT4)")
             scale = inits.get(node.input[1])
-            axis = attrs.get("axis", 1)
-            per_channel = (scale is not None and len(scale.dims) == 1 and len(codes.dims) > 1
-                           and scale.dims[0] == codes.dims[axis % len(codes.dims)])
-            if not per_channel:
-                problems.append(f"node {node.name}: weights are not quantized per output channel")
+            per_channel = scale is not None and any(d > 1 for d in scale.dims)
+            if per_channel and not all(_full_unit(c, made_by, users) for c in users.get(node.output[0], [])):
+                problems.append(f"node {node.name}: per-channel weights outside a QDQ node unit with a "
+                                f"QuantizeLinear on the product (the QNN EP runs the DQ standalone, on the CPU)")
             zp = inits.get(node.input[2]) if len(node.input) > 2 else None
             if zp is not None and np.any(numpy_helper.to_array(zp, base_dir or "") != 0):
                 problems.append(f"node {node.name}: weight zero points are not 0")
@@ -110,4 +117,23 @@ def qnn_report(model: onnx.ModelProto | str | Path) -> list[str]:
             zp = inits.get(node.input[2]) if len(node.input) > 2 else None
             if zp is not None and zp.data_type not in ACTIVATION_TYPES:
                 problems.append(f"node {node.name}: activations dequantized from {_name(zp.data_type)}")
+        elif (node.op_type == "Gemm" and all(_dequantized(v, made_by) for v in node.input[:2])
+              and not _full_unit(node, made_by, users)):
+            problems.append(f"node {node.name}: Gemm of dequantized inputs without a QuantizeLinear on its output "
+                            f"(the HTP rejects an integer FullyConnected with a float output)")
     return problems
+
+
+PRODUCT_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm"}
+
+
+def _dequantized(value: str, made_by: dict[str, onnx.NodeProto]) -> bool:
+    return value in made_by and made_by[value].op_type == "DequantizeLinear"
+
+
+def _full_unit(node: onnx.NodeProto, made_by: dict[str, onnx.NodeProto], users: dict[str, list]) -> bool:
+    """Whether ``node`` is a product op whose inputs are all dequantized and whose output only
+    ``QuantizeLinear`` reads: the QDQ node unit the QNN EP hands the HTP as an integer op."""
+    readers = users.get(node.output[0], [])
+    return (node.op_type in PRODUCT_OPS and all(_dequantized(v, made_by) for v in node.input if v)
+            and bool(readers) and all(r.op_type == "QuantizeLinear" for r in readers))

@@ -163,8 +163,18 @@ def _cmd_validate(a: argparse.Namespace) -> int:
     from quantface.validate import ValidateConfig, validate
 
     r = validate(ValidateConfig(onnx=a.onnx, data=a.data, model=_model_spec(a), limit=a.limit, seed=a.seed,
-                                threads=a.threads, repeats=a.repeats, json_out=a.json))
+                                threads=a.threads, repeats=a.repeats, json_out=a.json, ep=a.ep,
+                                htp_limit=a.htp_limit, soc=a.soc))
     print(f"parity ONNX vs PyTorch: PSNR {r['parity_psnr']:.2f} dB, max-abs {r['parity_max_abs']:.2e} (n={r['n']})")
+    if "htp" in r:
+        h = r["htp"]
+        print(f"QNN HTP ({h['soc']}, emulated): {h['nodes_on_qnn']}/{h['nodes_total']} nodes on the HTP in "
+              f"{h['qnn_partitions']} partition(s), {h['nodes_on_cpu']} on the CPU")
+        for node in h["cpu_nodes"]:
+            print(f"  cpu: {node['op_type']} {node['name']}: {node['reason'] or '(no reason logged)'}")
+        print(f"parity HTP vs PyTorch: PSNR {h['parity_psnr_to_torch']:.2f} dB, max-abs "
+              f"{h['parity_max_abs_to_torch']:.2e}; HTP vs CPU EP: PSNR {h['parity_psnr_to_cpu']:.2f} dB, max-abs "
+              f"{h['parity_max_abs_to_cpu']:.2e} (n={h['n']}, {h['emulated_seconds_per_face']:.1f} s a face)")
     print(f"quality: PSNR {r['psnr']:.2f} dB SSIM {r['ssim']:.4f} to GT; PSNR {r['psnr_to_fp']:.2f} dB to FP")
     print(f"latency: {r['latency_ms_median']:.1f} ms median (batch {r['latency_batch']}, {r['threads']} threads); "
           f"size: {r['file_bytes'] / 1e6:.2f} MB")
@@ -176,8 +186,16 @@ def _cmd_validate(a: argparse.Namespace) -> int:
 def _cmd_package(a: argparse.Namespace) -> int:
     from quantface.package import PackageConfig, package
 
-    r = package(PackageConfig(onnx=a.onnx, out=a.out, format=a.format, into_app=a.into_app, into_web=a.into_web))
+    socs = tuple(s for s in (a.qnn_context or "").split(",") if s.strip())
+    if a.qnn_context is not None and not socs:
+        raise ConfigError("--qnn-context needs at least one Snapdragon SoC, e.g. SM8650")
+    r = package(PackageConfig(onnx=a.onnx, out=a.out, format=a.format, into_app=a.into_app, into_web=a.into_web,
+                              qnn_context=socs))
     print(f"packaged {a.onnx} as {r.model} ({r.manifest['bytes'] / 1e6:.2f} MB, format {r.format}): {r.reason}")
+    for c in r.manifest["qnn_contexts"]:
+        print(f"QNN context for {c['soc']} ({c['marketing']}, soc_model {c['soc_model']}, v{c['htp_arch']}): "
+              f"{c['model_file']} + {c['binary_file']} ({c['binary_bytes'] / 1e6:.2f} MB, compiled in "
+              f"{c['compile_s']:.1f} s; vs the plain graph on the HTP: max-abs {c['check_max_abs']:.2e})")
     print(f"wrote {r.out / 'model.json'} and {r.out / 'required_operators.config'}")
     for target in r.copied_to:
         print(f"copied {r.model.name} + model.json into {target}")
@@ -295,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     p.add_argument("--repeats", type=int, default=10, help="timed runs for the latency median")
     p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument("--ep", default="cpu", choices=["cpu", "qnn-htp"],
+                   help="qnn-htp: also run Qualcomm's QNN HTP backend (emulated; needs quantface[qnn]): "
+                        "node placement and parity")
+    p.add_argument("--htp-limit", type=int, default=2,
+                   help="faces run on the emulated HTP (default 2; 25-50 s each at 128 px)")
+    p.add_argument("--soc", default="SM8650", help="--ep qnn-htp: Snapdragon SoC the HTP backend targets")
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("package", help="package an exported ONNX graph for the Android app and the browser demo")
@@ -305,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default): ORT format unless the model holds 4-bit tensors, then .onnx")
     p.add_argument("--into-app", action="store_true", help="also copy model + model.json into android_demo's assets")
     p.add_argument("--into-web", action="store_true", help="also copy model + model.json into android_demo/web/model")
+    p.add_argument("--qnn-context", default=None, metavar="SOC[,SOC]",
+                   help="also compile QNN HTP context binaries for these Snapdragon SoCs (e.g. SM8650,SM8550; "
+                        "needs quantface[qnn])")
     p.set_defaults(func=_cmd_package)
     return parser
 

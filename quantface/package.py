@@ -25,6 +25,12 @@ Format (``--format auto``, measured with ONNX Runtime 1.31.1 on the three export
                               measurable on the CPU EP.
 
 ``--format ort`` on a 4-bit model is an error; ``--format onnx`` always keeps the graph as exported.
+
+``--qnn-context SOC[,SOC]`` (needs ``quantface[qnn]``) also compiles the exported graph offline for
+each named Snapdragon SoC into an EPContext model + context binary (``export.qnn_ep.compile_context``:
+``model_<SOC>_ctx.onnx`` and the ``.bin`` it names), loads each back in a QNN HTP session, runs it on
+the check input next to the plain graph on the HTP, and lists it in model.json's ``qnn_contexts``
+(``QnnContextEntry``: files, sha256s, SoC, compile time, the check's max-abs difference).
 Every .ort is loaded back and run once on a seeded input next to its .onnx; the largest output
 difference is recorded in model.json (it is of the order of the 4-bit activation step, like any
 change of ONNX Runtime's optimisation level on these models; see android_demo/README.md).
@@ -41,6 +47,7 @@ kernel the model needs before and after optimisation.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import hashlib
 import io
@@ -99,12 +106,37 @@ class PackageConfig(JsonConfig):
     into_web: bool = False
     app_assets: str | None = None
     web_model_dir: str | None = None
+    qnn_context: tuple[str, ...] = ()  # Snapdragon SoCs (export.qnn_ep.SOCS) to compile contexts for
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ConfigError(f"--format {self.format!r} must be one of {', '.join(FORMATS)}")
         if not self.out:
             raise ConfigError("--out must name a folder")
+        if self.qnn_context:
+            from quantface.export.qnn_ep import get_target
+
+            self.qnn_context = tuple(dict.fromkeys(get_target(s).soc for s in self.qnn_context))  # ConfigError if unknown
+
+
+@dataclass(frozen=True)
+class QnnContextEntry:
+    """One offline-compiled QNN HTP context in the package (model.json ``qnn_contexts``)."""
+
+    soc: str
+    marketing: str
+    soc_model: int
+    htp_arch: int
+    model_file: str  # the EPContext model (*_ctx.onnx), what a QNN EP session loads
+    model_sha256: str
+    binary_file: str  # the context binary the EPContext model names
+    binary_sha256: str
+    binary_bytes: int
+    compile_s: float
+    check_max_abs: float  # |context model − plain graph| on the QNN HTP backend, check input
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
 
     def check(self) -> None:
         """Before any work: ``out`` is new, empty or an earlier package (whose files it replaces)."""
@@ -392,6 +424,7 @@ def package(cfg: PackageConfig) -> PackageResult:
         model_name = f"{MODEL_STEM}.{fmt}"
         staged = work / model_name
         shutil.copyfile(converted if fmt == "ort" else src, staged)
+        contexts, context_files = _qnn_contexts(src, work / "qnn", cfg.qnn_context, inp["name"], x)
         manifest = {
             "schema": MODEL_JSON_SCHEMA,
             "model_file": model_name,
@@ -420,21 +453,44 @@ def package(cfg: PackageConfig) -> PackageResult:
                 "check": check,
             },
             "operators_config": OPS_CONFIG,
+            "qnn_contexts": [c.to_json() for c in contexts],
             "source": {"file": src.name, "sha256": sha256_file(src), "tool_version": meta.get("tool_version", "")},
             "tool_version": __version__,
         }
         shutil.rmtree(work / "src", ignore_errors=True)
         shutil.rmtree(work / "ort", ignore_errors=True)
-        _install(staging, staged, _ops_text(ops, header).encode(), manifest)
+        _install(staging, staged, _ops_text(ops, header).encode(), manifest, context_files)
         shutil.rmtree(work)
         replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     result = PackageResult(out, out / model_name, fmt, reason, manifest)
     for target in targets:
-        _install(target, out / model_name, None, manifest)
+        _install(target, out / model_name, None, manifest, [out / f.name for f in context_files])
         result.copied_to.append(target)
     return result
+
+
+def _qnn_contexts(src: Path, work: Path, socs: tuple[str, ...], input_name: str, x: np.ndarray
+                  ) -> tuple[list[QnnContextEntry], list[Path]]:
+    """Compile ``src`` for each SoC, load each context back on the HTP and compare it with the plain
+    graph there (``export.qnn_ep``); the entries and the files to install."""
+    if not socs:
+        return [], []
+    from quantface.export.qnn_ep import compile_context, get_target, open_htp_session
+
+    entries, files = [], []
+    for soc in socs:
+        target = get_target(soc)
+        ctx = compile_context(src, work / f"{MODEL_STEM}_{target.soc}_ctx.onnx", target)
+        plain = open_htp_session(src, target).run(None, {input_name: x})[0]
+        loaded = open_htp_session(ctx.onnx, target, cpu_fallback=False).run(None, {input_name: x})[0]
+        entries.append(QnnContextEntry(
+            target.soc, target.marketing, target.soc_model, target.htp_arch, ctx.onnx.name, sha256_file(ctx.onnx),
+            ctx.binary.name, sha256_file(ctx.binary), ctx.bytes, round(ctx.compile_s, 3),
+            float(np.max(np.abs(loaded - plain)))))
+        files += [ctx.onnx, ctx.binary]
+    return entries, files
 
 
 def _demo_dir(given: str | None, default: Path, flag: str) -> Path:
@@ -446,10 +502,13 @@ def _demo_dir(given: str | None, default: Path, flag: str) -> Path:
     return REPO / default
 
 
-def _install(folder: Path, model_file: Path, ops: bytes | None, manifest: dict) -> None:
-    """Put the model (and the operator config) into ``folder`` atomically, model.json last; drop a
-    model of the other format left there by an earlier run."""
+def _install(folder: Path, model_file: Path, ops: bytes | None, manifest: dict, extras: list[Path] = ()) -> None:
+    """Put the model, the ``extras`` (QNN contexts) and the operator config into ``folder``
+    atomically, model.json last; drop a model of the other format left there by an earlier run."""
+    folder.mkdir(parents=True, exist_ok=True)
     name = manifest["model_file"]
+    for extra in extras:
+        atomic_copy(extra, folder / extra.name)
     atomic_copy(model_file, folder / name)
     if ops is not None:
         atomic_write_bytes(folder / OPS_CONFIG, ops)

@@ -6,6 +6,10 @@ for an FP32 graph) restore the same degraded faces through the same ``Restoratio
 parity between the two (PSNR over the whole set of float outputs mapped to [0, 1], capped at 200 dB
 for identical outputs, and max-abs), quality of the ONNX output against the HQ faces and against the
 FP model, latency (median of repeated single-batch runs, threads stated) and file size.
+
+``ep="qnn-htp"`` also runs the graph on Qualcomm's QNN HTP backend (``export.qnn_ep``, emulated on
+x86: 25–50 s a 128² face, so only the first ``htp_limit`` faces) and reports where the EP placed each
+node and the HTP's parity with the PyTorch simulation and with the CPU EP on those faces.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from quantface.paths import check_input_file, check_output_file
 from quantface.pipeline import RestorationPipeline, images_to_tensor
 
 PSNR_CAP = 200.0
+EPS = ("cpu", "qnn-htp")
 
 
 class _Recording:
@@ -56,10 +61,16 @@ class ValidateConfig(JsonConfig):
     threads: int = 2
     repeats: int = 10
     json_out: str | None = None
+    ep: str = "cpu"  # cpu | qnn-htp (also the QNN HTP backend, on the first htp_limit faces)
+    htp_limit: int = 2
+    soc: str = "SM8650"  # the HTP the QNN backend emulates (export.qnn_ep.SOCS)
 
     def __post_init__(self) -> None:
         if self.threads < 1 or self.repeats < 1:
             raise ConfigError("--threads and --repeats must be positive")
+        if self.ep not in EPS:
+            raise ConfigError(f"unknown --ep {self.ep!r}; available: {', '.join(EPS)}")
+        check_int(self.htp_limit, "--htp-limit")
         if self.limit is not None:
             check_int(self.limit, "--limit")
         check_int(self.seed, "--seed", 0)
@@ -79,6 +90,30 @@ def _parity_psnr(a: np.ndarray, b: np.ndarray) -> float:
     a01, b01 = (np.clip(a, -1, 1) + 1) / 2, (np.clip(b, -1, 1) + 1) / 2
     mse = float(np.mean((a01 - b01) ** 2))
     return PSNR_CAP if mse <= 10 ** (-PSNR_CAP / 10) else 10 * np.log10(1.0 / mse)
+
+
+def _htp_part(cfg: ValidateConfig, lqs: list, batch: int, cpu: np.ndarray, torch_out: np.ndarray) -> dict:
+    """The QNN HTP backend on the first ``cfg.htp_limit`` faces: placement and parity (the CPU EP's
+    and PyTorch's outputs on those faces are the first rows of the full run's)."""
+    from quantface.export.qnn_ep import HtpBackend, get_target, placement
+
+    target = get_target(cfg.soc)
+    where = placement(cfg.onnx, target)
+    htp_rec = _Recording(HtpBackend(cfg.onnx, target, threads=cfg.threads))
+    n = min(cfg.htp_limit, len(lqs))
+    t0 = time.perf_counter()
+    RestorationPipeline(htp_rec, batch)(lqs[:n])
+    seconds = time.perf_counter() - t0
+    h = np.concatenate(htp_rec.outputs)[:n]
+    return {
+        "soc": target.soc, "soc_model": target.soc_model, "htp_arch": target.htp_arch, "n": n,
+        **where.to_dict(),
+        "parity_psnr_to_torch": _parity_psnr(h, torch_out[:n]),
+        "parity_max_abs_to_torch": float(np.abs(h - torch_out[:n]).max()),
+        "parity_psnr_to_cpu": _parity_psnr(h, cpu[:n]),
+        "parity_max_abs_to_cpu": float(np.abs(h - cpu[:n]).max()),
+        "emulated_seconds_per_face": seconds / n,
+    }
 
 
 def validate(cfg: ValidateConfig) -> dict:
@@ -133,6 +168,8 @@ def validate(cfg: ValidateConfig) -> dict:
         "skipped": loaded.skipped,
         "tool_version": __version__,
     }
+    if cfg.ep == "qnn-htp":
+        result["htp"] = _htp_part(cfg, lqs, batch, a, b)
     if cfg.json_out:
         atomic_write_bytes(cfg.json_out, (json.dumps(result, indent=2) + "\n").encode())
     return result

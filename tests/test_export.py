@@ -154,7 +154,15 @@ def test_graph_structure_follows_the_recipe(cache, method, bits, profile):
         wdq = nodes[f"{name}_weight_DequantizeLinear"]
         conv = e["kind"] == "conv"
         assert (f"{name}_Conv" if conv else f"{name}_MatMul") in nodes
-        assert {a.name: a.i for a in wdq.attribute}["axis"] == (0 if conv else 1)  # the output channel
+        if profile == "qnn" and name not in requant:  # scales after the product (export.profiles)
+            scale_mul = nodes[f"{name}_WeightScale"]
+            assert numpy_helper.to_array(initializers[wdq.input[1]]).shape == ()  # unit per-tensor scale
+            assert numpy_helper.to_array(initializers[wdq.input[1]]) == 1.0
+            assert scale_mul.input[0] == nodes[f"{name}_Conv" if conv else f"{name}_MatMul"].output[0]
+            assert numpy_helper.to_array(initializers[scale_mul.input[1]]).size == cache.fp.get_submodule(name).weight.shape[0]
+        else:
+            assert {a.name: a.i for a in wdq.attribute}["axis"] == (0 if conv else 1)  # the output channel
+            assert f"{name}_WeightScale" not in nodes
         w_type = TensorProto.INT4 if (profile == "reference" and w_bits <= 4) else TensorProto.INT8
         a_type = TensorProto.UINT4 if (profile == "reference" and a_bits <= 4) else TensorProto.UINT8
         assert types[f"{name}.weight_codes"] == w_type
@@ -225,7 +233,7 @@ def test_qnn_report_flags_what_htp_cannot_take():
                                numpy_helper.from_array(np.array(0, np.int8), "zp")])
     report = "\n".join(qnn_report(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])))
     for expected in ("graph input x: shape is not static", "node mish: op Mish is not supported",
-                     "w_dq: weights stored as UINT8", "w_dq: weights are not quantized per output channel",
+                     "w_dq: weights stored as UINT8",
                      "q_int8: activations quantized to INT8", "dq_int8: activations dequantized from INT8",
                      "node mm: output y has no static shape"):
         assert expected in report
@@ -288,12 +296,20 @@ def test_qnn_report_takes_int32_conv_biases_only():
 
     inits = [init("w", np.zeros((2, 2, 1, 1), np.int8)), init("ws", np.ones(2, np.float32)),
              init("wz", np.zeros(2, np.int8)), init("b", np.zeros(2, np.int32)), init("bs", np.ones(2, np.float32)),
-             init("bz", np.array([0, 1], np.int32)), init("m", np.zeros(2, np.int32))]
-    nodes = [helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], name="w_dq", axis=0),
+             init("bz", np.array([0, 1], np.int32)), init("m", np.zeros(2, np.int32)),
+             init("s", np.array(0.1, np.float32)), init("z", np.array(0, np.uint8))]
+    # x ─ Q ─ DQ ─┐
+    #   w ─ w_dq ─┼─ conv ─ Q ─ DQ ─ add ─ y      (a full QDQ conv unit)
+    #   b ─ b_dq ─┘           m ─ m_dq ─┘
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="x_q"),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="x_dq"),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], name="w_dq", axis=0),
              helper.make_node("DequantizeLinear", ["b", "bs", "bz"], ["bd"], name="b_dq", axis=0),
              helper.make_node("DequantizeLinear", ["m", "bs"], ["md"], name="m_dq", axis=0),
-             helper.make_node("Conv", ["x", "wd", "bd"], ["c"], name="conv"),
-             helper.make_node("Add", ["c", "md"], ["y"], name="add")]
+             helper.make_node("Conv", ["xd", "wd", "bd"], ["c"], name="conv"),
+             helper.make_node("QuantizeLinear", ["c", "s", "z"], ["cq"], name="c_q"),
+             helper.make_node("DequantizeLinear", ["cq", "s", "z"], ["cd"], name="c_dq"),
+             helper.make_node("Add", ["cd", "md"], ["y"], name="add")]
     shape = [1, 2, 4, 4]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits)
