@@ -10,6 +10,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from quantface.errors import WeightsError
+from quantface.paths import atomic_path
 
 RESUME_HINT = "delete it or pass --no-resume"
 
@@ -25,9 +26,8 @@ def save_checkpoint(path: str | Path, params: dict[str, torch.nn.Parameter], opt
             tensors[f"exp_avg.{name}"] = state["exp_avg"].contiguous()
             tensors[f"exp_avg_sq.{name}"] = state["exp_avg_sq"].contiguous()
             tensors[f"step.{name}"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={**(metadata or {}), "step": str(step)})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={**(metadata or {}), "step": str(step)})
 
 
 def checkpoint_step(path: str | Path) -> int:

@@ -44,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from quantface.errors import WeightsError
+from quantface.paths import atomic_path
 
 CHANNELS = {"vgg": (64, 128, 256, 512, 512), "alex": (64, 192, 384, 256, 256)}
 # Indices in torchvision's `features` of the ReLUs whose outputs LPIPS compares.
@@ -214,6 +215,5 @@ def save_lpips(model: LPIPS, path: str | os.PathLike) -> None:
     ``load_lpips(model.net, path)``."""
     path = Path(path)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))

@@ -5,7 +5,7 @@ work starts, so a bad ``--out`` / ``--output`` / ``--json`` is one ``ConfigError
 traceback after minutes of compute.
 
 Writes are atomic. A file is written under a temporary name beside its target, then renamed over it
-(``atomic_write_bytes``, ``atomic_copy``); a folder is built complete under a temporary name beside
+(``atomic_write_bytes``, ``atomic_copy``, ``atomic_path`` for writers that take a file name); a folder is built complete under a temporary name beside
 its target, then swapped in (``temp_dir`` + ``replace_dir``), so the target never exists half-made.
 Every temporary name has the form ``.<target name>.tmp-<random>`` (``TEMP_MARKER``): a run killed
 halfway leaves only such names, and the next write to the same target removes them
@@ -15,6 +15,7 @@ halfway leaves only such names, and the next write to the same target removes th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -193,6 +194,25 @@ def _atomic_file(path: Path, fill) -> None:
         raise
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """For writers that take a file name (safetensors, onnx): yields a temporary path beside ``path``;
+    what was written there is renamed onto ``path`` when the block ends, and removed if it fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and an atomic rename."""
     _atomic_file(Path(path), lambda f: f.write(data))
@@ -206,6 +226,6 @@ def atomic_copy(src: str | Path, path: str | Path) -> None:
     _atomic_file(Path(path), fill)
 
 
-__all__ = ["TEMP_MARKER", "atomic_copy", "atomic_write_bytes", "check_input_dir", "check_input_file",
+__all__ = ["TEMP_MARKER", "atomic_copy", "atomic_path", "atomic_write_bytes", "check_input_dir", "check_input_file",
            "check_output_dir", "check_output_file",
            "clean_stale_temps", "dir_mode", "file_mode", "replace_dir", "temp_dir", "temp_prefix"]

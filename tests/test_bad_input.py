@@ -632,3 +632,16 @@ def test_check_output_paths_directly(tmp_path):
         with pytest.raises(ConfigError):
             call(path, "--out")
     assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+def test_atomic_path_renames_on_success_and_removes_the_temp_on_failure(tmp_path, umask_027):
+    target = tmp_path / "w.safetensors"
+    with paths.atomic_path(target) as tmp:
+        assert tmp.name.startswith(".w.safetensors.tmp-") and tmp.parent == tmp_path
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and target.stat().st_mode & 0o777 == umask_027
+    with pytest.raises(RuntimeError):
+        with paths.atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("writer failed")
+    assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]

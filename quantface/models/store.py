@@ -8,7 +8,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from quantface.data import atomic_write_bytes
+from quantface.paths import atomic_path, atomic_write_bytes
 from quantface.errors import WeightsError
 from quantface.models.reference import ReferenceConfig, ReferenceRestorer
 
@@ -18,9 +18,8 @@ def save_weights(model: ReferenceRestorer, stem: str | Path) -> None:
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = stem.with_name(stem.name + ".safetensors.tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(stem.with_suffix(".safetensors"))
+    with atomic_path(stem.with_suffix(".safetensors")) as tmp:
+        save_file(tensors, str(tmp))
     atomic_write_bytes(stem.with_suffix(".json"), (model.config.to_json() + "\n").encode())
 
 
