@@ -105,6 +105,16 @@ def _finite(x: float) -> float | str:
     return x if math.isfinite(x) else "inf"
 
 
+def _export_metadata(path: str) -> dict:
+    """What our exporter recorded in a graph: profile, method and the recipe's sha256."""
+    import onnx
+
+    from quantface.export.save import read_metadata
+
+    meta = read_metadata(onnx.load(path, load_external_data=False))
+    return {k: meta.get(k, "") for k in ("profile", "method", "recipe_sha256")}
+
+
 def _htp_placement() -> tuple[object | None, str]:
     """The HTP placement helper and why it is (not) used."""
     if importlib.util.find_spec("onnxruntime_qnn") is None:
@@ -138,7 +148,7 @@ def deploy_bench(cfg: DeployBenchConfig) -> dict:
             rows[name] = {"kind": "peer", "path": str(peer.path), "recipe": None, "settings": peer.settings,
                           "build_seconds": peer.seconds}
         for g in cfg.graphs:
-            rows[g.name] = {"kind": "ours", "path": g.path, "recipe": g.recipe}
+            rows[g.name] = {"kind": "ours", "path": g.path, "recipe": g.recipe, "export": _export_metadata(g.path)}
 
         print(f"[3/5] latency, {len(rows)} graphs interleaved, {cfg.threads} threads, {cfg.repeats} rounds", flush=True)
         timings = compare_latency({k: r["path"] for k, r in rows.items()}, threads=cfg.threads, repeats=cfg.repeats)
@@ -237,8 +247,10 @@ def markdown(r: dict) -> str:
                          + f" ({m['build_seconds']:.0f} s to build).")
     ours = [(n, m) for n, m in rows.items() if m["kind"] == "ours"]
     if ours:
-        lines += ["", "Ours: " + "; ".join(f"`{n}` = `{m['path']}`" + (f" from `{m['recipe']}`" if m["recipe"] else "")
-                                          for n, m in ours) + "."]
+        lines += ["", "Ours (`quantface export --recipe RECIPE --profile PROFILE`): " + "; ".join(
+            f"`{n}` = `{m['path']}` (profile `{m['export']['profile']}`, method {m['export']['method']}, recipe sha256 "
+            f"{m['export']['recipe_sha256'][:12]}…" + (f", from `{m['recipe']}`" if m["recipe"] else "") + ")"
+            for n, m in ours) + "."]
     names = list(rows)
     lines += ["", f"Where the time goes: ONNX Runtime's profiler, kernel time per run (mean of {c['profile_runs']} runs, "
               f"{r['threads']} threads, after ORT's fusions; wall time adds scheduling between nodes):", "",

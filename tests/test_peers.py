@@ -163,6 +163,7 @@ def test_deploy_bench_reports_every_graph(setup, tmp_path):
         assert row["size_vs_fp32"] == row["file_bytes"] / g["FP32"]["file_bytes"]
     assert g["ort-static-minmax"]["kernel_ms_by_part"]["integer convolutions (QLinearConv)"] > 0
     assert g["ours"]["recipe"] == str(recipe) and g["ours"]["kind"] == "ours"
+    assert g["ours"]["export"]["profile"] == "ort-cpu" and g["ours"]["export"]["method"] == "minmax"
     fp_q = g["FP32"]["quality"]  # the FP32 graph is the FP model: (near-)identical outputs
     assert fp_q["psnr_to_fp"] == "inf" or fp_q["psnr_to_fp"] > 45
     assert r["calibration_faces"] == 2 and r["htp_placement_reason"]
