@@ -129,6 +129,13 @@ def _without_metadata(src: str | Path, dst: Path) -> Path:
     return dst
 
 
+# What ORT's calibrators do with no options set (onnxruntime.quantization.calibrate.create_calibrator).
+_CALIBRATION_DEFAULTS = {
+    "MinMax": "ORT defaults (asymmetric min/max over all faces)",
+    "Percentile": "ORT defaults (99.999th percentile of |x|, 2048 histogram bins, symmetric ranges)",
+}
+
+
 @dataclass(frozen=True)
 class StaticPeer:
     """``quantize_static`` QDQ, U8 activations / S8 per-channel weights, after ``quant_pre_process``."""
@@ -139,7 +146,8 @@ class StaticPeer:
     def settings(self, reduce_range: bool) -> dict:
         return {"quantizer": "onnxruntime.quantization.quantize_static", "preprocess": "quant_pre_process",
                 "quant_format": "QDQ", "activation_type": "QUInt8", "weight_type": "QInt8", "per_channel": True,
-                "reduce_range": reduce_range, "calibrate_method": self.calibrate_method}
+                "reduce_range": reduce_range, "calibrate_method": self.calibrate_method,
+                "calibration_options": _CALIBRATION_DEFAULTS[self.calibrate_method]}
 
     def quantize(self, fp32: Path, reader: FaceCalibrationReader, out: Path, tmp: Path, reduce_range: bool) -> None:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -164,7 +172,7 @@ class QnnPeer:
         return {"quantizer": "onnxruntime.quantization.quantize + execution_providers.qnn.get_qnn_qdq_config",
                 "preprocess": "qnn_preprocess_model (metadata_props stripped)", "quant_format": "QDQ",
                 "activation_type": self.activation_type, "weight_type": "QInt8", "per_channel": True,
-                "calibrate_method": "MinMax"}
+                "calibrate_method": "MinMax", "calibration_options": _CALIBRATION_DEFAULTS["MinMax"]}
 
     def quantize(self, fp32: Path, reader: FaceCalibrationReader, out: Path, tmp: Path, reduce_range: bool) -> None:
         from onnxruntime.quantization import QuantType, quantize

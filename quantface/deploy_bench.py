@@ -19,6 +19,7 @@ helper is available; otherwise the report says why it is absent.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -33,7 +34,7 @@ from quantface import __version__
 from quantface.config import JsonConfig
 from quantface.data import atomic_write_bytes
 from quantface.errors import ConfigError
-from quantface.jobs import EvalConfig, ModelSpec, evaluate
+from quantface.jobs import EvalConfig, ModelSpec, evaluate, fp_restorations
 
 FP32 = "FP32"
 BASELINE_PEER = "ort-static-minmax"  # the second speed reference: ORT's plain quantize_static
@@ -105,6 +106,27 @@ def _finite(x: float) -> float | str:
     return x if math.isfinite(x) else "inf"
 
 
+def _export_metadata(path: str) -> dict:
+    """What our exporter recorded in a graph: profile, method and the recipe's sha256."""
+    import onnx
+
+    from quantface.export.save import read_metadata
+
+    meta = read_metadata(onnx.load(path, load_external_data=False))
+    return {k: meta.get(k, "") for k in ("profile", "method", "recipe_sha256")}
+
+
+def _machine() -> str:
+    """This machine in words: architecture, CPU count and model (Linux /proc/cpuinfo where readable)."""
+    model = platform.processor()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, {model or 'unknown CPU model'}"
+
+
 def _htp_placement() -> tuple[object | None, str]:
     """The HTP placement helper and why it is (not) used."""
     if importlib.util.find_spec("onnxruntime_qnn") is None:
@@ -138,7 +160,7 @@ def deploy_bench(cfg: DeployBenchConfig) -> dict:
             rows[name] = {"kind": "peer", "path": str(peer.path), "recipe": None, "settings": peer.settings,
                           "build_seconds": peer.seconds}
         for g in cfg.graphs:
-            rows[g.name] = {"kind": "ours", "path": g.path, "recipe": g.recipe}
+            rows[g.name] = {"kind": "ours", "path": g.path, "recipe": g.recipe, "export": _export_metadata(g.path)}
 
         print(f"[3/5] latency, {len(rows)} graphs interleaved, {cfg.threads} threads, {cfg.repeats} rounds", flush=True)
         timings = compare_latency({k: r["path"] for k, r in rows.items()}, threads=cfg.threads, repeats=cfg.repeats)
@@ -147,10 +169,12 @@ def deploy_bench(cfg: DeployBenchConfig) -> dict:
             row["kernel_ms_by_part"] = kernel_time_by_part(row["path"], threads=cfg.threads, runs=cfg.profile_runs)
 
         print(f"[5/5] quality on {cfg.test} (quantface eval's pipeline)", flush=True)
+        fp_spec = ModelSpec(name=cfg.model, weights=cfg.weights)
+        fp_out = fp_restorations(EvalConfig(data=cfg.test, limit=cfg.test_limit, seed=cfg.test_seed, model=fp_spec))
         for name, row in rows.items():
             print(f"  {name}", flush=True)
             ev = evaluate(EvalConfig(data=cfg.test, limit=cfg.test_limit, seed=cfg.test_seed,
-                                     model=ModelSpec(name=cfg.model, weights=cfg.weights, onnx=row["path"])))
+                                     model=dataclasses.replace(fp_spec, onnx=row["path"])), fp_out=fp_out)
             row["quality"] = {k: _finite(ev[k]) for k in ("psnr", "ssim", "psnr_to_fp", "ssim_to_fp")}
             row["test_faces"] = ev["n"]
             row["quality_lq"] = {"psnr": ev["psnr_lq"], "ssim": ev["ssim_lq"]}
@@ -170,7 +194,7 @@ def deploy_bench(cfg: DeployBenchConfig) -> dict:
     result = {
         "command": cfg.command,
         "config": cfg.to_dict(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs ({platform.processor() or 'unknown CPU'})",
+        "machine": _machine(),
         "onnxruntime": onnxruntime.__version__,
         "tool_version": __version__,
         "threads": cfg.threads,
@@ -233,12 +257,15 @@ def markdown(r: dict) -> str:
             s = m["settings"]
             lines.append(f"- `{name}`: {s['quantizer']} after {s['preprocess']}; {s['quant_format']}, activations "
                          f"{s['activation_type']}, weights {s['weight_type']} per channel, {s['calibrate_method']} "
-                         f"calibration" + (f", reduce_range={s['reduce_range']}" if "reduce_range" in s else "")
+                         f"calibration, {s['calibration_options']}"
+                         + (f", reduce_range={s['reduce_range']}" if "reduce_range" in s else "")
                          + f" ({m['build_seconds']:.0f} s to build).")
     ours = [(n, m) for n, m in rows.items() if m["kind"] == "ours"]
     if ours:
-        lines += ["", "Ours: " + "; ".join(f"`{n}` = `{m['path']}`" + (f" from `{m['recipe']}`" if m["recipe"] else "")
-                                          for n, m in ours) + "."]
+        lines += ["", "Ours (`quantface export --recipe RECIPE --profile PROFILE`): " + "; ".join(
+            f"`{n}` = `{m['path']}` (profile `{m['export']['profile']}`, method {m['export']['method']}, recipe sha256 "
+            f"{m['export']['recipe_sha256'][:12]}…" + (f", from `{m['recipe']}`" if m["recipe"] else "") + ")"
+            for n, m in ours) + "."]
     names = list(rows)
     lines += ["", f"Where the time goes: ONNX Runtime's profiler, kernel time per run (mean of {c['profile_runs']} runs, "
               f"{r['threads']} threads, after ORT's fusions; wall time adds scheduling between nodes):", "",

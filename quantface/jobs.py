@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from quantface import __version__
 from quantface.config import SIZE_MULTIPLE, JsonConfig, check_int, check_size
-from quantface.data import (atomic_write_bytes, center_crop_resize, list_images, load_folder, nothing_readable,
-                            read_image, shipped_faces, write_image)
+from quantface.data import (LoadedImages, atomic_write_bytes, center_crop_resize, list_images, load_folder,
+                            nothing_readable, read_image, shipped_faces, write_image)
 from quantface.degradation import DegradationConfig, degrade
 from quantface.errors import ConfigError, ImageError
 from quantface.device import check_device_name, resolve_device
@@ -141,13 +141,28 @@ class EvalConfig(JsonConfig):
         self.model.check()
 
 
-def evaluate(cfg: EvalConfig) -> dict:
-    """Degrade, restore and score ``cfg.data``; writes ``cfg.json_out`` (atomically) when given."""
-    cfg.check()
-    pipeline, size = cfg.model.pipeline(cfg.batch_size, cfg.size)
+def _degraded(cfg: EvalConfig, size: int) -> tuple[LoadedImages, list[np.ndarray]]:
     loaded = load_folder(cfg.data, size, cfg.limit)
     degradation = DegradationConfig(second_stage=cfg.second_stage)
-    lqs = [degrade(hq, cfg.seed, i, degradation)[0] for i, hq in enumerate(loaded.images)]
+    return loaded, [degrade(hq, cfg.seed, i, degradation)[0] for i, hq in enumerate(loaded.images)]
+
+
+def fp_restorations(cfg: EvalConfig) -> list[np.ndarray]:
+    """The FP model's restorations of ``cfg``'s degraded faces — what ``psnr_to_fp`` compares with. Pass
+    them to ``evaluate(cfg', fp_out=...)`` to score several graphs of the same faces against one FP run."""
+    cfg.check()
+    pipeline, size = cfg.model.fp_spec().pipeline(cfg.batch_size, cfg.size)
+    _, lqs = _degraded(cfg, size)
+    return _timed_restore(pipeline, lqs, cfg.batch_size, "eval FP")[0]
+
+
+def evaluate(cfg: EvalConfig, fp_out: list[np.ndarray] | None = None) -> dict:
+    """Degrade, restore and score ``cfg.data``; writes ``cfg.json_out`` (atomically) when given.
+    ``fp_out``: the FP model's restorations of the same faces (``fp_restorations``), else computed here."""
+    cfg.check()
+    pipeline, size = cfg.model.pipeline(cfg.batch_size, cfg.size)
+    loaded, lqs = _degraded(cfg, size)
+    degradation = DegradationConfig(second_stage=cfg.second_stage)
     restored, seconds = _timed_restore(pipeline, lqs, cfg.batch_size, "eval")
     per_image = [
         {"file": p.name, "psnr": psnr(out, hq), "ssim": ssim(out, hq), "psnr_lq": psnr(lq, hq), "ssim_lq": ssim(lq, hq)}
@@ -155,8 +170,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     ]
     keys = ["psnr", "ssim", "psnr_lq", "ssim_lq"]
     if cfg.model.quantized:  # a quantized model or an exported graph: also score it against FP
-        fp_spec = cfg.model.fp_spec()
-        fp_out, _ = _timed_restore(fp_spec.pipeline(cfg.batch_size)[0], lqs, cfg.batch_size, "eval FP")
+        if fp_out is None:
+            fp_out, _ = _timed_restore(cfg.model.fp_spec().pipeline(cfg.batch_size)[0], lqs, cfg.batch_size, "eval FP")
+        elif len(fp_out) != len(restored) or any(f.shape != o.shape for f, o in zip(fp_out, restored)):
+            raise ConfigError(f"the FP restorations given ({len(fp_out)}) do not match the {len(restored)} faces evaluated")
         for r, out, ref in zip(per_image, restored, fp_out):
             r["psnr_to_fp"], r["ssim_to_fp"] = psnr(out, ref), ssim(out, ref)
         keys += ["psnr_to_fp", "ssim_to_fp"]

@@ -163,9 +163,32 @@ def test_deploy_bench_reports_every_graph(setup, tmp_path):
         assert row["size_vs_fp32"] == row["file_bytes"] / g["FP32"]["file_bytes"]
     assert g["ort-static-minmax"]["kernel_ms_by_part"]["integer convolutions (QLinearConv)"] > 0
     assert g["ours"]["recipe"] == str(recipe) and g["ours"]["kind"] == "ours"
+    assert g["ours"]["export"]["profile"] == "ort-cpu" and g["ours"]["export"]["method"] == "minmax"
     fp_q = g["FP32"]["quality"]  # the FP32 graph is the FP model: (near-)identical outputs
     assert fp_q["psnr_to_fp"] == "inf" or fp_q["psnr_to_fp"] > 45
     assert r["calibration_faces"] == 2 and r["htp_placement_reason"]
     assert json.loads((tmp_path / "bench.json").read_text())["graphs"].keys() == g.keys()
     text = (tmp_path / "bench.md").read_text()
     assert "`pytest`" in text and all(f"| {name} |" in text for name in g)
+
+
+def test_bench_tool_reports_a_bad_graph_spec_in_one_line(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_deploy", Path(__file__).parents[1] / "tools" / "bench_deploy.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--graph", "missing-equals.onnx"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --graph 'missing-equals.onnx' must look like NAME=PATH")
+
+
+def test_evaluate_scores_against_given_fp_restorations_as_against_its_own(setup):
+    from quantface.jobs import EvalConfig, ModelSpec, evaluate, fp_restorations
+
+    cfg = EvalConfig(data=str(setup.faces), limit=2, model=ModelSpec(weights=str(setup.weights),
+                                                                   onnx=str(setup.peer("ort-static-minmax"))))
+    own, given = evaluate(cfg), evaluate(cfg, fp_out=fp_restorations(cfg))
+    assert [r["psnr_to_fp"] for r in own["per_image"]] == [r["psnr_to_fp"] for r in given["per_image"]]
+    with pytest.raises(ConfigError, match="do not match"):
+        evaluate(cfg, fp_out=fp_restorations(cfg)[:1])
