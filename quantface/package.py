@@ -118,6 +118,24 @@ class PackageConfig(JsonConfig):
 
             self.qnn_context = tuple(dict.fromkeys(get_target(s).soc for s in self.qnn_context))  # ConfigError if unknown
 
+    def check(self) -> None:
+        """Before any work: ``out`` is new, empty or an earlier package (whose files it replaces)."""
+        out = check_output_dir(self.out, "--out")
+        if out.is_dir():
+            others = sorted(p.name for p in out.iterdir() if p.name not in PACKAGE_FILES
+                            and not fnmatch.fnmatch(p.name, LEGACY_TEMP) and not _is_context_file(p.name))
+            if others:
+                raise PackageError(f"--out {out} holds files that are not part of a package (e.g. {others[0]}); "
+                                   f"give a new or empty folder, or an earlier package folder")
+        for flag, given in (("--into-app", self.app_assets), ("--into-web", self.web_model_dir)):
+            if given:
+                check_output_dir(given, flag)
+
+
+def _is_context_file(name: str) -> bool:
+    """A QNN context model or binary an earlier ``--qnn-context`` package holds."""
+    return name.startswith(f"{MODEL_STEM}_") and (name.endswith("_ctx.onnx") or name.endswith(".bin"))
+
 
 @dataclass(frozen=True)
 class QnnContextEntry:
@@ -137,19 +155,6 @@ class QnnContextEntry:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
-
-    def check(self) -> None:
-        """Before any work: ``out`` is new, empty or an earlier package (whose files it replaces)."""
-        out = check_output_dir(self.out, "--out")
-        if out.is_dir():
-            others = sorted(p.name for p in out.iterdir() if p.name not in PACKAGE_FILES
-                            and not fnmatch.fnmatch(p.name, LEGACY_TEMP))
-            if others:
-                raise PackageError(f"--out {out} holds files that are not part of a package (e.g. {others[0]}); "
-                                   f"give a new or empty folder, or an earlier package folder")
-        for flag, given in (("--into-app", self.app_assets), ("--into-web", self.web_model_dir)):
-            if given:
-                check_output_dir(given, flag)
 
 
 @dataclass
