@@ -138,7 +138,8 @@ def deploy_bench(cfg: DeployBenchConfig) -> dict:
     """Build, time and score every graph of ``cfg``; returns the report (and writes it where asked)."""
     from quantface.export import ExportConfig, export_onnx
     from quantface.export.bench import PARTS, compare_latency, kernel_time_by_part
-    from quantface.export.peers import FaceCalibrationReader, build_peer, default_reduce_range, get_peer
+    from quantface.export.peers import (FaceCalibrationReader, build_peer, cpu_has_vnni, default_reduce_range,
+                                        get_peer)
 
     import onnxruntime
 
@@ -203,6 +204,7 @@ def deploy_bench(cfg: DeployBenchConfig) -> dict:
         "calibration_faces": len(reader),
         "test_faces": next(iter(rows.values()))["test_faces"],
         "reduce_range": reduce_range,
+        "cpu_has_vnni": cpu_has_vnni(),
         "reduce_range_source": "set by the caller" if cfg.reduce_range is not None else
                                "quantize_static's CPU guidance (x86 without VNNI: 7-bit weights)",
         "degraded_input_quality": ref_quality,
@@ -257,7 +259,7 @@ def markdown(r: dict) -> str:
             s = m["settings"]
             lines.append(f"- `{name}`: {s['quantizer']} after {s['preprocess']}; {s['quant_format']}, activations "
                          f"{s['activation_type']}, weights {s['weight_type']} per channel, {s['calibrate_method']} "
-                         f"calibration, {s['calibration_options']}"
+                         f"calibration, {s.get('calibration_options', 'ORT defaults')}"
                          + (f", reduce_range={s['reduce_range']}" if "reduce_range" in s else "")
                          + f" ({m['build_seconds']:.0f} s to build).")
     ours = [(n, m) for n, m in rows.items() if m["kind"] == "ours"]
@@ -273,5 +275,11 @@ def markdown(r: dict) -> str:
     for part in r["parts"]:
         lines.append(f"| {part} | " + " | ".join(f"{rows[n]['kernel_ms_by_part'][part]:.1f}" for n in names) + " |")
     lines.append("| total (ms) | " + " | ".join(f"{sum(rows[n]['kernel_ms_by_part'].values()):.1f}" for n in names) + " |")
+    if r.get("cpu_has_vnni") is False:
+        lines += ["", "This CPU has no VNNI instruction: ONNX Runtime's U8S8 integer kernels (QLinearConv, QGemm, ...) "
+                  "can saturate their 16-bit intermediate sums on it. `quantize_static`'s guidance for such CPUs "
+                  "(`reduce_range=True`, 7-bit weights) avoids that; 8-bit-weight graphs made without it (the QNN "
+                  "recipe's A8W8) can lose quality here that comes from this CPU's kernels, not from the "
+                  "quantization: read their quality columns as this CPU EP's, not the recipe's."]
     lines += ["", f"Qualcomm HTP placement: not measured — {r['htp_placement_reason']}."]
     return "\n".join(lines) + "\n"

@@ -170,6 +170,7 @@ def test_deploy_bench_reports_every_graph(setup, tmp_path):
     assert json.loads((tmp_path / "bench.json").read_text())["graphs"].keys() == g.keys()
     text = (tmp_path / "bench.md").read_text()
     assert "`pytest`" in text and all(f"| {name} |" in text for name in g)
+    assert ("no VNNI" in text) == (r["cpu_has_vnni"] is False)
 
 
 def test_bench_tool_reports_a_bad_graph_spec_in_one_line(capsys):
