@@ -14,6 +14,13 @@ not (25–50 s for one 128² face); use it for checks, never for timing.
 * ``HtpBackend(path, target)`` — an ``OnnxBackend``-compatible pipeline backend on the HTP.
 * ``compile_context(path, out_dir, target)`` — an EPContext model (``*_ctx.onnx`` + ``.bin``).
 
+Measured (onnxruntime-qnn 2.7.0, SM8650): the HTP rejects an integer Gemm / FullyConnected with a
+float output (backendValidateOpConfig error 3110), and a per-channel weight DQ outside a full QDQ node
+unit runs on the CPU; the ``qnn`` export profile therefore applies the weight scales after the
+product (``export.profiles``). recipes/quantface_w4a4 ``--profile qnn``: 40 CPU nodes before that,
+none after; HTP vs the PyTorch simulation 44.9 dB on 2 test faces (CPU EP vs PyTorch 45.8 dB). The
+tiny random-weight test model is not HTP-stable (16–19 dB HTP vs CPU EP, with any lowering).
+
 The node counts come from ONNX Runtime's own record of the assignment
 (``session.record_ep_graph_assignment_info``); only the reasons need the log. ONNX Runtime's C++
 logger writes to the process's file descriptor 2, so ``placement`` points fd 2 at a temporary file
@@ -115,8 +122,11 @@ def htp_session_options(target: HtpTarget = DEFAULT_TARGET, *, threads: int | No
         options.add_session_config_entry("ep.context_file_path", str(context_path))
         options.add_session_config_entry("ep.context_embed_mode", "0")
     devices = [d for d in ort.get_ep_devices() if d.ep_name == qnn.get_ep_name()]
+    # offload_graph_io_quantization=0: a graph-input Q / graph-output DQ runs on the HTP too (the EP's
+    # default leaves them to the CPU, a cheap conversion, which placement would list as CPU nodes).
     options.add_provider_for_devices(devices, {"backend_path": qnn.get_qnn_htp_path(),
-                                               "htp_arch": str(target.htp_arch), "soc_model": str(target.soc_model)})
+                                               "htp_arch": str(target.htp_arch), "soc_model": str(target.soc_model),
+                                               "offload_graph_io_quantization": "0"})
     return options
 
 

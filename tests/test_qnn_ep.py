@@ -1,6 +1,11 @@
 """Qualcomm's real QNN HTP backend (onnxruntime-qnn, emulated on x86) against our graphs and our
 static check: node placement and its reasons, qnn_report's agreement with the EP, the HTP runner,
-offline context binaries. The real-EP tests skip (with the reason) when the extra is not installed."""
+offline context binaries. The real-EP tests skip (with the reason) when the extra is not installed.
+
+Numbers are checked on hand-built products (HTP within one activation step of the CPU EP). The tiny
+random-weight model is not: on the emulated HTP its output is 16–19 dB from the CPU EP's (W4A4 and
+W8A8, the qnn and the ort-cpu graph alike, with or without ONNX Runtime's graph optimisations),
+while the trained recipes/quantface_w4a4 graph is 44.7 dB from it (export.qnn_ep's notes)."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
@@ -18,7 +24,8 @@ from quantface.cli import main
 from quantface.data import load_folder, write_image
 from quantface.errors import ConfigError
 from quantface.export import ExportConfig, OnnxBackend, export_onnx, qnn_report
-from quantface.export.qnn_ep import (SOCS, HtpBackend, get_target, parse_qnn_log, placement, qnn_available)
+from quantface.export.qnn_ep import (SOCS, HtpBackend, get_target, open_htp_session, parse_qnn_log, placement,
+                                     qnn_available)
 from quantface.models.reference import ReferenceRestorer
 from quantface.models.store import save_weights
 from quantface.package import PackageConfig, package, sha256_file
@@ -195,14 +202,26 @@ def test_tiny_qnn_export_runs_wholly_on_the_htp_and_qnn_report_agrees(tiny_expor
 
 
 @needs_qnn
-def test_htp_backend_runs_the_qnn_export_like_the_cpu_ep(tiny_exports):
+@pytest.mark.parametrize("case", list(HAND_BUILT))
+def test_htp_computes_the_hand_built_graphs_like_the_cpu_ep(case, tmp_path):
+    """Numbers, not only placement: the emulated HTP (FP16 float ops) within one activation step
+    (0.02) of the CPU EP on every hand-built product, the qnn profile's scales-after-product included."""
+    path = tmp_path / f"{case}.onnx"
+    model = _graph(case)
+    onnx.save(model, str(path))
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = np.random.default_rng(1).uniform(-2, 2, shape).astype(np.float32)
+    y_htp = open_htp_session(path).run(None, {"x": x})[0]
+    y_cpu = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(y_cpu).max() > 0.1 and np.abs(y_htp - y_cpu).max() <= 0.02 * 1.01
+
+
+@needs_qnn
+def test_htp_backend_runs_the_tiny_qnn_export(tiny_exports):
     x = _face(tiny_exports)
     htp = HtpBackend(tiny_exports["qnn"], cpu_fallback=False)  # creation fails if a node needed the CPU
-    cpu = OnnxBackend(tiny_exports["qnn"])
-    y_htp, y_cpu = htp(x), cpu(x)
-    assert y_htp.shape == y_cpu.shape == x.shape
-    mse = np.mean(((np.clip(y_htp, -1, 1) - np.clip(y_cpu, -1, 1)) / 2) ** 2)
-    assert 10 * np.log10(1 / max(mse, 1e-20)) > 30.0  # the HTP's FP16 float ops vs the CPU's FP32
+    y = htp(np.concatenate([x, x]))  # a static batch of 1, run twice through OnnxBackend's batching
+    assert y.shape == (2, *x.shape[1:]) and np.isfinite(y).all() and np.array_equal(y[0], y[1])
     assert htp.metadata["quantface.profile"] == "qnn"
 
 
@@ -229,7 +248,8 @@ def test_context_binaries_compile_load_and_match_the_plain_graph(tiny_exports, t
 
 @needs_qnn
 def test_validate_reports_htp_placement_and_parity(tiny_exports, tmp_path):
-    from quantface.validate import ValidateConfig, validate
+    from quantface.degradation import degrade
+    from quantface.validate import PSNR_CAP, ValidateConfig, _parity_psnr, validate
     from quantface.jobs import ModelSpec
 
     spec = ModelSpec(weights=str(tiny_exports["root"] / "weights" / "tiny"), recipe=str(tiny_exports["recipe"]))
@@ -238,6 +258,13 @@ def test_validate_reports_htp_placement_and_parity(tiny_exports, tmp_path):
     h = json.loads((tmp_path / "v.json").read_text())["htp"]
     assert h == r["htp"] and h["n"] == 1 and h["soc"] == "SM8650"
     assert h["nodes_on_cpu"] == 0 and h["cpu_nodes"] == [] and h["nodes_on_qnn"] == h["nodes_total"]
-    assert h["parity_psnr_to_torch"] > 30.0 and h["parity_psnr_to_cpu"] > 30.0
+    # The parity fields are the HTP's output on the first face against the CPU EP's (recomputed here;
+    # the tiny random-weight model itself is not HTP-stable: see the module docstring).
+    lq = degrade(load_folder(str(tiny_exports["root"] / "faces"), SIZE, 1).images[0], 0, 0)[0]
+    x = images_to_tensor([lq]).numpy()
+    y_htp, y_cpu = HtpBackend(tiny_exports["qnn"])(x), OnnxBackend(tiny_exports["qnn"])(x)
+    assert h["parity_psnr_to_cpu"] == pytest.approx(_parity_psnr(y_htp.astype(np.float64), y_cpu.astype(np.float64)))
+    assert h["parity_max_abs_to_cpu"] == pytest.approx(float(np.abs(y_htp - y_cpu).max()))
+    assert 0 < h["parity_psnr_to_torch"] < PSNR_CAP
     with pytest.raises(ConfigError, match="unknown --ep"):
         ValidateConfig(onnx="g.onnx", data="d", ep="gpu")
