@@ -96,6 +96,7 @@ def build_onnx(cfg: ExportConfig) -> tuple[onnx.ModelProto, list[str]]:
 
 def export_onnx(cfg: ExportConfig) -> ExportResult:
     """Export ``cfg`` to ``cfg.out`` (atomically; see ``export.save``)."""
+    cfg.check()  # before tracing: the recipe folder exists and --out can be written
     model, constant = build_onnx(cfg)
     written = save_atomic(model, cfg.out)
     return ExportResult(Path(cfg.out), written, op_counts(model), constant)

@@ -152,7 +152,6 @@ def _cmd_export(a: argparse.Namespace) -> int:
         return 2
     cfg = ExportConfig(model=a.model, weights=_weights(a), recipe=a.recipe, profile=a.profile, out=a.out,
                        size=a.size, batch=a.batch, rotation=not a.no_rotation)
-    cfg.check()  # before tracing: the recipe folder exists and --out can be written
     r = export_onnx(cfg)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(r.node_counts.items()) if v)
     print(f"wrote {r.path} ({r.bytes / 1e6:.2f} MB, profile {a.profile if a.recipe else 'fp32'}): {counts}")
