@@ -250,7 +250,7 @@ BAD = [
         lambda tmp, fx: (_recipe_copy()(tmp, fx), (tmp / "recipe" / "recipe.json").write_text("{not json"))),
     Bad("eval-recipe-wrong-format", E + " --recipe {tmp}/recipe", "{tmp}/recipe/recipe.json is not a QuantFace recipe",
         _recipe_copy(edit=lambda m: m.update(format="something-else"))),
-    Bad("eval-recipe-wrong-version", E + " --recipe {tmp}/recipe", "has version 99; this tool reads version 1",
+    Bad("eval-recipe-wrong-version", E + " --recipe {tmp}/recipe", "has version 99; this tool reads versions 1, 2",
         _recipe_copy(edit=lambda m: m.update(version=99))),
     Bad("eval-recipe-no-tensors", E + " --recipe {tmp}/recipe", "recipe folder {tmp}/recipe has no recipe.safetensors",
         _recipe_copy(drop="recipe.safetensors")),
