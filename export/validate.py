@@ -105,6 +105,11 @@ def _htp_part(cfg: ValidateConfig, lqs: list, batch: int, cpu: np.ndarray, torch
 
 
 def validate(cfg: ValidateConfig) -> dict:
+    if cfg.ep == "qnn-htp":  # fail before the slow CPU and PyTorch runs
+        from quantface.export.qnn_ep import get_target, require_qnn
+
+        require_qnn()
+        get_target(cfg.soc)
     onnx_backend = OnnxBackend(cfg.onnx, threads=cfg.threads)
     shape = onnx_backend.input_shape
     size = shape[-1] if isinstance(shape[-1], int) else cfg.model.fp_model().config.working_size
