@@ -88,6 +88,11 @@ def _qnn():
     return onnxruntime_qnn
 
 
+def require_qnn() -> None:
+    """ConfigError (one sentence) unless ``onnxruntime-qnn`` is installed."""
+    _qnn()
+
+
 def qnn_available() -> bool:
     """Whether ``onnxruntime-qnn`` is installed (tests skip the real-EP checks without it)."""
     try:

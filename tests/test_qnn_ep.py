@@ -72,7 +72,7 @@ def test_soc_table_and_unknown_soc(capsys, tmp_path):
     assert len(err) == 1 and err[0].startswith("error: unknown Snapdragon SoC 'SM1234'")
 
 
-def test_missing_extra_is_one_sentence(monkeypatch):
+def test_missing_extra_is_one_sentence(monkeypatch, tmp_path, capsys):
     import sys
 
     from quantface.export import qnn_ep
@@ -81,6 +81,10 @@ def test_missing_extra_is_one_sentence(monkeypatch):
     with pytest.raises(ConfigError, match=r"needs the onnxruntime-qnn package \(pip install 'quantface\[qnn\]'\)"):
         qnn_ep.htp_session_options()
     assert not qnn_ep.qnn_available()
+    # validate says so before its slow CPU / PyTorch runs (the graph is never opened)
+    assert main(["validate", "--onnx", str(tmp_path / "g.onnx"), "--data", str(tmp_path), "--ep", "qnn-htp"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: the QNN HTP backend needs the onnxruntime-qnn package (pip install 'quantface[qnn]')"]
 
 
 # ------------------------------------------------------------------- hand-built graphs, real EP
