@@ -8,10 +8,13 @@ from dataclasses import dataclass, field
 
 from quantface.config import JsonConfig, check_int, check_size
 from quantface.device import check_device_name
+from quantface.bits import MAX_BITS, MIN_BITS, WIDE_ACT_BITS, check_bits
 from quantface.errors import ConfigError
-from quantface.bits import check_bits
 
-BITS_PATTERN = re.compile(r"^W(\d)A(\d)$")
+BITS_PATTERN = re.compile(r"^W([1-9]\d*)A([1-9]\d*)$")
+# The accepted --bits forms, for help texts and errors.
+BITS_FORMS = (f"W<w>A<a> with w in {MIN_BITS}..{MAX_BITS} and a in {MIN_BITS}..{MAX_BITS} or {WIDE_ACT_BITS}, "
+              f"e.g. W8A8, W4A8, W6A6, W4A6, W4A4, W8A16, W4A16")
 METRICS = ("ssim", "psnr", "lpips")
 COSTS = ("elements", "bops")
 TARGETS = ("qnn",)
@@ -19,16 +22,20 @@ TARGETS = ("qnn",)
 DEFAULT_EPSILON = {"ssim": 1e-5, "psnr": 1e-7, "lpips": 5e-4}
 
 
-
 def parse_bits(bits: str) -> tuple[int, int]:
-    """'W4A4' → (4, 4)."""
-    m = BITS_PATTERN.match(bits)
-    if not m:
-        raise ConfigError(f"--bits {bits!r} is not of the form W<b>A<b>, e.g. W4A4")
-    w, a = int(m.group(1)), int(m.group(2))
-    check_bits(w)
-    check_bits(a)
+    """'W4A4' → (4, 4). Weights take 2..8 bits; activations 2..8 or 16 (unsigned 16-bit codes, which
+    every export profile holds as UINT16)."""
+    m = BITS_PATTERN.match(bits) if isinstance(bits, str) else None
+    w, a = (int(m.group(1)), int(m.group(2))) if m else (None, None)
+    if w is None or not MIN_BITS <= w <= MAX_BITS or not (MIN_BITS <= a <= MAX_BITS or a == WIDE_ACT_BITS):
+        raise ConfigError(f"--bits {bits!r} is not one of the accepted forms: {BITS_FORMS}")
     return w, a
+
+
+# Where the merged low-rank branch is folded into the quantized weight at freeze (``fold_lowrank``):
+# 'auto' folds it in layers whose weights have at least this many bits.
+FOLD_MIN_WEIGHT_BITS = 8
+FOLD_POLICIES = ("auto", "never", "always")
 
 
 @dataclass
@@ -51,17 +58,15 @@ class CalibConfig(JsonConfig):
     rotate_min_channels: int = 4
     steps: int | None = None  # distillation steps; default per method
     batch_size: int = 4
+    # lr: SVD-initialised branches (the paper's 1e-5); lora_lr: LoRA-initialised ones; scale_lr: quantizer
+    # scales (None: lr). The measured best (docs/calibration_notes.md): a zero-init LoRA up factor barely moves at 1e-5.
     lr: float = 1e-5
-    # lr (the paper's 1e-5) trains the SVD-initialised branch, which starts from the weight's top singular
-    # pairs; lora_lr the LoRA-initialised branches (QuantFace's second branch, EfficientDM's only one),
-    # whose up factor starts at zero and barely leaves it at 1e-5 in a few hundred steps; scale_lr the
-    # quantizer scales. None means "same as lr". On 100 test faces QuantFace W4A4 (200 steps) went from
-    # 40.46 dB PSNR to FP (all at 1e-5) to 40.59 (lora_lr 1e-3) and 40.90 (and scale_lr 1e-4), the rates
-    # tools/calibrate_all.py uses for the committed recipes. They are not the defaults: on the tiny random
-    # models of the tests they moved ONNX-vs-PyTorch parity of the ort-cpu graph (demo chain, export
-    # parity test) from ~140 dB to ~36 dB; the cause is not found yet (the real W4A4 recipe: 46.9 dB).
-    scale_lr: float | None = None
-    lora_lr: float | None = None
+    scale_lr: float | None = 1e-4
+    lora_lr: float | None = 1e-3
+    # Fold the merged low-rank branch into the weight before its codes are fixed (QuantLayer.fold_lowrank):
+    # 'auto' where weight bits >= FOLD_MIN_WEIGHT_BITS (an 8-bit grid holds the branch; its two float convs
+    # and Add cost more time than they give back), 'never', 'always'.
+    fold_lowrank: str = "auto"
     lambda_perceptual: float = 0.5
     lambda_mse: float = 0.5
     lpips_backbone: str | None = None  # local LPIPS backbone weights (VGG16/AlexNet features)
@@ -83,6 +88,8 @@ class CalibConfig(JsonConfig):
 
     def __post_init__(self) -> None:
         parse_bits(self.bits)
+        if self.fold_lowrank not in FOLD_POLICIES:
+            raise ConfigError(f"--fold-lowrank {self.fold_lowrank!r} is not one of {', '.join(FOLD_POLICIES)}")
         if self.rank < 1:
             raise ConfigError(f"--rank {self.rank} must be at least 1")
         if self.rotate_min_channels < 1:
@@ -140,6 +147,12 @@ class CalibConfig(JsonConfig):
     @property
     def act_bits(self) -> int:
         return parse_bits(self.bits)[1]
+
+    def folds_lowrank(self, weight_bits: int | None) -> bool:
+        """Whether a layer with ``weight_bits`` (None: FP weights, never folded) gets its branch folded."""
+        if weight_bits is None or self.fold_lowrank == "never":
+            return False
+        return self.fold_lowrank == "always" or weight_bits >= FOLD_MIN_WEIGHT_BITS
 
 
 # ------------------------------------------------------------------------------------------------

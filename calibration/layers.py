@@ -14,7 +14,9 @@ quantizers is the original layer, bit for bit.
 
 After calibration a layer is *frozen*: its residual is replaced by integer codes and their
 dequantized values, and the two branches are merged into one of rank 2r; a recipe stores exactly the
-frozen state, so loading a recipe reproduces the calibrated model bit for bit.
+frozen state, so loading a recipe reproduces the calibrated model bit for bit. Before freezing, a
+layer with fine enough weight bits may have its merged branch folded back into the weight
+(``fold_lowrank``): W = R + L1·L2 + A·B, re-scaled and later quantized as one, no branch left.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import nn
 from quantface.errors import ConfigError
 from quantface.hadamard import fold_into_weight, rotate_channels
 from quantface.quant import (EPS, REQUANT_BITS, act_qparams_from_range, bias_codes, dequantize, fake_quantize,
-                             qrange, quantize, requantizable, requantize)
+                             qrange, quantize, requantizable, requantize, weight_scale)
 from quantface.recipe import HadamardSpec
 
 
@@ -202,6 +204,21 @@ class QuantLayer(nn.Module):
             return x
         qmin, qmax = qrange(self.act_bits, signed=False)
         return fake_quantize(x, self.a_scale.clamp_min(EPS), self.a_zero_point, qmin, qmax)
+
+    def fold_lowrank(self, scale_method: str = "mse") -> None:
+        """Fold the branches into the quantized weight: W = R + L1·L2 + A·B (float32), fresh per-output-
+        channel scales for it (``quantface.quant.weight_scale``, ``scale_method``), branches dropped. The
+        product then quantizes the input the branch used to see unquantized, so the layer's output moves
+        by about (x' − Q_a(x'))·(L1·L2 + A·B) plus the re-rounding of W. Before ``freeze``; weights only."""
+        if self.frozen or self.weight_bits is None:
+            raise ConfigError(f"layer {self.name}: only an unfrozen layer with quantized weights can fold its branch")
+        self.merge_branches()
+        if self.lowrank is None:
+            return
+        with torch.no_grad():
+            self.weight = self.weight + self.lowrank.product().detach().to(self.weight)
+            self.lowrank = None
+            self.set_weight_quant(self.weight_bits, weight_scale(self.weight, self.weight_bits, scale_method))
 
     def freeze(self) -> None:
         """Fix the weight codes, merge the branches and round the merged factors to float16; from

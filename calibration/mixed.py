@@ -84,6 +84,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from quantface.calibration.layers import QuantLayer
+from quantface.calibration.methods import get_method
 from quantface.data import atomic_write_bytes
 from quantface.errors import ConfigError
 from quantface.metrics import ssim_map
@@ -104,7 +105,7 @@ CACHE_SUFFIX = ".mp_cache"
 # Configuration fields that do not change the sweep's results (the cache ignores them).
 _SWEEP_IRRELEVANT = {"out", "steps", "batch_size", "lr", "scale_lr", "lora_lr", "lambda_perceptual", "lambda_mse",
                      "checkpoint_every", "resume", "threads", "mp_budget", "mp_candidates", "mp_cost", "target",
-                     "bits"}
+                     "bits", "fold_lowrank"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,6 +275,8 @@ def sweep_key(cfg: "CalibConfig", layer_names: list[str], weights_sha256: str) -
     relevant = {k: v for k, v in cfg.to_dict().items() if k not in _SWEEP_IRRELEVANT}
     relevant["mp_epsilon"] = epsilon(cfg)
     relevant["fp_layers"] = list(relevant["fp_layers"])
+    # "bits" is irrelevant but for one thing: whether the method folds its smoothing and rotation at them.
+    relevant["balanced"] = get_method(cfg.method).balances(cfg.act_bits)
     return {"config": relevant, "weights_sha256": weights_sha256, "b_range": [B_MIN, B_MAX],
             "layers": hashlib.sha256("\n".join(layer_names).encode()).hexdigest()}
 

@@ -11,7 +11,7 @@ Stages (each method's ``MethodSpec`` switches them on or off):
    (with ``mp_budget``) adaptive bit widths: sensitivity sweep, integer program, each layer's
    activation (and for ``target='qnn'`` weight) bits set to its choice (``calibration.mixed``);
 6. refinement: distillation (QD-LoRA / EfficientDM) or module-wise MSE (PassionSR);
-7. freeze (merge branches, fix integer codes);
+7. freeze (merge branches; where ``fold_lowrank`` says so, fold them into the weight; fix integer codes);
 8. output ranges: per layer, the (min, max) of its frozen quantized product on the ``stat_images``
    images (where the ``ort-cpu`` export requantizes convolution outputs to 8 bits), and write the recipe.
 """
@@ -160,12 +160,13 @@ def prepare(model: torch.nn.Module, data: CalibData, cfg: CalibConfig, spec: Met
     layers = wrap_layers(model, include=lambda name: not any(fnmatch.fnmatch(name, p) for p in patterns))
     if not layers:
         raise ConfigError("no layer is left to quantize: the --fp-layers patterns match every layer")
-    if spec.smoothing:
+    balance = spec.balances(cfg.act_bits)
+    if spec.smoothing and balance:
         raw = observe(model, layers, data, cfg, transformed=False, desc="channel statistics")
         for name, layer in layers.items():
             layer.fold_smoothing(smoothing_scale(raw.absmax[name], layer.weight, cfg.alpha))
     for index, (name, layer) in enumerate(layers.items()):
-        if spec.hadamard and layer.in_channels >= cfg.rotate_min_channels:
+        if spec.hadamard and balance and layer.in_channels >= cfg.rotate_min_channels:
             layer.fold_rotation(HadamardSpec.draw(layer.in_channels, cfg.seed * 100003 + index))
         if spec.svd_rank:
             layer.split_lowrank(spec.svd_rank * cfg.rank)
@@ -228,6 +229,8 @@ def calibrate(cfg: CalibConfig) -> CalibrationResult:
 
         modulewise_calibrate(fp_model, qmodel, layers, data, cfg, steps)
     for layer in layers.values():
+        if cfg.folds_lowrank(layer.weight_bits):
+            layer.fold_lowrank(spec.scale_init)
         layer.freeze()
     # Frozen means inference only. It also matters for bit-exactness: torch's matmul folds batch
     # dimensions differently when an operand requires grad, so a recipe reloaded without grads

@@ -115,6 +115,7 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
                       seed=a.seed, size=a.size, limit=a.limit, stat_images=a.stat_images, rank=a.rank, alpha=a.alpha,
                       rotate_min_channels=a.rotate_min_channels,
                       steps=a.steps, batch_size=a.batch_size, lr=a.lr, scale_lr=a.scale_lr, lora_lr=a.lora_lr,
+                      fold_lowrank=a.fold_lowrank,
                       lpips_backbone=a.lpips_backbone, lpips_lin=a.lpips_lin, lpips_net=a.lpips_net,
                       fp_layers=tuple(a.fp_layers), resume=not a.no_resume, threads=a.threads, device=a.device,
                       **_mp_args(a))
@@ -237,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
 
     from quantface.calibration import METHODS, CalibConfig
-    from quantface.calibration.config import DEFAULT_EPSILON
+    from quantface.calibration.config import BITS_FORMS, DEFAULT_EPSILON, FOLD_MIN_WEIGHT_BITS, FOLD_POLICIES
 
     d = CalibConfig()
     p = sub.add_parser("calibrate", help="calibrate a quantized model and write its recipe")
@@ -245,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="weights stem overriding the embedded ones")
     _add_osdface_args(p)
     p.add_argument("--method", default=d.method, choices=list(METHODS))
-    p.add_argument("--bits", default=d.bits, help="W<b>A<b>, e.g. W8A8, W6A6, W4A6, W4A4")
+    p.add_argument("--bits", default=d.bits, help=f"{BITS_FORMS} (default: %(default)s)")
     p.add_argument("--data", default=d.data, help="folder of HQ calibration faces (degraded with --seed)")
     p.add_argument("--out", required=True, help="recipe folder to write")
     p.add_argument("--steps", type=int, default=None, help="refinement steps (default per method)")
@@ -260,9 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr, help="learning rate of the SVD-initialised low-rank branches")
     p.add_argument("--lora-lr", type=float, default=d.lora_lr,
-                   help="learning rate of the LoRA-initialised branches (zero-init up factor; default: --lr)")
+                   help="learning rate of the LoRA-initialised branches (zero-init up factor; default: %(default)s)")
     p.add_argument("--scale-lr", type=float, default=d.scale_lr,
-                   help="learning rate of quantizer scales (default: --lr)")
+                   help="learning rate of quantizer scales (default: %(default)s)")
+    p.add_argument("--fold-lowrank", default=d.fold_lowrank, choices=list(FOLD_POLICIES),
+                   help=f"fold the merged low-rank branch into the weight before its codes are fixed: auto = where "
+                        f"weights have >= {FOLD_MIN_WEIGHT_BITS} bits (no float branch left; default), never, always")
     p.add_argument("--lpips-backbone", default=None, help="local LPIPS backbone weights (perceptual loss)")
     p.add_argument("--lpips-lin", default=None, help="local LPIPS linear-head weights")
     p.add_argument("--lpips-net", default=d.lpips_net, choices=["vgg", "alex"])
