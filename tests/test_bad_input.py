@@ -369,7 +369,7 @@ BAD = [
     Bad("calibrate-lr-nan", C + " --lr nan", "--lr nan must be positive"),
     Bad("calibrate-seed-negative", C + " --seed -3", "--seed -3 must be at least 0"),
     Bad("calibrate-bits-9", C.replace("W8A8", "W9A4"), "9"),
-    Bad("calibrate-bits-garbage", C.replace("W8A8", "int4"), "--bits 'int4' is not of the form W<b>A<b>"),
+    Bad("calibrate-bits-garbage", C.replace("W8A8", "int4"), "--bits 'int4' is not one of the accepted forms: W<w>A<a>"),
     Bad("calibrate-batch-size-0", C + " --batch-size 0", "batch size and statistics images must be positive"),
     Bad("calibrate-stat-images-0", C.replace("--stat-images 2", "--stat-images 0"),
         "batch size and statistics images must be positive"),
