@@ -28,15 +28,16 @@ class MethodSpec:
     lora_rank: int = 0  # LoRA branch rank, in units of r
     refine: str | None = None  # None | "distill" | "modulewise"
     learn_scales: bool = False  # quantizer scales trained with the refinement
-    # Smoothing and the Hadamard rotation only where the run's activation bits are at most this (None:
-    # whatever the bits). Both cost online nodes (a Mul, a Hadamard: 9.1 ms of the 60 ms W4A4 ort-cpu
-    # graph) that a W8A8 graph meant to be as lean as ONNX Runtime's quantize_static cannot carry; their
-    # PSNR effect at A8 is in docs/calibration_notes.md.
-    balance_max_act_bits: int | None = None
+    # Smoothing and the Hadamard rotation only where the run's weight or activation bits are below this
+    # (None: whatever the bits). Both cost online nodes (a Mul, a Hadamard: 9.1 ms of the 60 ms W4A4
+    # ort-cpu graph) that a W8A8 graph meant to be as lean as ONNX Runtime's quantize_static cannot
+    # carry; with 4-bit weights they also serve the weights, so W4A8 keeps them (docs/calibration_notes.md).
+    balance_below_bits: int | None = None
 
-    def balances(self, act_bits: int) -> bool:
-        """Whether a run with ``act_bits`` activations folds this method's smoothing and rotation."""
-        return self.balance_max_act_bits is None or act_bits <= self.balance_max_act_bits
+    def balances(self, weight_bits: int, act_bits: int) -> bool:
+        """Whether a run with these bits folds this method's smoothing and rotation."""
+        limit = self.balance_below_bits
+        return limit is None or weight_bits < limit or act_bits < limit
 
 
 METHODS: dict[str, MethodSpec] = {m.name: m for m in [
@@ -88,10 +89,10 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in [
         "QuantFace (this paper): rotation-scaling channel balancing (smoothing then randomized Hadamard, "
         "folded into the weights), QD-LoRA (SVD branch of rank r plus LoRA branch of rank r, residual "
         "quantized) trained by distillation with perceptual + MSE loss, then merged to rank 2r. Departs "
-        "from the paper at 8-bit (and 16-bit) activations: no smoothing and no rotation there, for their "
-        "online nodes' cost (docs/calibration_notes.md).",
+        "from the paper with 8-bit weights and 8-bit (or 16-bit) activations: no smoothing and no rotation "
+        "there, for their online nodes' cost (docs/calibration_notes.md).",
         smoothing=True, hadamard=True, svd_rank=1, lora_rank=1, refine="distill", learn_scales=True,
-        balance_max_act_bits=7,
+        balance_below_bits=8,
     ),
 ]}
 

@@ -276,7 +276,7 @@ def sweep_key(cfg: "CalibConfig", layer_names: list[str], weights_sha256: str) -
     relevant["mp_epsilon"] = epsilon(cfg)
     relevant["fp_layers"] = list(relevant["fp_layers"])
     # "bits" is irrelevant but for one thing: whether the method folds its smoothing and rotation at them.
-    relevant["balanced"] = get_method(cfg.method).balances(cfg.act_bits)
+    relevant["balanced"] = get_method(cfg.method).balances(cfg.weight_bits, cfg.act_bits)
     return {"config": relevant, "weights_sha256": weights_sha256, "b_range": [B_MIN, B_MAX],
             "layers": hashlib.sha256("\n".join(layer_names).encode()).hexdigest()}
 

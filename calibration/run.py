@@ -160,7 +160,7 @@ def prepare(model: torch.nn.Module, data: CalibData, cfg: CalibConfig, spec: Met
     layers = wrap_layers(model, include=lambda name: not any(fnmatch.fnmatch(name, p) for p in patterns))
     if not layers:
         raise ConfigError("no layer is left to quantize: the --fp-layers patterns match every layer")
-    balance = spec.balances(cfg.act_bits)
+    balance = spec.balances(cfg.weight_bits, cfg.act_bits)
     if spec.smoothing and balance:
         raw = observe(model, layers, data, cfg, transformed=False, desc="channel statistics")
         for name, layer in layers.items():

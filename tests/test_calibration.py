@@ -306,7 +306,8 @@ def test_fold_lowrank_needs_an_unfrozen_quantized_layer():
 def test_fold_policy_and_a8_choice_shape_the_recipe(bits, policy, folded, image_folder, tmp_path, tiny_weights,
                                                     tiny_model):
     """The fold policy decides which recipes keep a branch (folded ones hold no low-rank tensor and
-    still reproduce bit for bit); QuantFace folds smoothing and rotation only below 8-bit activations."""
+    still reproduce bit for bit); QuantFace folds smoothing and rotation unless weights and activations
+    both have 8 or more bits."""
     result = calibrate(_cfg(image_folder, tmp_path, "quantface", weights=tiny_weights, bits=bits,
                             fold_lowrank=policy))
     layers = json.loads((result.recipe / "recipe.json").read_text())["layers"]
@@ -316,7 +317,7 @@ def test_fold_policy_and_a8_choice_shape_the_recipe(bits, policy, folded, image_
         assert set(ranks) == {0} and not lowrank_tensors
     else:
         assert min(ranks) > 0 and lowrank_tensors
-    balanced = parse_bits(bits)[1] < 8
+    balanced = min(parse_bits(bits)) < 8
     assert any(e["hadamard"] for e in layers.values()) == balanced
     assert all((e["smoothing"] is not None) == balanced for e in layers.values())
     x = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -324,10 +325,11 @@ def test_fold_policy_and_a8_choice_shape_the_recipe(bits, policy, folded, image_
         assert torch.equal(apply_recipe(tiny_model, recipe)(x), result.model(x))
 
 
-def test_quantface_balances_only_below_8_bit_activations():
-    """At 8-bit (and 16-bit) activations QuantFace folds no smoothing and no rotation (their online
-    nodes' cost, docs/calibration_notes.md); below 8 bits it does, as the committed recipes were made;
-    the baselines do what their papers do at every width."""
+def test_quantface_balances_unless_weights_and_activations_have_8_bits():
+    """With 8-bit weights and 8-bit (or 16-bit) activations QuantFace folds no smoothing and no rotation
+    (their online nodes' cost, docs/calibration_notes.md); otherwise it does, as the committed recipes
+    (W4A4, W4A6, W6A6, OSDFace's W4A8) were made; the baselines do what their papers do at every width."""
     spec = get_method("quantface")
-    assert [spec.balances(a) for a in (2, 4, 6, 7, 8, 16)] == [True] * 4 + [False] * 2
-    assert all(get_method(m).balances(8) for m in METHODS if m != "quantface")
+    assert [spec.balances(8, a) for a in (4, 6, 7, 8, 16)] == [True] * 3 + [False] * 2
+    assert [spec.balances(w, 8) for w in (2, 4, 6, 7)] == [True] * 4 and spec.balances(4, 16)
+    assert all(get_method(m).balances(8, 8) for m in METHODS if m != "quantface")
