@@ -24,6 +24,18 @@ def smooth_image(rng: np.random.Generator, size: int) -> np.ndarray:
     return cv2.resize(small, (size, size), interpolation=cv2.INTER_CUBIC)
 
 
+def write_tiny_assets(root: Path, size: int, faces: int = 4) -> tuple[Path, Path]:
+    """Under ``root``: the tiny model (seed 0) saved as ``weights/tiny`` and ``faces`` smooth random
+    ``size``² images in ``faces/``; returns (weights stem, faces folder)."""
+    torch.manual_seed(0)
+    stem = root / "weights" / "tiny"
+    save_weights(ReferenceRestorer(TINY).eval(), stem)
+    rng = np.random.default_rng(0)
+    for i in range(faces):
+        write_image(root / "faces" / f"{i:03d}.png", smooth_image(rng, size))
+    return stem, root / "faces"
+
+
 @pytest.fixture
 def tiny_model() -> ReferenceRestorer:
     torch.manual_seed(0)

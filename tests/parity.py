@@ -59,3 +59,19 @@ def layer_parity(onnx_path: str | Path, qmodel: torch.nn.Module, x: np.ndarray) 
             rel = np.linalg.norm(diff) / max(np.linalg.norm(want), 1e-12)
             result[name] = LayerParity(float(diff.max()), float(rel), float(np.mean(diff <= 1e-5 * scale + 1e-6)))
     return result
+
+
+def psnr01(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR (dB) of two model outputs in [-1, 1], clipped and mapped to [0, 1]."""
+    a01, b01 = (np.clip(a, -1, 1) + 1) / 2, (np.clip(b, -1, 1) + 1) / 2
+    return float(10 * np.log10(1.0 / max(np.mean((a01 - b01) ** 2), 1e-20)))
+
+
+def fused_qlinearconvs(path: Path, tmp_path: Path) -> int:
+    """How many QLinearConv nodes ONNX Runtime's CPU EP makes of the graph at ``path`` (extended
+    optimizations, the optimized model written to ``tmp_path``)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return sum(n.op_type == "QLinearConv" for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)

@@ -322,7 +322,7 @@ def test_fold_policy_and_a8_choice_shape_the_recipe(bits, policy, folded, image_
     assert all((e["smoothing"] is not None) == balanced for e in layers.values())
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
-        assert torch.equal(apply_recipe(tiny_model, recipe)(x), result.model(x))
+        assert torch.equal(apply_recipe(tiny_model, result.recipe)(x), result.model(x))
 
 
 def test_quantface_balances_unless_weights_and_activations_have_8_bits():

@@ -36,7 +36,7 @@ from quantface.errors import ConfigError, QuantFaceError
 from quantface.models.reference import ReferenceRestorer
 from quantface.pipeline import RestorationPipeline, TorchBackend
 from tests.conftest import TINY, smooth_image
-from tests.parity import layer_parity
+from tests.parity import fused_qlinearconvs, layer_parity, psnr01
 
 SIZE = 32
 PARITY_PSNR_DB = 40.0  # ORT vs PyTorch fake-quant, outputs mapped to [0, 1]
@@ -94,11 +94,6 @@ class _Cache:
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> _Cache:
     return _Cache(tmp_path_factory.mktemp("export"))
-
-
-def _psnr01(a: np.ndarray, b: np.ndarray) -> float:
-    a01, b01 = (np.clip(a, -1, 1) + 1) / 2, (np.clip(b, -1, 1) + 1) / 2
-    return float(10 * np.log10(1.0 / max(np.mean((a01 - b01) ** 2), 1e-20)))
 
 
 def _input(batch: int = 2, seed: int = 1) -> np.ndarray:
@@ -244,12 +239,7 @@ def test_onnx_runtime_fuses_each_requantized_convolution(cache, tmp_path):
     an integer QLinearConv (without the output Q it dequantizes the weights and convolves in float)."""
     path = cache.export("quantface", "W4A4", "ort-cpu")
     requant = [n for n in onnx.load(str(path)).graph.node if n.name.endswith("_OutputQuantizeLinear")]
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    fused = [n for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node if n.op_type == "QLinearConv"]
-    assert requant and len(fused) == len(requant)
+    assert requant and fused_qlinearconvs(path, tmp_path) == len(requant)
 
 
 def test_quantface_w8a8_ort_cpu_graph_is_lean(cache, tmp_path):
@@ -265,12 +255,7 @@ def test_quantface_w8a8_ort_cpu_graph_is_lean(cache, tmp_path):
     names = [n.name for n in onnx.load(str(path)).graph.node]
     assert not [n for n in names if n.endswith(("_LowRankAdd", "_Smooth", "_Clip")) or "_Hadamard" in n]
     requant = [n for n in names if n.endswith("_OutputQuantizeLinear")]
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    fused = [n for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node if n.op_type == "QLinearConv"]
-    assert requant and len(fused) == len(requant)
+    assert requant and fused_qlinearconvs(path, tmp_path) == len(requant)
 
 
 def test_kernel_time_by_part_finds_every_part_of_an_ort_cpu_graph(cache):
@@ -363,7 +348,7 @@ def test_onnx_runtime_matches_the_fake_quant_model(cache, method, bits, profile)
         ref = np.concatenate([qmodel(torch.from_numpy(x[i:i + 1])).numpy() for i in range(len(x))])
         fp = cache.fp(torch.from_numpy(x)).numpy()
     out = OnnxBackend(path, threads=1)(x)
-    assert _psnr01(out, ref) > _psnr01(out, fp)  # it is the quantized model, not the FP one
+    assert psnr01(out, ref) > psnr01(out, fp)  # it is the quantized model, not the FP one
 
 
 @pytest.mark.parametrize("profile", ["reference", "ort-cpu"])
@@ -389,7 +374,7 @@ def test_trained_model_graphs_match_the_fake_quant_model_end_to_end(profile, tmp
     with torch.no_grad():
         want = np.concatenate([qmodel(x[i:i + 1]).numpy() for i in range(len(x))])
     got = OnnxBackend(out, threads=2)(x.numpy())
-    psnr = _psnr01(got, want)
+    psnr = psnr01(got, want)
     print(f"{profile}: ONNX Runtime vs PyTorch {psnr:.1f} dB on {len(x)} faces")
     assert psnr >= PARITY_PSNR_DB
 

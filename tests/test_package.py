@@ -36,7 +36,7 @@ from quantface.data import center_crop_resize, read_image, write_image
 from quantface.package import (APP_ASSETS, MAX_APP_MODEL_BYTES, MODEL_JSON, OPS_CONFIG, REPO, WEB_MODEL_DIR,
                                PackageConfig, PackageError, four_bit_tensors, package, sha256_file)
 from quantface.pipeline import images_to_tensor, tensor_to_images
-from tests.conftest import TINY, smooth_image
+from tests.conftest import write_tiny_assets
 
 SIZE = 32
 PROFILES = {"reference": "onnx", "ort-cpu": "ort", "qnn": "ort"}
@@ -55,15 +55,8 @@ ORT_VS_ONNX_MAX_ABS = 0.15
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory) -> dict[str, Path]:
     """The tiny model calibrated with QuantFace W4A4 and exported with each profile."""
-    from quantface.models.reference import ReferenceRestorer
-    from quantface.models.store import save_weights
-
     root = tmp_path_factory.mktemp("package")
-    torch.manual_seed(0)
-    save_weights(ReferenceRestorer(TINY).eval(), root / "weights" / "tiny")
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        write_image(root / "faces" / f"{i:03d}.png", smooth_image(rng, SIZE))
+    write_tiny_assets(root, SIZE)
     recipe = calibrate(CalibConfig(method="quantface", bits="W4A4", data=str(root / "faces"), out=str(root / "recipe"),
                                    weights=str(root / "weights" / "tiny"), size=SIZE, stat_images=4, rank=2,
                                    batch_size=2, steps=2)).recipe

@@ -23,6 +23,7 @@ from quantface.errors import ConfigError
 from quantface.export import ExportConfig, OnnxBackend, export_onnx
 from quantface.export.peers import PEERS, FaceCalibrationReader, build_peer, get_peer
 from quantface.models.reference import ReferenceRestorer
+from tests.parity import psnr01
 from tests.conftest import TINY, smooth_image
 
 SIZE = 32
@@ -58,11 +59,6 @@ class _Setup:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> _Setup:
     return _Setup(tmp_path_factory.mktemp("peers"))
-
-
-def _psnr01(a: np.ndarray, b: np.ndarray) -> float:
-    a01, b01 = (np.clip(a, -1, 1) + 1) / 2, (np.clip(b, -1, 1) + 1) / 2
-    return float(10 * np.log10(1.0 / max(np.mean((a01 - b01) ** 2), 1e-20)))
 
 
 def test_reader_yields_exactly_the_calibration_inputs(setup):
@@ -116,7 +112,7 @@ def test_peer_is_a_qdq_graph_with_per_channel_int8_conv_weights(setup, name):
     x = FaceCalibrationReader.from_faces(setup.fp32, str(setup.faces), 1, 5).inputs  # a face, other degradation
     out, ref = OnnxBackend(path)(x), OnnxBackend(setup.fp32)(x)
     assert out.shape == ref.shape
-    assert _psnr01(out, ref) > PEER_PSNR_DB[name]
+    assert psnr01(out, ref) > PEER_PSNR_DB[name]
 
 
 def test_unknown_peer_and_bad_graph_specs_are_one_sentence(setup):

@@ -16,7 +16,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from quantface.calibration import CalibConfig, calibrate
@@ -26,11 +25,9 @@ from quantface.errors import ConfigError
 from quantface.export import ExportConfig, OnnxBackend, export_onnx, qnn_report
 from quantface.export.qnn_ep import (SOCS, HtpBackend, get_target, open_htp_session, parse_qnn_log, placement,
                                      qnn_available)
-from quantface.models.reference import ReferenceRestorer
-from quantface.models.store import save_weights
-from quantface.package import PackageConfig, package, sha256_file
+from quantface.package import sha256_file
 from quantface.pipeline import images_to_tensor
-from tests.conftest import TINY, smooth_image
+from tests.conftest import write_tiny_assets
 
 SIZE = 32
 needs_qnn = pytest.mark.skipif(not qnn_available(), reason="onnxruntime-qnn is not installed (pip install 'quantface[qnn]')")
@@ -172,11 +169,7 @@ def test_qnn_report_agrees_with_the_real_ep_on_hand_built_graphs(case, tmp_path)
 def tiny_exports(tmp_path_factory) -> dict[str, Path]:
     """The tiny model (Linear layers in its attention block), MinMax W4A4, exported for qnn and ort-cpu."""
     root = tmp_path_factory.mktemp("qnn_ep")
-    torch.manual_seed(0)
-    save_weights(ReferenceRestorer(TINY).eval(), root / "weights" / "tiny")
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        write_image(root / "faces" / f"{i:03d}.png", smooth_image(rng, SIZE))
+    write_tiny_assets(root, SIZE)
     recipe = calibrate(CalibConfig(method="minmax", bits="W4A4", data=str(root / "faces"), out=str(root / "recipe"),
                                    weights=str(root / "weights" / "tiny"), size=SIZE, stat_images=4)).recipe
     out = {"root": root, "recipe": recipe}

@@ -14,8 +14,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 APP = {"quantface.cli", "quantface.__main__", "quantface.chain", "quantface.jobs", "quantface.validate",
        "quantface.package", "quantface.app_contract", "quantface.train", "quantface.deploy_bench"}
