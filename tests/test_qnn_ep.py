@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quantface.calibration import CalibConfig, calibrate
 from quantface.cli import main
-from quantface.data import load_folder, write_image
+from quantface.data import load_folder
 from quantface.errors import ConfigError
 from quantface.export import ExportConfig, OnnxBackend, export_onnx, qnn_report
 from quantface.export.qnn_ep import (SOCS, HtpBackend, get_target, open_htp_session, parse_qnn_log, placement,
