@@ -9,6 +9,10 @@ from quantface.config import JsonConfig
 from quantface.errors import ConfigError
 from quantface.models import MODEL_NAMES
 
+# torch.onnx exporters (export.trace): the TorchScript one (default; deprecated by torch) and the
+# torch.export-based one (dynamo=True).
+EXPORTERS = ("torchscript", "dynamo")
+
 
 @dataclass
 class ExportConfig(JsonConfig):
@@ -17,7 +21,8 @@ class ExportConfig(JsonConfig):
     ``recipe`` None exports the FP32 graph. ``size`` is the static input side (default: the model's
     working size); ``batch`` the static batch. ``rotation=False`` exports the same layout *without*
     the Hadamard nodes, for measuring what they cost: the weights still expect rotated inputs, so
-    that model's outputs are wrong and must not be used for quality numbers.
+    that model's outputs are wrong and must not be used for quality numbers. ``exporter`` picks the
+    torch.onnx exporter (``EXPORTERS``; see ``export.trace``).
     """
 
     model: str = "reference"
@@ -28,6 +33,7 @@ class ExportConfig(JsonConfig):
     size: int | None = None
     batch: int = 1
     rotation: bool = True
+    exporter: str = "torchscript"
 
     def __post_init__(self) -> None:
         if self.model not in MODEL_NAMES:
@@ -40,5 +46,7 @@ class ExportConfig(JsonConfig):
             raise ConfigError(f"--size {self.size!r} must be a positive integer")
         if not isinstance(self.rotation, bool):
             raise ConfigError(f"rotation must be true or false, got {self.rotation!r}")
+        if self.exporter not in EXPORTERS:
+            raise ConfigError(f"unknown exporter {self.exporter!r}; available: {', '.join(EXPORTERS)}")
         if not self.out or self.out.endswith(("/", "\\")):
             raise ConfigError(f"--out {self.out!r} must name a file")
