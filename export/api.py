@@ -2,7 +2,10 @@
 
 ``build_onnx`` composes the passes, in order::
 
-    trace_to_onnx            torch.onnx.export (TorchScript) of the FP model, one placeholder per recipe layer
+    trace_to_onnx            torch.onnx.export (TorchScript, or dynamo) of the FP model, one placeholder
+                             per recipe layer
+    group_norm_to_instance_norm
+                             GroupNormalization → Reshape / InstanceNormalization / Reshape / Mul / Add
     remove_identities        drop Identity nodes (torch emits one per shared parameter)
     constants_to_initializers
     lower_quant_layers       placeholders → Smooth / Hadamard / Clip / Q / DQ / Conv|MatMul / low-rank
@@ -11,11 +14,15 @@
     annotate_shapes          static shapes of every value recorded in value_info
     add_metadata             per-layer bits, profile, recipe sha256, tool version, ...
 
-and ``export_onnx`` checks (``onnx.checker``, full check) and writes the result atomically.
+and ``export_onnx`` checks (``onnx.checker``, full check) and writes the result atomically. With the
+dynamo exporter, a graph whose weights reach 2 GB keeps them on disk from the trace on: ``export_onnx`` gives ``build_onnx`` a
+work folder next to the output, the trace's large initializers stay references into it, and
+``save_atomic`` copies them into the output's data file.
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -30,6 +37,7 @@ from quantface.export.fold import annotate_shapes, constants_to_initializers, fo
 from quantface.export.graph import op_counts
 from quantface.export.layer import export_layers
 from quantface.export.lower import lower_quant_layers, requantized
+from quantface.export.norms import group_norm_to_instance_norm
 from quantface.export.profiles import get_profile
 from quantface.export.save import add_metadata, save_atomic
 from quantface.export.trace import INPUT_NAME, trace_to_onnx
@@ -52,9 +60,10 @@ def _quantized_layer_present(model: onnx.ModelProto, name: str) -> bool:
     return f"{name}_Conv" in nodes or f"{name}_MatMul" in nodes
 
 
-def build_onnx(cfg: ExportConfig) -> tuple[onnx.ModelProto, list[str]]:
-    """The ONNX model ``cfg`` describes, in memory (not yet checked or written), and the quantized
-    layers folded into constants because they do not depend on the input (the timestep path)."""
+def build_onnx(cfg: ExportConfig, work: Path | None = None) -> tuple[onnx.ModelProto, list[str]]:
+    """The ONNX model ``cfg`` describes (not yet checked or written), and the quantized layers folded
+    into constants because they do not depend on the input (the timestep path). In memory, except,
+    given a ``work`` folder that outlives the model, weights of 2 GB or more: references into ``work``."""
     profile = get_profile(cfg.profile)
     fp_model = load_model(cfg.model, cfg.weights)
     config = fp_model.config
@@ -64,13 +73,15 @@ def build_onnx(cfg: ExportConfig) -> tuple[onnx.ModelProto, list[str]]:
     recipe = read_recipe(cfg.recipe) if cfg.recipe else None
     layers = export_layers(recipe, fp_model) if recipe else {}  # RecipeError if it does not fit
     passes = [
+        group_norm_to_instance_norm,
         remove_identities,
         constants_to_initializers,
         partial(lower_quant_layers, layers=layers, profile=profile, rotation=cfg.rotation),
-        fold_constants,
+        partial(fold_constants, base_dir=work),
         annotate_shapes,
     ]
-    model = trace_to_onnx(fp_model, cfg.batch, size, list(layers))
+    model = trace_to_onnx(fp_model, cfg.batch, size, list(layers), work=work, exporter=cfg.exporter)
+    del fp_model
     for run in passes:
         model = run(model)
     constant = sorted(n for n in layers if not _quantized_layer_present(model, n))
@@ -97,9 +108,12 @@ def build_onnx(cfg: ExportConfig) -> tuple[onnx.ModelProto, list[str]]:
 def export_onnx(cfg: ExportConfig) -> ExportResult:
     """Export ``cfg`` to ``cfg.out`` (atomically; see ``export.save``)."""
     cfg.check()  # before tracing: the recipe folder exists and --out can be written
-    model, constant = build_onnx(cfg)
-    written = save_atomic(model, cfg.out)
-    return ExportResult(Path(cfg.out), written, op_counts(model), constant)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".work", dir=out.parent) as work:
+        model, constant = build_onnx(cfg, Path(work))
+        written = save_atomic(model, out, base_dir=work)
+    return ExportResult(out, written, op_counts(model), constant)
 
 
 class OnnxBackend:

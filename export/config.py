@@ -10,6 +10,10 @@ from quantface.errors import ConfigError
 from quantface.models import MODEL_NAMES
 from quantface.paths import check_input_dir, check_output_file
 
+# torch.onnx exporters (export.trace): the TorchScript one (default; deprecated by torch) and the
+# torch.export-based one (dynamo=True).
+EXPORTERS = ("torchscript", "dynamo")
+
 
 @dataclass
 class ExportConfig(JsonConfig):
@@ -18,7 +22,8 @@ class ExportConfig(JsonConfig):
     ``recipe`` None exports the FP32 graph. ``size`` is the static input side (default: the model's
     working size); ``batch`` the static batch. ``rotation=False`` exports the same layout *without*
     the Hadamard nodes, for measuring what they cost: the weights still expect rotated inputs, so
-    that model's outputs are wrong and must not be used for quality numbers.
+    that model's outputs are wrong and must not be used for quality numbers. ``exporter`` picks the
+    torch.onnx exporter (``EXPORTERS``; see ``export.trace``).
     """
 
     model: str = "reference"
@@ -29,6 +34,7 @@ class ExportConfig(JsonConfig):
     size: int | None = None
     batch: int = 1
     rotation: bool = True
+    exporter: str = "torchscript"
 
     def __post_init__(self) -> None:
         if self.model not in MODEL_NAMES:
@@ -41,6 +47,8 @@ class ExportConfig(JsonConfig):
             raise ConfigError(f"--size {self.size!r} must be a positive integer")
         if not isinstance(self.rotation, bool):
             raise ConfigError(f"rotation must be true or false, got {self.rotation!r}")
+        if self.exporter not in EXPORTERS:
+            raise ConfigError(f"unknown exporter {self.exporter!r}; available: {', '.join(EXPORTERS)}")
         if not self.out or self.out.endswith(("/", "\\")):
             raise ConfigError(f"--out {self.out!r} must name a file")
 

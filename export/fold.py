@@ -18,10 +18,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper, numpy_helper, shape_inference
+from onnx import external_data_helper, helper, numpy_helper, shape_inference
 
 from quantface.export.errors import ExportError
 from quantface.export.graph import consumers, make_initializer, producers, remove_dead, shape_view
+from quantface.export.save import read_external
 
 
 def remove_identities(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -100,7 +101,7 @@ def _is_half_cast(node: onnx.NodeProto, half_initializers: set[str]) -> bool:
     return node.op_type == "Cast" and len(node.input) == 1 and node.input[0] in half_initializers
 
 
-def _fold_static_values(model: onnx.ModelProto) -> int:
+def _fold_static_values(model: onnx.ModelProto, base_dir: str | None) -> int:
     """Evaluate the input-independent nodes feeding input-dependent ones (or graph outputs) into
     initializers; returns how many values were folded."""
     graph = model.graph
@@ -121,7 +122,7 @@ def _fold_static_values(model: onnx.ModelProto) -> int:
     frontier = [v for v in frontier if not (_is_weight_dq(made_by[v], inits) or _is_half_cast(made_by[v], half))]
     if not frontier:
         return 0
-    values = _evaluate(model, static_nodes, frontier)
+    values = _evaluate(model, static_nodes, frontier, base_dir)
     keep = [n for n in graph.node if not (set(n.output) & set(values))]
     del graph.node[:]
     graph.node.extend(keep)
@@ -130,8 +131,9 @@ def _fold_static_values(model: onnx.ModelProto) -> int:
     return len(values)
 
 
-def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Requires: static graph input shapes; no ``Constant`` node (``constants_to_initializers``).
+def fold_constants(model: onnx.ModelProto, base_dir: str | None = None) -> onnx.ModelProto:
+    """Requires: static graph input shapes; no ``Constant`` node (``constants_to_initializers``);
+    initializers stored as external data (``export.trace``) found relative to ``base_dir``.
     Ensures: no ``Shape`` node; every node depends on the graph input's values, except
     ``DequantizeLinear`` of initializers (stored weight codes) and ``Cast`` of float16 initializers; folded values are initializers; dead
     nodes and initializers removed; the exporter's ``value_info`` (partly symbolic, stale where nodes
@@ -139,7 +141,7 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     each can unlock the other (a shape behind an ``Expand`` of the timestep, say)."""
     del model.graph.value_info[:]
     while True:
-        changed = _fold_known_shapes(model) + _fold_static_values(model)
+        changed = _fold_known_shapes(model) + _fold_static_values(model, base_dir)
         left = [n for n in model.graph.node if n.op_type == "Shape"]
         if not left:
             return remove_dead(model)
@@ -147,8 +149,10 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
             raise ExportError(f"node {left[0].name}: the shape of {left[0].input[0]} is not static")
 
 
-def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], outputs: list[str]) -> dict[str, np.ndarray]:
-    """Run ``nodes`` (which read only initializers) with ONNX Runtime, returning ``outputs``."""
+def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], outputs: list[str], base_dir: str | None
+              ) -> dict[str, np.ndarray]:
+    """Run ``nodes`` (which read only initializers) with ONNX Runtime, returning ``outputs``; the
+    external data those initializers use (the time MLP's FP weights, say) is read into the copy run."""
     sub = onnx.ModelProto()
     sub.CopyFrom(model)
     g = sub.graph
@@ -156,6 +160,9 @@ def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], outputs: list
     g.node.extend(nodes)
     g.output.extend(helper.make_empty_tensor_value_info(name) for name in outputs)
     sub = remove_dead(sub)
+    for tensor in sub.graph.initializer:
+        if external_data_helper.uses_external_data(tensor):
+            read_external(tensor, base_dir)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.intra_op_num_threads = 1

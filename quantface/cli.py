@@ -151,9 +151,8 @@ def _cmd_export(a: argparse.Namespace) -> int:
     if not a.fp32 and not a.recipe:
         print("error: give --recipe RECIPE_DIR (or --fp32 for the unquantized baseline graph)", file=sys.stderr)
         return 2
-    cfg = ExportConfig(model=a.model, weights=_weights(a), recipe=a.recipe, profile=a.profile, out=a.out,
-                       size=a.size, batch=a.batch, rotation=not a.no_rotation)
-    r = export_onnx(cfg)
+    r = export_onnx(ExportConfig(model=a.model, weights=_weights(a), recipe=a.recipe, profile=a.profile, out=a.out,
+                                 size=a.size, batch=a.batch, rotation=not a.no_rotation, exporter=a.exporter))
     counts = ", ".join(f"{k} {v}" for k, v in sorted(r.node_counts.items()) if v)
     print(f"wrote {r.path} ({r.bytes / 1e6:.2f} MB, profile {a.profile if a.recipe else 'fp32'}): {counts}")
     return 0
@@ -305,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="static batch size")
     p.add_argument("--no-rotation", action="store_true",
                    help="leave out the Hadamard nodes (wrong outputs; only to measure their cost)")
+    p.add_argument("--exporter", default="torchscript", choices=["torchscript", "dynamo"],
+                   help="torch.onnx exporter: torchscript (default) or dynamo (torch.export; weights over 2 GB)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("validate", help="ONNX Runtime vs PyTorch on real faces: parity, quality, latency, size")
