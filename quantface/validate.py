@@ -117,12 +117,12 @@ def _htp_part(cfg: ValidateConfig, lqs: list, batch: int, cpu: np.ndarray, torch
 
 
 def validate(cfg: ValidateConfig) -> dict:
-    cfg.check()
     if cfg.ep == "qnn-htp":  # fail before the slow CPU and PyTorch runs
         from quantface.export.qnn_ep import get_target, require_qnn
 
         require_qnn()
         get_target(cfg.soc)
+    cfg.check()
     onnx_backend = OnnxBackend(cfg.onnx, threads=cfg.threads)
     foreign = foreign_graph(cfg.onnx, onnx_backend.metadata)
     if foreign:  # nothing to compare it with: validate compares our exports with their PyTorch model

@@ -200,7 +200,7 @@ def test_recipe_errors(image_folder, tmp_path, tiny_weights, tiny_model):
     (path / "recipe.json").write_text("{not json")
     with pytest.raises(RecipeError, match="not valid JSON"):
         read_recipe(path)
-    with pytest.raises(RecipeError, match="has no recipe.json"):
+    with pytest.raises(RecipeError, match="nowhere does not exist"):
         read_recipe(tmp_path / "nowhere")
 
 

@@ -279,6 +279,7 @@ def test_mixed_bits_round_trip_through_the_recipe(image_folder, tmp_path, tiny_w
 def test_qnn_target_16_bit_activations_round_trip_and_export(image_folder, tmp_path, tiny_weights, tiny_model):
     onnx = pytest.importorskip("onnx")
     from quantface.export import ExportConfig, OnnxBackend, export_onnx, qnn_report
+    from quantface.export.peers import cpu_has_vnni
     from tests.parity import layer_parity
 
     result = calibrate(_mp_cfg(image_folder, tmp_path, tiny_weights, "qnn", mp_budget=0.75, target="qnn",
@@ -310,7 +311,12 @@ def test_qnn_target_16_bit_activations_round_trip_and_export(image_folder, tmp_p
         # (tests.parity); end to end only "the quantized model, not the FP one" (code flips cascade).
         qmodel = apply_recipe(tiny_model, result.recipe, requant_outputs=profile != "reference")
         layers = layer_parity(out, qmodel, x[:1].numpy())
-        assert layers and all(p.rel_l2 <= 1e-4 and p.exact_fraction >= 0.99 for p in layers.values())
+        # On x86 CPUs without VNNI, ONNX Runtime's U8S8 integer kernels saturate int16 pair sums when 8-bit
+        # weight codes meet 8-bit activation codes (tools/check_u8s8_saturation.py): those layers cannot be
+        # bit-exact there; every other layer must be.
+        exact = {n: p for n, p in layers.items() if cpu_has_vnni() is not False
+                 or (meta["layers"][n]["weight_bits"], meta["layers"][n]["act_bits"]) != (8, 8)}
+        assert exact and all(p.rel_l2 <= 1e-4 and p.exact_fraction >= 0.99 for p in exact.values())
         got = OnnxBackend(out)(x.numpy())
         with torch.no_grad():
             want, fp = qmodel(x).numpy(), tiny_model(x).numpy()

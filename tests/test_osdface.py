@@ -282,6 +282,7 @@ def test_embedder_checkpoint_without_encoder(cache):
 ])
 def test_cli_errors_are_one_line(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    write_image(tmp_path / "face.png", np.full((32, 32, 3), 128, np.uint8))  # a valid --input: the model is at fault
     assert main(argv) == 2
     assert capsys.readouterr().err.strip() == f"error: {message}"
 
