@@ -12,7 +12,7 @@ from quantface.paths import check_input_dir, check_output_file
 
 # torch.onnx exporters (export.trace): the TorchScript one (default; deprecated by torch) and the
 # torch.export-based one (dynamo=True).
-EXPORTERS = ("torchscript", "dynamo")
+EXPORTERS = ("dynamo", "torchscript")
 
 
 @dataclass
@@ -34,7 +34,7 @@ class ExportConfig(JsonConfig):
     size: int | None = None
     batch: int = 1
     rotation: bool = True
-    exporter: str = "torchscript"
+    exporter: str = "dynamo"
 
     def __post_init__(self) -> None:
         if self.model not in MODEL_NAMES:

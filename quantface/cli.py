@@ -304,8 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="static batch size")
     p.add_argument("--no-rotation", action="store_true",
                    help="leave out the Hadamard nodes (wrong outputs; only to measure their cost)")
-    p.add_argument("--exporter", default="torchscript", choices=["torchscript", "dynamo"],
-                   help="torch.onnx exporter: torchscript (default) or dynamo (torch.export; weights over 2 GB)")
+    p.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"],
+                   help="torch.onnx exporter: dynamo (default; torch.export, weights over 2 GB) or torchscript "
+                        "(deprecated by torch, kept to compare with)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("validate", help="ONNX Runtime vs PyTorch on real faces: parity, quality, latency, size")

@@ -11,7 +11,9 @@ Stages (full run): write random SD 2.1-base + OSDFace checkpoints in their real 
 folders, LoRA safetensors, .pth/.ckpt; ~4 GB on disk under --work) → load them with the same loader as
 ``--model osdface`` → one FP forward at 512×512 (CUDA when available) → ``calibrate`` QuantFace
 W4A4 on --images shipped faces with --steps QD-LoRA steps → ``export_onnx`` to the ``reference`` and
-``ort-cpu`` profiles → one ONNX Runtime inference at 512×512 per export. Peak RAM per stage is the
+``ort-cpu`` profiles and the FP32 graph (the dynamo exporter, weights as external data) → ONNX
+Runtime CPU latency at 512×512 of the three graphs, interleaved over --rounds rounds (one session
+loaded at a time, one warm-up run, one timed run), as ratios to FP32. Peak RAM per stage is the
 process's high-water mark (VmHWM, reset between stages through /proc/self/clear_refs; the lifetime
 ru_maxrss where that is not available); the budget is 24 GB. The FP forward and calibration run on
 --device (``auto``: a CUDA GPU when torch sees one, else the CPU; peak RAM is then host memory and the
@@ -236,11 +238,43 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
+def time_interleaved(graphs: dict[str, Path], x, rounds: int, stages: Stages, size: int) -> dict:
+    """ONNX Runtime CPU latency of each graph on ``x``, interleaved: each round loads every graph in
+    turn (one session alive at a time: three full-size sessions together would not fit in 24 GB),
+    runs it once to warm up and once timed. Returns per-graph seconds (median over rounds) and the
+    ratios FP32 time / graph time (> 1: faster than FP32), each round's ratio computed within it."""
+    import numpy as np
+
+    from quantface.export import OnnxBackend
+
+    times: dict[str, list[float]] = {name: [] for name in graphs}
+    for k in range(rounds):
+        for name, path in graphs.items():
+            with stages.stage(f"onnxruntime {name} round {k + 1}", size=size) as row:
+                backend = OnnxBackend(path, threads=os.cpu_count())
+                backend(x)
+                t0 = time.perf_counter()
+                y = backend(x)
+                row["inference_s"] = round(time.perf_counter() - t0, 3)
+                row["finite"] = bool(np.isfinite(y).all())
+                times[name].append(row["inference_s"])
+                del backend
+    result = {"seconds": {n: float(np.median(t)) for n, t in times.items()}, "rounds": rounds}
+    if "fp32" in times:
+        result["speed_vs_fp32"] = {n: float(np.median([f / g for f, g in zip(times["fp32"], t)]))
+                                   for n, t in times.items()}
+    print("latency (ONNX Runtime CPU, interleaved, median of", rounds, "rounds): "
+          + ", ".join(f"{n} {result['seconds'][n]:.1f} s" + (f" ({result['speed_vs_fp32'][n]:.2f}x FP32 speed)"
+                                                              if "speed_vs_fp32" in result else "")
+                      for n in graphs), flush=True)
+    return result
+
+
 def pipeline(args, config: dict, stages: Stages) -> dict:
     import numpy as np
 
     from quantface.calibration import CalibConfig, calibrate
-    from quantface.export import ExportConfig, OnnxBackend, export_onnx
+    from quantface.export import ExportConfig, export_onnx
     from quantface.data import shipped_faces, write_image
     from quantface.device import resolve_device
     from quantface.models import load_model
@@ -296,22 +330,25 @@ def pipeline(args, config: dict, stages: Stages) -> dict:
         if args.stop_after == "calibrate":
             return out
 
+        graphs = {}
+        with stages.stage("export fp32", exporter="dynamo") as row:
+            path = work / "onnx" / "osdface_fp32.onnx"
+            r = export_onnx(ExportConfig(model="osdface", weights=spec, out=str(path)))
+            row["file_mb"] = round(r.bytes / 1e6, 1)
+            row["external_data"] = path.with_name(path.name + ".data").is_file()
+            out["fp32_onnx_bytes"] = r.bytes
+            graphs["fp32"] = path
         for profile in ("reference", "ort-cpu"):
             path = work / "onnx" / f"osdface_{profile}.onnx"
-            with stages.stage(f"export {profile}") as row:
+            with stages.stage(f"export {profile}", exporter="dynamo") as row:
                 r = export_onnx(ExportConfig(model="osdface", weights=spec, recipe=str(recipe), profile=profile,
                                              out=str(path)))
                 row["file_mb"] = round(r.bytes / 1e6, 1)
                 row["vs_fp32"] = f"{r.bytes / out['fp32_bytes']:.3f}x"
                 out[f"{profile}_bytes"] = r.bytes
-            with stages.stage(f"onnxruntime {profile} 1 image", size=size) as row:
-                backend = OnnxBackend(path, threads=os.cpu_count())
-                x = images_to_tensor(faces[:1]).numpy()
-                t0 = time.perf_counter()
-                y = backend(x)
-                row["inference_s"] = round(time.perf_counter() - t0, 1)
-                row["finite"] = bool(np.isfinite(y).all())
-                del backend
+            graphs[profile] = path
+        x = images_to_tensor(faces[:1]).numpy()
+        out["timing"] = time_interleaved(graphs, x, args.rounds, stages, size)
     finally:
         if not args.keep and not args.work:
             shutil.rmtree(work, ignore_errors=True)
@@ -342,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     "cuda or cuda:N (default auto: CUDA when available)")
     p.add_argument("--stop-after", default=None, choices=["load", "calibrate"],
                    help="end the pipeline after this stage (e.g. check the full-size load and FP forward)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds of the three graphs")
     p.add_argument("--json", default=None, help="write all numbers here")
     args = p.parse_args(argv)
 

@@ -230,12 +230,28 @@ class PromptEmbedder(nn.Module):
         return self.proj(self.features(x).flatten(2).transpose(1, 2))  # (b, tokens, context_dim)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding as in DDPM / Stable Diffusion (cos first, flip_sin_to_cos=True)."""
+def sinusoid_frequencies(dim: int) -> torch.Tensor:
+    """``exp(-ln(10⁴)·i/half)`` for ``i < dim // 2``, float32, as DDPM / Stable Diffusion use."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+
+
+class SinusoidalTimesteps(nn.Module):
+    """Sinusoidal timestep embedding (cos first, flip_sin_to_cos=True), no parameters.
+
+    The frequencies are a buffer computed by torch when the module is built, so every exporter
+    writes torch's values as the constant (left in the graph, the TorchScript exporter folded
+    ``exp`` with torch and the dynamo one left it to ONNX Runtime, whose last bits differ and move
+    the codes of quantized timestep layers). ``cos``/``sin`` stay in the graph for both.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("freqs", sinusoid_frequencies(dim), persistent=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        args = t.float()[:, None] * self.freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 class UNet(nn.Module):
@@ -245,8 +261,8 @@ class UNet(nn.Module):
     def __init__(self, config: ReferenceConfig):
         super().__init__()
         ch, attn = config.unet_channels, config.unet_attention
-        self.sinusoid_dim = ch[0]
         self.temb_dim = 4 * ch[0]
+        self.time_proj: nn.Module = SinusoidalTimesteps(ch[0])
         self.time_in = nn.Linear(ch[0], self.temb_dim)
         self.time_out = nn.Linear(self.temb_dim, self.temb_dim)
         self.conv_in = nn.Conv2d(config.latent_channels, ch[0], 3, padding=1)
@@ -277,7 +293,7 @@ class UNet(nn.Module):
         return h if isinstance(block, nn.Identity) else block(h, context)
 
     def forward(self, z: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        temb = self.time_out(F.silu(self.time_in(timestep_embedding(t, self.sinusoid_dim))))
+        temb = self.time_out(F.silu(self.time_in(self.time_proj(t))))
         h = self.conv_in(z)
         skips = []
         for block, attn, down in zip(self.down_blocks, self.down_attn, self.downs):
