@@ -36,6 +36,11 @@ def parse_bits(bits: str) -> tuple[int, int]:
 # 'auto' folds it in layers whose weights have at least this many bits.
 FOLD_MIN_WEIGHT_BITS = 8
 FOLD_POLICIES = ("auto", "never", "always")
+# ``reduce_range``: 8-bit weights take 7-bit codes [-64, 63] in their INT8 container (ONNX Runtime's
+# ``reduce_range``). x86 CPUs without VNNI run ONNX Runtime's U8S8 convolutions through pairwise 16-bit
+# sums that saturate with full-range 8-bit weight and activation codes (tools/check_u8s8_saturation.py);
+# with 7-bit weights they are exact. ARM CPUs, VNNI CPUs and the HTP do not need it.
+REDUCED_WEIGHT_BITS = 7
 
 
 @dataclass
@@ -67,6 +72,7 @@ class CalibConfig(JsonConfig):
     # 'auto' where weight bits >= FOLD_MIN_WEIGHT_BITS (an 8-bit grid holds the branch; its two float convs
     # and Add cost more time than they give back), 'never', 'always'.
     fold_lowrank: str = "auto"
+    reduce_range: bool = False  # 8-bit weights as 7-bit codes (REDUCED_WEIGHT_BITS above)
     lambda_perceptual: float = 0.5
     lambda_mse: float = 0.5
     lpips_backbone: str | None = None  # local LPIPS backbone weights (VGG16/AlexNet features)
@@ -116,6 +122,11 @@ class CalibConfig(JsonConfig):
         if (self.lpips_backbone is None) != (self.lpips_lin is None):
             raise ConfigError("LPIPS needs both --lpips-backbone and --lpips-lin")
         check_device_name(self.device)
+        if self.reduce_range and self.weight_bits != 8:
+            raise ConfigError(f"--reduce-range applies to 8-bit weights; --bits {self.bits} has {self.weight_bits}-bit ones")
+        if self.reduce_range and self.target == "qnn":
+            raise ConfigError("--reduce-range is for x86 CPUs without VNNI; the QNN HTP (--target qnn) takes "
+                              "full-range 8-bit weights")
         check_mixed_precision(self)
 
     def check(self) -> None:
@@ -148,10 +159,17 @@ class CalibConfig(JsonConfig):
     def act_bits(self) -> int:
         return parse_bits(self.bits)[1]
 
+    def weight_code_bits(self, weight_bits: int) -> int:
+        """The code width of a layer asked for ``weight_bits``: 7 for 8 under ``reduce_range``."""
+        return REDUCED_WEIGHT_BITS if self.reduce_range and weight_bits == 8 else weight_bits
+
     def folds_lowrank(self, weight_bits: int | None) -> bool:
-        """Whether a layer with ``weight_bits`` (None: FP weights, never folded) gets its branch folded."""
+        """Whether a layer with ``weight_bits`` code bits (None: FP weights, never folded) gets its branch
+        folded; under ``reduce_range`` a 7-bit layer is an 8-bit one with reduced codes."""
         if weight_bits is None or self.fold_lowrank == "never":
             return False
+        if self.reduce_range and weight_bits == REDUCED_WEIGHT_BITS:
+            weight_bits = 8
         return self.fold_lowrank == "always" or weight_bits >= FOLD_MIN_WEIGHT_BITS
 
 

@@ -484,7 +484,7 @@ def allocate_bits(model: torch.nn.Module, layers: dict[str, QuantLayer], data, c
     t0 = time.time()
     x = data.lq[:cfg.mp_sweep_images]
     qparams = QParams(samples)
-    weight_bits = cfg.weight_bits
+    weight_bits = cfg.weight_code_bits(cfg.weight_bits)
     choices = candidate_choices(cfg, weight_bits)
     # Layer statistics and errors first: cheap, and they tell an infeasible budget before the sweep.
     stats = layer_errors(model, layers, x, choices, qparams, spec)

@@ -170,7 +170,8 @@ def prepare(model: torch.nn.Module, data: CalibData, cfg: CalibConfig, spec: Met
             layer.fold_rotation(HadamardSpec.draw(layer.in_channels, cfg.seed * 100003 + index))
         if spec.svd_rank:
             layer.split_lowrank(spec.svd_rank * cfg.rank)
-        layer.set_weight_quant(cfg.weight_bits, weight_scale(layer.weight, cfg.weight_bits, spec.scale_init))
+        bits = cfg.weight_code_bits(cfg.weight_bits)
+        layer.set_weight_quant(bits, weight_scale(layer.weight, bits, spec.scale_init))
     obs = observe(model, layers, data, cfg, transformed=True, desc="activation ranges")
     for name, layer in layers.items():
         sample = torch.cat(obs.samples[name])

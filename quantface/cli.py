@@ -115,7 +115,7 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
                       seed=a.seed, size=a.size, limit=a.limit, stat_images=a.stat_images, rank=a.rank, alpha=a.alpha,
                       rotate_min_channels=a.rotate_min_channels,
                       steps=a.steps, batch_size=a.batch_size, lr=a.lr, scale_lr=a.scale_lr, lora_lr=a.lora_lr,
-                      fold_lowrank=a.fold_lowrank,
+                      fold_lowrank=a.fold_lowrank, reduce_range=a.reduce_range,
                       lpips_backbone=a.lpips_backbone, lpips_lin=a.lpips_lin, lpips_net=a.lpips_net,
                       fp_layers=tuple(a.fp_layers), resume=not a.no_resume, threads=a.threads, device=a.device,
                       **_mp_args(a))
@@ -266,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold-lowrank", default=d.fold_lowrank, choices=list(FOLD_POLICIES),
                    help=f"fold the merged low-rank branch into the weight before its codes are fixed: auto = where "
                         f"weights have >= {FOLD_MIN_WEIGHT_BITS} bits (no float branch left; default), never, always")
+    p.add_argument("--reduce-range", action="store_true",
+                   help="8-bit weights as 7-bit codes in their INT8 container (ONNX Runtime's reduce_range): exact "
+                        "ort-cpu results on x86 CPUs without VNNI, whose U8S8 kernels saturate with full-range "
+                        "W8A8 codes; not needed on ARM, VNNI CPUs or the HTP")
     p.add_argument("--lpips-backbone", default=None, help="local LPIPS backbone weights (perceptual loss)")
     p.add_argument("--lpips-lin", default=None, help="local LPIPS linear-head weights")
     p.add_argument("--lpips-net", default=d.lpips_net, choices=["vgg", "alex"])

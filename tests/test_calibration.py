@@ -3,6 +3,7 @@ method end to end, and the recipe reproducing the calibrated model bit for bit."
 
 import copy
 import json
+import re
 
 import pytest
 from safetensors.torch import load_file
@@ -333,3 +334,35 @@ def test_quantface_balances_unless_weights_and_activations_have_8_bits():
     assert [spec.balances(8, a) for a in (4, 6, 7, 8, 16)] == [True] * 3 + [False] * 2
     assert [spec.balances(w, 8) for w in (2, 4, 6, 7)] == [True] * 4 and spec.balances(4, 16)
     assert all(get_method(m).balances(8, 8) for m in METHODS if m != "quantface")
+
+
+def test_reduce_range_gives_w8_layers_7_bit_codes(image_folder, tmp_path, tiny_weights, tiny_model):
+    """``--reduce-range``: the W8A8 recipe's weights are 7-bit codes in [-64, 63] (what x86 CPUs without
+    VNNI run exactly), everything else as in W8A8: the branch folded, no smoothing or rotation, and the
+    recipe reproduces bit for bit; the full-range recipe does use codes outside [-64, 63]."""
+    full = calibrate(_cfg(image_folder, tmp_path / "full", "quantface", weights=tiny_weights, bits="W8A8"))
+    reduced = calibrate(_cfg(image_folder, tmp_path / "reduced", "quantface", weights=tiny_weights, bits="W8A8",
+                             reduce_range=True))
+
+    def codes(result):
+        tensors = load_file(str(result.recipe / "recipe.safetensors"))
+        return [t for k, t in tensors.items() if k.endswith("weight_codes")]
+
+    assert codes(reduced) and max(int(c.abs().max()) for c in codes(full)) > 64
+    assert all(int(c.min()) >= -64 and int(c.max()) <= 63 for c in codes(reduced))
+    layers = json.loads((reduced.recipe / "recipe.json").read_text())["layers"]
+    assert {e["weight_bits"] for e in layers.values()} == {7}
+    assert {e["lowrank_rank"] for e in layers.values()} == {0}
+    assert not any(e["hadamard"] or e["smoothing"] is not None for e in layers.values())
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(apply_recipe(tiny_model, reduced.recipe)(x), reduced.model(x))
+
+
+@pytest.mark.parametrize("given, message", [
+    (dict(bits="W4A8", reduce_range=True), "--reduce-range applies to 8-bit weights; --bits W4A8 has 4-bit ones"),
+    (dict(bits="W8A8", reduce_range=True, target="qnn", mp_budget=0.5), "--reduce-range is for x86 CPUs without VNNI"),
+])
+def test_reduce_range_is_refused_where_it_does_not_apply(given, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        CalibConfig(**given)
