@@ -172,7 +172,8 @@ class QnnPeer:
         return {"quantizer": "onnxruntime.quantization.quantize + execution_providers.qnn.get_qnn_qdq_config",
                 "preprocess": "qnn_preprocess_model (metadata_props stripped)", "quant_format": "QDQ",
                 "activation_type": self.activation_type, "weight_type": "QInt8", "per_channel": True,
-                "calibrate_method": "MinMax", "calibration_options": _CALIBRATION_DEFAULTS["MinMax"]}
+                "calibrate_method": "MinMax", "calibration_options": _CALIBRATION_DEFAULTS["MinMax"],
+                "target": "qnn"}
 
     def quantize(self, fp32: Path, reader: FaceCalibrationReader, out: Path, tmp: Path, reduce_range: bool) -> None:
         from onnxruntime.quantization import QuantType, quantize

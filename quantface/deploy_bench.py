@@ -127,11 +127,30 @@ def _machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPUs, {model or 'unknown CPU model'}"
 
 
-def _htp_placement() -> tuple[object | None, str]:
-    """The HTP placement helper and why it is (not) used."""
+def _htp_graph(row: dict) -> bool:
+    """Whether a row's graph is meant for the HTP: a QNN peer, or one of ours with the ``qnn`` profile."""
+    if row["kind"] == "peer":
+        return row["settings"].get("target") == "qnn"
+    return row["kind"] == "ours" and row["export"].get("profile") == "qnn"
+
+
+def _htp_placement(rows: dict[str, dict]) -> str:
+    """Fills ``row['htp_placement']`` (the real QNN EP's node placement, emulated HTP) of every HTP graph;
+    returns why placement was not measured, or ''."""
     if importlib.util.find_spec("onnxruntime_qnn") is None:
-        return None, "onnxruntime-qnn is not installed on this machine"
-    return None, "onnxruntime-qnn is installed, but the HTP placement helper is not part of this build yet"
+        return "onnxruntime-qnn is not installed on this machine"
+    from quantface.export.qnn_ep import placement
+
+    htp = [name for name, row in rows.items() if _htp_graph(row)]
+    if not htp:
+        return "no graph of this run is meant for the HTP"
+    for name in htp:
+        print(f"  HTP placement of {name}", flush=True)
+        p = placement(rows[name]["path"])
+        rows[name]["htp_placement"] = {"soc": p.soc, "nodes_total": p.nodes_total, "nodes_on_qnn": p.nodes_on_qnn,
+                                       "nodes_on_cpu": p.nodes_on_cpu, "qnn_partitions": p.qnn_partitions,
+                                       "cpu_reasons": p.reasons()}
+    return ""
 
 
 def deploy_bench(cfg: DeployBenchConfig) -> dict:
@@ -179,6 +198,7 @@ def deploy_bench(cfg: DeployBenchConfig) -> dict:
             row["quality"] = {k: _finite(ev[k]) for k in ("psnr", "ssim", "psnr_to_fp", "ssim_to_fp")}
             row["test_faces"] = ev["n"]
             row["quality_lq"] = {"psnr": ev["psnr_lq"], "ssim": ev["ssim_lq"]}
+        placement_reason = _htp_placement(rows)
         if cfg.workdir is None:  # the graphs are about to go: report them by name only
             for name, row in rows.items():
                 if row["kind"] != "ours":
@@ -190,7 +210,6 @@ def deploy_bench(cfg: DeployBenchConfig) -> dict:
         row.update(file_bytes=t.file_bytes, size_vs_fp32=t.file_bytes / fp_t.file_bytes, median_ms=t.median_ms,
                    min_ms=t.min_ms, speedup_vs_fp32=fp_t.median_ms / t.median_ms,
                    speedup_vs_static_minmax=base_t.median_ms / t.median_ms)
-    placement, placement_reason = _htp_placement()
     ref_quality = next(iter(rows.values()))["quality_lq"]
     result = {
         "command": cfg.command,
@@ -209,7 +228,6 @@ def deploy_bench(cfg: DeployBenchConfig) -> dict:
                                "quantize_static's CPU guidance (x86 without VNNI: 7-bit weights)",
         "degraded_input_quality": ref_quality,
         "parts": list(PARTS),
-        "htp_placement": placement,
         "htp_placement_reason": placement_reason,
         "seconds": time.perf_counter() - t_start,
         "graphs": rows,
@@ -281,5 +299,15 @@ def markdown(r: dict) -> str:
                   "(`reduce_range=True`, 7-bit weights) avoids that; 8-bit-weight graphs made without it (the QNN "
                   "recipe's A8W8) can lose quality here that comes from this CPU's kernels, not from the "
                   "quantization: read their quality columns as this CPU EP's, not the recipe's."]
-    lines += ["", f"Qualcomm HTP placement: not measured — {r['htp_placement_reason']}."]
+    placed = [(n, m["htp_placement"]) for n, m in rows.items() if m.get("htp_placement")]
+    if placed:
+        lines += ["", f"Qualcomm HTP placement (the real QNN EP, HTP emulated on this machine, SoC {placed[0][1]['soc']}):",
+                  "", "| graph | nodes | on the HTP | on the CPU | HTP partitions | CPU nodes' reasons |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for n, p in placed:
+            why = "; ".join(f"{k} ({v})" for k, v in p["cpu_reasons"].items()) or "–"
+            lines.append(f"| {n} | {p['nodes_total']} | {p['nodes_on_qnn']} | {p['nodes_on_cpu']} | "
+                         f"{p['qnn_partitions']} | {why} |")
+    else:
+        lines += ["", f"Qualcomm HTP placement: not measured — {r['htp_placement_reason']}."]
     return "\n".join(lines) + "\n"

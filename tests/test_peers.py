@@ -9,6 +9,7 @@ What a peer graph's quantized convolution looks like (ORT's QDQ format)::
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -138,13 +139,16 @@ def test_deploy_bench_reports_every_graph(setup, tmp_path):
                                    weights=str(setup.weights), size=SIZE, stat_images=2, batch_size=2)).recipe
     ours = export_onnx(ExportConfig(weights=str(setup.weights), recipe=str(recipe), profile="ort-cpu",
                                     out=str(tmp_path / "ours.onnx"))).path
+    ours_qnn = export_onnx(ExportConfig(weights=str(setup.weights), recipe=str(recipe), profile="qnn",
+                                        out=str(tmp_path / "ours-qnn.onnx"))).path
     cfg = DeployBenchConfig(calib=str(setup.faces), test=str(setup.faces), weights=str(setup.weights),
-                            graphs=[GraphSpec("ours", str(ours), str(recipe))], peers=("ort-static-minmax",),
+                            graphs=[GraphSpec("ours", str(ours), str(recipe)),
+                                    GraphSpec("ours-qnn", str(ours_qnn), str(recipe))], peers=("ort-static-minmax",),
                             calib_limit=2, test_limit=2,
                             threads=1, repeats=2, profile_runs=1, out=str(tmp_path / "bench.md"),
                             json_out=str(tmp_path / "bench.json"), command="pytest")
     r = deploy_bench(cfg)
-    assert list(r["graphs"]) == ["FP32", "ort-static-minmax", "ours"]
+    assert list(r["graphs"]) == ["FP32", "ort-static-minmax", "ours", "ours-qnn"]
     keys = {"kind", "path", "recipe", "file_bytes", "size_vs_fp32", "median_ms", "min_ms", "speedup_vs_fp32",
             "speedup_vs_static_minmax", "kernel_ms_by_part", "quality", "test_faces"}
     for name, row in r["graphs"].items():
@@ -162,10 +166,18 @@ def test_deploy_bench_reports_every_graph(setup, tmp_path):
     assert g["ours"]["export"]["profile"] == "ort-cpu" and g["ours"]["export"]["method"] == "minmax"
     fp_q = g["FP32"]["quality"]  # the FP32 graph is the FP model: (near-)identical outputs
     assert fp_q["psnr_to_fp"] == "inf" or fp_q["psnr_to_fp"] > 45
-    assert r["calibration_faces"] == 2 and r["htp_placement_reason"]
+    assert r["calibration_faces"] == 2
+    htp = importlib.util.find_spec("onnxruntime_qnn") is not None
+    # HTP placement only for the HTP graph, measured by the real QNN EP where it is installed
+    assert [n for n, row in g.items() if "htp_placement" in row] == (["ours-qnn"] if htp else [])
+    assert (r["htp_placement_reason"] == "") == htp
+    if htp:
+        p = g["ours-qnn"]["htp_placement"]
+        assert p["nodes_total"] == p["nodes_on_qnn"] + p["nodes_on_cpu"] and p["nodes_on_qnn"] > 0
     assert json.loads((tmp_path / "bench.json").read_text())["graphs"].keys() == g.keys()
     text = (tmp_path / "bench.md").read_text()
     assert "`pytest`" in text and all(f"| {name} |" in text for name in g)
+    assert ("Qualcomm HTP placement (the real QNN EP" in text) == htp
     assert ("no VNNI" in text) == (r["cpu_has_vnni"] is False)
 
 
