@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from quantface.calibration.config import CalibConfig
 from quantface.calibration.layers import QuantLayer
-from quantface.quant import EPS, act_qparams_from_range, fake_quantize, qrange
+from quantface.quant import EPS, act_qparams_from_range, boundary_qparams, fake_quantize, qrange
 
 IMAGES = 4  # calibration images whose layer inputs are cached
 MAX_ROWS = 4096  # linear-layer token rows kept per layer
@@ -72,8 +72,7 @@ def _optimise_layer(layer: QuantLayer, x: torch.Tensor, y: torch.Tensor, steps: 
         c = torch.exp(theta)
         xt = x_s / c.view(shape_x)
         wt = w0 * c.view(shape_w)
-        a_scale = ((hi - lo) / (aq_max - aq_min)).clamp_min(EPS)
-        a_zp = torch.clamp(torch.round(aq_min - lo.detach() / a_scale.detach()), aq_min, aq_max)
+        a_scale, a_zp = boundary_qparams(lo, hi, layer.act_bits)
         xq = fake_quantize(xt, a_scale, a_zp, aq_min, aq_max)
         ws = w_scale.clamp_min(EPS).view(-1, *([1] * (wt.dim() - 1)))
         wq = fake_quantize(wt, ws, 0.0, wq_min, wq_max)

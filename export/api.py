@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from quantface.export.config import ExportConfig
 from quantface.export.errors import ExportError
@@ -44,6 +43,7 @@ from quantface.export.trace import INPUT_NAME, trace_to_onnx
 from quantface import __version__
 from quantface.errors import ConfigError
 from quantface.models import load_model
+from quantface.onnx_runtime import cpu_session
 from quantface.recipe import read_recipe
 
 
@@ -125,16 +125,8 @@ class OnnxBackend:
         path = Path(path)
         if not path.is_file():
             raise ExportError(f"ONNX model {path} does not exist")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        if profile_prefix:  # ONNX Runtime's profiler: ``session.end_profiling()`` writes the trace
-            options.enable_profiling = True
-            options.profile_file_prefix = profile_prefix
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = cpu_session(path, threads, profile_prefix=profile_prefix)
         except Exception as exc:  # onnxruntime raises its own pybind error types for unreadable models
             raise ExportError(f"ONNX model {path} cannot be loaded by ONNX Runtime: "
                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None

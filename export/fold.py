@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import external_data_helper, helper, numpy_helper, shape_inference
 
 from quantface.export.errors import ExportError
+from quantface.onnx_runtime import cpu_session
 from quantface.export.graph import consumers, make_initializer, producers, remove_dead, shape_view
 from quantface.export.save import read_external
 
@@ -163,12 +163,7 @@ def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], outputs: list
     for tensor in sub.graph.initializer:
         if external_data_helper.uses_external_data(tensor):
             read_external(tensor, base_dir)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    session = ort.InferenceSession(sub.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = cpu_session(sub.SerializeToString(), 1, optimization="ORT_DISABLE_ALL")
     return dict(zip(outputs, session.run(outputs, {})))
 
 

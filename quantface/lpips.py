@@ -36,15 +36,15 @@ a parent calls ``.train()``) but differentiable w.r.t. its inputs, for use as a 
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from quantface.errors import WeightsError
 from quantface.paths import atomic_path
+from quantface.state_dict import load_strict, read_tensors
 
 CHANNELS = {"vgg": (64, 128, 256, 512, 512), "alex": (64, 192, 384, 256, 256)}
 # Indices in torchvision's `features` of the ReLUs whose outputs LPIPS compares.
@@ -153,45 +153,14 @@ class LPIPS(nn.Module):
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """A flat name → tensor mapping from ``.pth``/``.pt`` (weights_only) or ``.safetensors``."""
-    if not path.is_file():
-        raise WeightsError(f"LPIPS weights file {path} does not exist.")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".safetensors":
-            tensors = load_file(str(path))
-        elif suffix in (".pth", ".pt"):
-            tensors = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            raise WeightsError(f"LPIPS weights file {path} has an unsupported extension; "
-                               "expected .pth, .pt or .safetensors.")
-    except WeightsError:
-        raise
-    except pickle.UnpicklingError:
-        raise WeightsError(f"LPIPS weights file {path} holds pickled objects other than tensors, "
-                           "which are refused (only plain tensor state dicts are loaded).") from None
-    except Exception as exc:  # noqa: BLE001 — any parse failure of a user file is a bad file, not a bug
-        raise WeightsError(f"LPIPS weights file {path} is unreadable or truncated ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}).") from None
-    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                for k, v in tensors.items()):
-        raise WeightsError(f"LPIPS weights file {path} is not a flat state dict of named tensors.")
-    return tensors
+    if path.is_file() and path.suffix.lower() not in (".safetensors", ".pth", ".pt"):
+        raise WeightsError(f"LPIPS weights file {path} has an unsupported extension; "
+                           "expected .pth, .pt or .safetensors.")
+    return read_tensors(path, "LPIPS weights file")[0]
 
 
 def _load_strict(module: nn.Module, tensors: dict[str, torch.Tensor], path: Path, what: str) -> None:
-    """Load with every key and shape checked first, so a mismatch names the file and the first offenders."""
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in tensors.items()}
-    # Model order (features.0 before features.10), so the message lists the first layers that do not fit.
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    reshaped = [f"{k} {found[k]} (expected {expected[k]})" for k in expected if k in found and expected[k] != found[k]]
-    if missing or unexpected or reshaped:
-        parts = [f"{label} {', '.join(items[:3])}{', …' if len(items) > 3 else ''}"
-                 for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", reshaped))
-                 if items]
-        raise WeightsError(f"LPIPS weights file {path} does not fit the {what}: {'; '.join(parts)}.")
-    module.load_state_dict(tensors, strict=True)
+    load_strict(module, tensors, path, "LPIPS weights file", what)
 
 
 def load_lpips(net: str, backbone_path: str | os.PathLike, lin_path: str | os.PathLike | None = None) -> LPIPS:

@@ -30,6 +30,17 @@ def psnr(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
 
 
+PSNR_CAP = 200.0  # dB: what ``output_psnr`` gives identical outputs (a finite number for JSON reports)
+
+
+def output_psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two model outputs in [-1, 1] (arrays), clipped and mapped to [0, 1] with peak 1;
+    at most ``PSNR_CAP``. Parity of a graph with its model (validate, tests)."""
+    a01, b01 = (np.clip(a, -1, 1) + 1) / 2, (np.clip(b, -1, 1) + 1) / 2
+    mse = float(np.mean((a01 - b01) ** 2))
+    return PSNR_CAP if mse <= 10 ** (-PSNR_CAP / 10) else float(10 * np.log10(1.0 / mse))
+
+
 def _gaussian_window(channels: int, dtype: torch.dtype, device: torch.device, size: int = 11,
                      sigma: float = 1.5) -> torch.Tensor:
     coords = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2

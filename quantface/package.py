@@ -68,6 +68,7 @@ from quantface import __version__
 from quantface import app_contract
 from quantface.config import JsonConfig
 from quantface.errors import ConfigError, QuantFaceError
+from quantface.onnx_runtime import cpu_session
 from quantface.paths import atomic_copy, atomic_write_bytes, check_output_dir, replace_dir, temp_dir
 
 FORMATS = ("auto", "ort", "onnx")
@@ -275,11 +276,7 @@ def _ort():
 
 
 def _session(path: Path):
-    ort = _ort()
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return cpu_session(path, 1)
 
 
 def _convert(source: Path, work: Path, style: str) -> tuple[Path, Path]:

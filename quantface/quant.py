@@ -126,12 +126,19 @@ def act_qparams_from_range(lo: torch.Tensor | float, hi: torch.Tensor | float, b
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric per-tensor (scale, zero_point) covering [lo, hi] (the range is widened to hold 0,
     so zero is exactly representable, as ONNX requires for padding)."""
-    qmin, qmax = qrange(bits, signed=False)
     device = next((t.device for t in (lo, hi) if isinstance(t, torch.Tensor)), torch.device("cpu"))
     lo_t = torch.as_tensor(lo, dtype=torch.float32, device=device).clamp(max=0.0)
     hi_t = torch.as_tensor(hi, dtype=torch.float32, device=device).clamp(min=0.0)
-    scale = ((hi_t - lo_t) / (qmax - qmin)).clamp_min(EPS)
-    zero_point = torch.clamp(torch.round(qmin - lo_t / scale), qmin, qmax)
+    return boundary_qparams(lo_t, hi_t, bits)
+
+
+def boundary_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric per-tensor (scale, zero_point) of the grid from ``lo`` to ``hi`` as given (not widened
+    to hold 0): the learnable-boundary quantizer. The scale carries the gradient to both boundaries;
+    the zero point is a constant integer code (rounding has no gradient)."""
+    qmin, qmax = qrange(bits, signed=False)
+    scale = ((hi - lo) / (qmax - qmin)).clamp_min(EPS)
+    zero_point = torch.clamp(torch.round(qmin - lo.detach() / scale.detach()), qmin, qmax)
     return scale, zero_point
 
 

@@ -31,11 +31,10 @@ from quantface.data import atomic_write_bytes, list_images, load_folder
 from quantface.degradation import degrade
 from quantface.errors import ConfigError
 from quantface.jobs import ModelSpec
-from quantface.metrics import psnr, ssim
+from quantface.metrics import output_psnr, psnr, ssim
 from quantface.paths import check_input_file, check_output_file
 from quantface.pipeline import RestorationPipeline, images_to_tensor
 
-PSNR_CAP = 200.0
 EPS = ("cpu", "qnn-htp")
 
 
@@ -86,12 +85,6 @@ class ValidateConfig(JsonConfig):
         self.model.check()
 
 
-def _parity_psnr(a: np.ndarray, b: np.ndarray) -> float:
-    a01, b01 = (np.clip(a, -1, 1) + 1) / 2, (np.clip(b, -1, 1) + 1) / 2
-    mse = float(np.mean((a01 - b01) ** 2))
-    return PSNR_CAP if mse <= 10 ** (-PSNR_CAP / 10) else 10 * np.log10(1.0 / mse)
-
-
 def _htp_part(cfg: ValidateConfig, lqs: list, batch: int, cpu: np.ndarray, torch_out: np.ndarray) -> dict:
     """The QNN HTP backend on the first ``cfg.htp_limit`` faces: placement and parity (the CPU EP's
     and PyTorch's outputs on those faces are the first rows of the full run's)."""
@@ -108,9 +101,9 @@ def _htp_part(cfg: ValidateConfig, lqs: list, batch: int, cpu: np.ndarray, torch
     return {
         "soc": target.soc, "soc_model": target.soc_model, "htp_arch": target.htp_arch, "n": n,
         **where.to_dict(),
-        "parity_psnr_to_torch": _parity_psnr(h, torch_out[:n]),
+        "parity_psnr_to_torch": output_psnr(h, torch_out[:n]),
         "parity_max_abs_to_torch": float(np.abs(h - torch_out[:n]).max()),
-        "parity_psnr_to_cpu": _parity_psnr(h, cpu[:n]),
+        "parity_psnr_to_cpu": output_psnr(h, cpu[:n]),
         "parity_max_abs_to_cpu": float(np.abs(h - cpu[:n]).max()),
         "emulated_seconds_per_face": seconds / n,
     }
@@ -159,7 +152,7 @@ def validate(cfg: ValidateConfig) -> dict:
         "metadata": {k: v for k, v in onnx_backend.metadata.items() if k != "quantface.layer_bits"},
         "n": len(lqs),
         "size": size,
-        "parity_psnr": _parity_psnr(a, b),
+        "parity_psnr": output_psnr(a, b),
         "parity_max_abs": float(np.abs(a - b).max()),
         "psnr": float(np.mean([psnr(o, h) for o, h in zip(onnx_out, loaded.images)])),
         "ssim": float(np.mean([ssim(o, h) for o, h in zip(onnx_out, loaded.images)])),

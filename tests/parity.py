@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 
 from quantface.calibration.layers import quant_layers
+from quantface.onnx_runtime import cpu_session
 
 
 @dataclass
@@ -44,10 +44,7 @@ def layer_parity(onnx_path: str | Path, qmodel: torch.nn.Module, x: np.ndarray) 
     outputs = {o.name for o in model.graph.output}
     for value in {v for pair in ends.values() for v in pair} - outputs:
         model.graph.output.append(onnx.helper.make_tensor_value_info(value, onnx.TensorProto.FLOAT, None))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = cpu_session(model.SerializeToString(), 1)
     got = dict(zip([o.name for o in session.get_outputs()],
                    session.run(None, {session.get_inputs()[0].name: x.astype(np.float32)})))
     result = {}
@@ -61,17 +58,8 @@ def layer_parity(onnx_path: str | Path, qmodel: torch.nn.Module, x: np.ndarray) 
     return result
 
 
-def psnr01(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR (dB) of two model outputs in [-1, 1], clipped and mapped to [0, 1]."""
-    a01, b01 = (np.clip(a, -1, 1) + 1) / 2, (np.clip(b, -1, 1) + 1) / 2
-    return float(10 * np.log10(1.0 / max(np.mean((a01 - b01) ** 2), 1e-20)))
-
-
 def fused_qlinearconvs(path: Path, tmp_path: Path) -> int:
     """How many QLinearConv nodes ONNX Runtime's CPU EP makes of the graph at ``path`` (extended
     optimizations, the optimized model written to ``tmp_path``)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    cpu_session(path, None, optimization="ORT_ENABLE_EXTENDED", optimized_model=tmp_path / "optimized.onnx")
     return sum(n.op_type == "QLinearConv" for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)

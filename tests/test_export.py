@@ -36,7 +36,8 @@ from quantface.errors import ConfigError, QuantFaceError
 from quantface.models.reference import ReferenceRestorer
 from quantface.pipeline import RestorationPipeline, TorchBackend
 from tests.conftest import TINY, smooth_image
-from tests.parity import fused_qlinearconvs, layer_parity, psnr01
+from quantface.metrics import output_psnr
+from tests.parity import fused_qlinearconvs, layer_parity
 
 SIZE = 32
 PARITY_PSNR_DB = 40.0  # ORT vs PyTorch fake-quant, outputs mapped to [0, 1]
@@ -360,7 +361,7 @@ def test_onnx_runtime_matches_the_fake_quant_model(cache, method, bits, exporter
         ref = np.concatenate([qmodel(torch.from_numpy(x[i:i + 1])).numpy() for i in range(len(x))])
         fp = cache.fp(torch.from_numpy(x)).numpy()
     out = OnnxBackend(path, threads=1)(x)
-    assert psnr01(out, ref) > psnr01(out, fp)  # it is the quantized model, not the FP one
+    assert output_psnr(out, ref) > output_psnr(out, fp)  # it is the quantized model, not the FP one
 
 
 @pytest.mark.parametrize("profile", ["reference", "ort-cpu"])
@@ -386,7 +387,7 @@ def test_trained_model_graphs_match_the_fake_quant_model_end_to_end(profile, tmp
     with torch.no_grad():
         want = np.concatenate([qmodel(x[i:i + 1]).numpy() for i in range(len(x))])
     got = OnnxBackend(out, threads=2)(x.numpy())
-    psnr = psnr01(got, want)
+    psnr = output_psnr(got, want)
     print(f"{profile}: ONNX Runtime vs PyTorch {psnr:.1f} dB on {len(x)} faces")
     assert psnr >= PARITY_PSNR_DB
 

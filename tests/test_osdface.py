@@ -23,6 +23,7 @@ from quantface.calibration.recipe import apply_recipe  # noqa: E402
 from quantface.cli import main  # noqa: E402
 from quantface.data import write_image  # noqa: E402
 from quantface.errors import ConfigError, WeightsError  # noqa: E402
+from quantface.metrics import output_psnr  # noqa: E402
 from quantface.models import load_model  # noqa: E402
 from quantface.models.osdface import (EmbedderConfig, OSDFaceRestorer, load_osdface, merge_lora,  # noqa: E402
                                       osdface_weights)
@@ -318,11 +319,6 @@ def test_quantface_recipe_reproduces_on_a_fresh_load(cache):
         assert torch.equal(reloaded(x), result.model(x))
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean(((np.clip(a, -1, 1) - np.clip(b, -1, 1)) / 2) ** 2))
-    return 10 * np.log10(1 / max(mse, 1e-20))
-
-
 @pytest.mark.parametrize("profile", ["reference", "ort-cpu"])
 def test_export_runs_in_onnxruntime_close_to_the_fake_quant_model(cache, profile):
     from quantface.export import ExportConfig, OnnxBackend, export_onnx
@@ -354,4 +350,4 @@ def test_export_runs_in_onnxruntime_close_to_the_fake_quant_model(cache, profile
     # activation codes, and flips cascade through a random network: ONNX Runtime must stay far
     # closer to the fake-quant model than the fake-quant model is to FP (measured: 15-24 dB closer).
     assert got.shape == want.shape and np.isfinite(got).all()
-    assert _psnr(got, want) >= _psnr(want, fp) + 10
+    assert output_psnr(got, want) >= output_psnr(want, fp) + 10

@@ -24,7 +24,7 @@ from quantface.errors import ConfigError
 from quantface.export import ExportConfig, OnnxBackend, export_onnx
 from quantface.export.peers import PEERS, FaceCalibrationReader, build_peer, get_peer
 from quantface.models.reference import ReferenceRestorer
-from tests.parity import psnr01
+from quantface.metrics import output_psnr
 from tests.conftest import TINY, smooth_image
 
 SIZE = 32
@@ -113,7 +113,7 @@ def test_peer_is_a_qdq_graph_with_per_channel_int8_conv_weights(setup, name):
     x = FaceCalibrationReader.from_faces(setup.fp32, str(setup.faces), 1, 5).inputs  # a face, other degradation
     out, ref = OnnxBackend(path)(x), OnnxBackend(setup.fp32)(x)
     assert out.shape == ref.shape
-    assert psnr01(out, ref) > PEER_PSNR_DB[name]
+    assert output_psnr(out, ref) > PEER_PSNR_DB[name]
 
 
 def test_unknown_peer_and_bad_graph_specs_are_one_sentence(setup):

@@ -246,7 +246,8 @@ def test_context_binaries_compile_load_and_match_the_plain_graph(tiny_exports, t
 @needs_qnn
 def test_validate_reports_htp_placement_and_parity(tiny_exports, tmp_path):
     from quantface.degradation import degrade
-    from quantface.validate import PSNR_CAP, ValidateConfig, _parity_psnr, validate
+    from quantface.metrics import PSNR_CAP, output_psnr
+    from quantface.validate import ValidateConfig, validate
     from quantface.jobs import ModelSpec
 
     spec = ModelSpec(weights=str(tiny_exports["root"] / "weights" / "tiny"), recipe=str(tiny_exports["recipe"]))
@@ -260,7 +261,7 @@ def test_validate_reports_htp_placement_and_parity(tiny_exports, tmp_path):
     lq = degrade(load_folder(str(tiny_exports["root"] / "faces"), SIZE, 1).images[0], 0, 0)[0]
     x = images_to_tensor([lq]).numpy()
     y_htp, y_cpu = HtpBackend(tiny_exports["qnn"])(x), OnnxBackend(tiny_exports["qnn"])(x)
-    assert h["parity_psnr_to_cpu"] == pytest.approx(_parity_psnr(y_htp.astype(np.float64), y_cpu.astype(np.float64)))
+    assert h["parity_psnr_to_cpu"] == pytest.approx(output_psnr(y_htp.astype(np.float64), y_cpu.astype(np.float64)))
     assert h["parity_max_abs_to_cpu"] == pytest.approx(float(np.abs(y_htp - y_cpu).max()))
     assert 0 < h["parity_psnr_to_torch"] < PSNR_CAP
     with pytest.raises(ConfigError, match="unknown --ep"):

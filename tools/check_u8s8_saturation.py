@@ -13,9 +13,10 @@ Runtime's ``reduce_range``) or 7-bit activations (q ≤ 127) stay exact.
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
+
+from quantface.onnx_runtime import cpu_session
 
 OUT_SCALE, OUT_ZERO = 4096.0, 128
 
@@ -41,10 +42,7 @@ def mismatch(w_max: int, a_max: int, seed: int = 0) -> tuple[float, float]:
     graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    got = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
-        None, {"x": x})[0]
+    got = cpu_session(model.SerializeToString(), 1).run(None, {"x": x})[0]
     acc = torch.nn.functional.conv2d(torch.from_numpy(x).double(), torch.from_numpy(w).double(), padding=1).numpy()
     want = (np.clip(np.round(acc / OUT_SCALE) + OUT_ZERO, 0, 255) - OUT_ZERO) * OUT_SCALE
     return float(np.mean(got != want)), float(np.abs(got - want).max() / OUT_SCALE)

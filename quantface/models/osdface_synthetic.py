@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantface.models.osdface import EmbedderConfig, PromptProjection, VisualEmbedder, _AttnBlock, _diffusers
+from quantface.models.osdface_checkpoints import _diffusers
+from quantface.models.osdface_embedder import EmbedderConfig, PromptProjection, VisualEmbedder, _AttnBlock
 
 # SD 2.1-base's scheduler_config.json (diffusers layout): PNDM with the scaled-linear betas.
 SD21_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",

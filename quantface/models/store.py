@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from quantface.paths import atomic_path, atomic_write_bytes
 from quantface.errors import WeightsError
 from quantface.models.reference import ReferenceConfig, ReferenceRestorer
+from quantface.state_dict import load_strict, read_tensors
 
 
 def save_weights(model: ReferenceRestorer, stem: str | Path) -> None:
@@ -34,18 +34,7 @@ def load_weights(stem: str | Path) -> ReferenceRestorer:
         config = ReferenceConfig.from_json(cfg_path.read_text())
     except (ValueError, TypeError, json.JSONDecodeError) as exc:
         raise WeightsError(f"model config {cfg_path} is invalid: {exc}") from None
-    try:
-        tensors = load_file(str(w_path))
-    except (SafetensorError, OSError) as exc:
-        raise WeightsError(f"weights file {w_path} is unreadable or truncated: {exc}") from None
+    tensors, _ = read_tensors(w_path, "weights file")
     model = ReferenceRestorer(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in tensors.items()}
-    if expected != found:
-        missing = len(expected.keys() - found.keys())
-        unexpected = len(found.keys() - expected.keys())
-        reshaped = sum(1 for k in expected.keys() & found.keys() if expected[k] != found[k])
-        raise WeightsError(f"weights file {w_path} does not fit the config {cfg_path.name}: {missing} missing, "
-                           f"{unexpected} unexpected and {reshaped} differently shaped tensors")
-    model.load_state_dict(tensors)
+    load_strict(model, tensors, w_path, "weights file", f"config {cfg_path.name}")
     return model.eval()
