@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from quantface.config import JsonConfig, check_int, check_size
 from quantface.device import check_device_name
 from quantface.bits import MAX_BITS, MIN_BITS, WIDE_ACT_BITS, check_bits
+from quantface.calibration.targets import COSTS as COST_MODELS, TARGETS as TARGET_CLASSES, get_target
 from quantface.errors import ConfigError
 
 BITS_PATTERN = re.compile(r"^W([1-9]\d*)A([1-9]\d*)$")
@@ -16,10 +17,11 @@ BITS_PATTERN = re.compile(r"^W([1-9]\d*)A([1-9]\d*)$")
 BITS_FORMS = (f"W<w>A<a> with w in {MIN_BITS}..{MAX_BITS} and a in {MIN_BITS}..{MAX_BITS} or {WIDE_ACT_BITS}, "
               f"e.g. W8A8, W4A8, W6A6, W4A6, W4A4, W8A16, W4A16")
 METRICS = ("ssim", "psnr", "lpips")
-COSTS = ("elements", "bops")
-TARGETS = ("qnn",)
-# Deviation thresholds ε of the sensitivity sweep (``calibration.mixed``'s docstring says why 1e-5 for 1 − SSIM).
+COSTS = tuple(COST_MODELS)  # elements, bops (calibration.targets)
+TARGETS = tuple(TARGET_CLASSES)  # qnn (calibration.targets)
+# Deviation thresholds ε of the sensitivity sweep (docs/calibration_notes.md says why 1e-5 for 1 − SSIM).
 DEFAULT_EPSILON = {"ssim": 1e-5, "psnr": 1e-7, "lpips": 5e-4}
+B_MIN, B_MAX = 2, 8  # activation bits the sensitivity sweep tries (B_max = 8)
 
 
 def parse_bits(bits: str) -> tuple[int, int]:
@@ -124,9 +126,9 @@ class CalibConfig(JsonConfig):
         check_device_name(self.device)
         if self.reduce_range and self.weight_bits != 8:
             raise ConfigError(f"--reduce-range applies to 8-bit weights; --bits {self.bits} has {self.weight_bits}-bit ones")
-        if self.reduce_range and self.target == "qnn":
-            raise ConfigError("--reduce-range is for x86 CPUs without VNNI; the QNN HTP (--target qnn) takes "
-                              "full-range 8-bit weights")
+        refusal = TARGET_CLASSES[self.target].reduce_range_refusal if self.target in TARGET_CLASSES else ""
+        if self.reduce_range and refusal:
+            raise ConfigError(refusal)
         check_mixed_precision(self)
 
     def check(self) -> None:
@@ -187,8 +189,7 @@ def check_mixed_precision(cfg: CalibConfig) -> None:
         raise ConfigError(f"--mp-metric {cfg.mp_metric!r} is not one of {', '.join(METRICS)}")
     if cfg.mp_cost not in COSTS:
         raise ConfigError(f"--mp-cost {cfg.mp_cost!r} is not one of {', '.join(COSTS)}")
-    if cfg.target is not None and cfg.target not in TARGETS:
-        raise ConfigError(f"--target {cfg.target!r} is not one of {', '.join(TARGETS)}")
+    target = get_target(cfg.target)  # ConfigError if unknown
     if isinstance(cfg.mp_sweep_images, bool) or not isinstance(cfg.mp_sweep_images, int) or cfg.mp_sweep_images < 1:
         raise ConfigError(f"--mp-sweep-images {cfg.mp_sweep_images!r} must be a positive integer")
     if cfg.mp_epsilon is not None and not (isinstance(cfg.mp_epsilon, (int, float)) and 0 < cfg.mp_epsilon < math.inf):
@@ -203,18 +204,9 @@ def check_mixed_precision(cfg: CalibConfig) -> None:
     if cfg.mp_metric == "lpips" and not cfg.lpips_backbone:
         raise ConfigError("--mp-metric lpips needs local LPIPS weights (--lpips-backbone and --lpips-lin)")
     budget = cfg.mp_budget
-    if budget is None:
-        if cfg.target is not None:
-            raise ConfigError(f"--target {cfg.target} allocates bits and needs --mp-budget")
-        return
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < math.inf:
+    if budget is None and cfg.target is not None:
+        raise ConfigError(f"--target {cfg.target} allocates bits and needs --mp-budget")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not 0 < budget < math.inf):
         raise ConfigError(f"--mp-budget {budget!r} must be a positive number")
-    if cfg.target == "qnn":
-        if budget > 1:
-            raise ConfigError(f"--mp-budget {budget} must be a fraction in (0, 1] of the all-A16/W8 bytes "
-                              f"with --target qnn")
-        if cfg.mp_cost != "elements":
-            raise ConfigError("--mp-cost does not apply with --target qnn, whose cost is its byte table")
-    elif budget < min(cands):
-        raise ConfigError(f"--mp-budget {budget} mean activation bits is infeasible: the smallest candidate "
-                          f"bit width is {min(cands)}")
+    target.check(cfg)

@@ -16,10 +16,11 @@ from PIL import Image
 from torch import nn
 
 from quantface.calibration import CalibConfig, calibrate
-from quantface.calibration import mixed
+from quantface.calibration import sensitivity
 from quantface.calibration.layers import wrap_layers
 from quantface.calibration.methods import get_method
-from quantface.calibration.mixed import Option, QParams, allocate, layer_errors, sensitivity_sweep
+from quantface.calibration.allocation import Option, allocate, minimum_cost
+from quantface.calibration.sensitivity import QParams, layer_errors, sensitivity_sweep
 from quantface.calibration.recipe import apply_recipe
 from quantface.calibration.run import CalibData, prepare
 from quantface.cli import main
@@ -73,7 +74,7 @@ def test_program_matches_brute_force_and_never_exceeds_the_budget(seed):
         table[f"l{i}"] = [(rng.uniform(0, 100) * 10 ** rng.randint(-3, 3), rng.randint(1, 50))
                           for _ in range(rng.randint(2, 4))]
     opts = _options(table)
-    lo, hi = mixed.minimum_cost(opts), sum(max(o.cost for o in v) for v in opts.values())
+    lo, hi = minimum_cost(opts), sum(max(o.cost for o in v) for v in opts.values())
     budget = rng.uniform(lo, hi) if seed % 3 else float(lo)  # the minimum itself is feasible
     sol = allocate(opts, budget)
     assert sol.cost <= budget
@@ -90,7 +91,9 @@ def test_infeasible_budget_is_one_clear_config_error():
 
 
 def test_costs_and_budgets_of_each_mode():
-    from quantface.calibration.mixed import LayerStats, build_problem, candidate_choices, check_budget
+    from quantface.calibration.allocation import check_budget
+    from quantface.calibration.mixed import build_problem, candidate_choices
+    from quantface.calibration.sensitivity import LayerStats
 
     def stats(choices):
         return {"a": LayerStats(elements=100, macs=1000, weights=50, sq_error={c: 1.0 for c in choices}),
@@ -147,7 +150,7 @@ def test_deviation_metrics(metric, tmp_path):
     g = torch.Generator().manual_seed(0)
     ref = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
     near, far = ref + 0.01 * torch.randn(ref.shape, generator=g), ref + 0.2 * torch.randn(ref.shape, generator=g)
-    deviation = mixed.deviation_fn(cfg)
+    deviation = sensitivity.deviation_fn(cfg)
     same, d_near, d_far = (deviation(x, ref) for x in (ref, near, far))
     assert same.shape == (2,) and float(same.abs().max()) < 1e-6
     assert (0 < d_near).all() and (d_near < d_far).all()
@@ -169,7 +172,7 @@ def test_sweep_is_cached_and_resumes_where_it_stopped(tiny_model, image_folder, 
     # The decoder's 7 layers only, to keep the five sweeps below quick.
     cfg, data, model, layers, qp = _prepared(tiny_model, image_folder, tmp_path, mp_epsilon=1e-4, fp_layers=FP_UNET)
     x = data.lq[:cfg.mp_sweep_images]
-    real = mixed.deviation_fn
+    real = sensitivity.deviation_fn
     calls = []
 
     def counting(cfg_, stop_after=None):
@@ -182,7 +185,7 @@ def test_sweep_is_cached_and_resumes_where_it_stopped(tiny_model, image_folder, 
             return f(out, ref)
         return g
 
-    monkeypatch.setattr(mixed, "deviation_fn", counting)
+    monkeypatch.setattr(sensitivity, "deviation_fn", counting)
     straight_cfg = CalibConfig.from_dict({**cfg.to_dict(), "out": str(tmp_path / "other")})
     straight = sensitivity_sweep(model, layers, x, straight_cfg, qp, "sha")
     total = len(calls)
@@ -191,16 +194,16 @@ def test_sweep_is_cached_and_resumes_where_it_stopped(tiny_model, image_folder, 
     assert all(len(r["deviation"]) == r["bits"] - 1 for r in straight.values())
 
     calls.clear()
-    monkeypatch.setattr(mixed, "deviation_fn", lambda c: counting(c, stop_after=total // 2))
+    monkeypatch.setattr(sensitivity, "deviation_fn", lambda c: counting(c, stop_after=total // 2))
     with pytest.raises(KeyboardInterrupt):
         sensitivity_sweep(model, layers, x, cfg, qp, "sha")
-    cache = json.loads((mixed.cache_dir(cfg) / "sensitivity.json").read_text())
+    cache = json.loads((sensitivity.cache_dir(cfg) / "sensitivity.json").read_text())
     done = cache["layers"]
     assert 0 < len(done) < len(layers)
     assert [layer.act_bits for layer in layers.values()] == [4] * len(layers)  # restored after the crash
 
     calls.clear()
-    monkeypatch.setattr(mixed, "deviation_fn", counting)
+    monkeypatch.setattr(sensitivity, "deviation_fn", counting)
     resumed = sensitivity_sweep(model, layers, x, cfg, qp, "sha")
     assert resumed == straight
     assert len(calls) == sum(r["bits"] - 1 for n, r in straight.items() if n not in done)

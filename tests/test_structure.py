@@ -96,6 +96,21 @@ def test_command_line_help_and_version_import_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
+def test_the_bit_allocation_program_and_its_targets_import_no_torch():
+    """The integer program (calibration.allocation) and the targets (calibration.targets) are plain
+    Python: a program of hand-written options solves, and the targets price a layer, without torch."""
+    code = ("import sys\nfrom types import SimpleNamespace\n"
+            "from quantface.calibration.allocation import Option, allocate\n"
+            "from quantface.calibration.targets import get_target\n"
+            "sol = allocate({'a': [Option(3, 9.0, 3), Option(5, 1.0, 5)], 'b': [Option(3, 4.0, 3), Option(5, 0.0, 5)]}, 8)\n"
+            "assert sol.choice == {'a': 1, 'b': 0}, sol.choice\n"
+            "layer = SimpleNamespace(elements=100, macs=10, weights=50)\n"
+            "assert get_target('qnn').cost(None).of(layer, 4, 16) == 225\n"
+            "heavy = [m for m in ('torch', 'numpy') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
 def test_the_wheel_installs_exactly_one_top_level_package(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                         str(tmp_path), str(ROOT)], capture_output=True, text=True)

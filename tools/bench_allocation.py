@@ -1,4 +1,4 @@
-"""Time the bit-allocation integer program (``calibration.mixed.allocate``, pulp + CBC).
+"""Time the bit-allocation integer program (``calibration.allocation.allocate``, pulp + CBC).
 
     python tools/bench_allocation.py --recipe recipes/quantface_mp_w4a4      # the program a recipe recorded
     python tools/bench_allocation.py --data ../shared/data/faces_hq/calib    # built on the fly (sweep included)
@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quantface.calibration.mixed import Option, Solution, allocate  # noqa: E402
+from quantface.calibration.allocation import Option, Solution, allocate  # noqa: E402
 from quantface.errors import exit_status  # noqa: E402
 
 REAL_LIMIT_S, SYNTHETIC_LIMIT_S = 5.0, 60.0
@@ -50,7 +50,8 @@ def on_the_fly(data: str, images: int, budget: float) -> tuple[dict[str, list[Op
 
     from quantface.calibration import CalibConfig
     from quantface.calibration.methods import get_method
-    from quantface.calibration.mixed import QParams, build_problem, candidate_choices, layer_errors, sensitivity_sweep
+    from quantface.calibration.mixed import build_problem, candidate_choices
+    from quantface.calibration.sensitivity import QParams, layer_errors, sensitivity_sweep
     from quantface.calibration.recipe import weights_fingerprint
     from quantface.calibration.run import CalibData, prepare
     from quantface.models import load_model
