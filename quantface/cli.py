@@ -190,11 +190,11 @@ def _cmd_package(a: argparse.Namespace) -> int:
         raise ConfigError("--qnn-context needs at least one Snapdragon SoC, e.g. SM8650")
     r = package(PackageConfig(onnx=a.onnx, out=a.out, format=a.format, into_app=a.into_app, into_web=a.into_web,
                               qnn_context=socs))
-    print(f"packaged {a.onnx} as {r.model} ({r.manifest['bytes'] / 1e6:.2f} MB, format {r.format}): {r.reason}")
-    for c in r.manifest["qnn_contexts"]:
-        print(f"QNN context for {c['soc']} ({c['marketing']}, soc_model {c['soc_model']}, v{c['htp_arch']}): "
-              f"{c['model_file']} + {c['binary_file']} ({c['binary_bytes'] / 1e6:.2f} MB, compiled in "
-              f"{c['compile_s']:.1f} s; vs the plain graph on the HTP: max-abs {c['check_max_abs']:.2e})")
+    print(f"packaged {a.onnx} as {r.model} ({r.manifest.bytes / 1e6:.2f} MB, format {r.format}): {r.reason}")
+    for c in r.manifest.qnn_contexts:
+        print(f"QNN context for {c.soc} ({c.marketing}, soc_model {c.soc_model}, v{c.htp_arch}): "
+              f"{c.model_file} + {c.binary_file} ({c.binary_bytes / 1e6:.2f} MB, compiled in "
+              f"{c.compile_s:.1f} s; vs the plain graph on the HTP: max-abs {c.check_max_abs:.2e})")
     print(f"wrote {r.out / 'model.json'} and {r.out / 'required_operators.config'}")
     for target in r.copied_to:
         print(f"copied {r.model.name} + model.json into {target}")

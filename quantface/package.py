@@ -30,7 +30,7 @@ Format (``--format auto``, measured with ONNX Runtime 1.31.1 on the three export
 each named Snapdragon SoC into an EPContext model + context binary (``export.qnn_ep.compile_context``:
 ``model_<SOC>_ctx.onnx`` and the ``.bin`` it names), loads each back in a QNN HTP session, runs it on
 the check input next to the plain graph on the HTP, and lists it in model.json's ``qnn_contexts``
-(``QnnContextEntry``: files, sha256s, SoC, compile time, the check's max-abs difference).
+(``quantface.model_json.QnnContextEntry``: files, sha256s, SoC, compile time, the check's max-abs difference).
 Every .ort is loaded back and run once on a seeded input next to its .onnx; the largest output
 difference is recorded in model.json (it is of the order of the 4-bit activation step, like any
 change of ONNX Runtime's optimisation level on these models; see android_demo/README.md).
@@ -47,7 +47,6 @@ kernel the model needs before and after optimisation.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fnmatch
 import hashlib
 import io
@@ -65,17 +64,16 @@ import onnx.inliner
 from onnx import TensorProto
 
 from quantface import __version__
-from quantface import app_contract
 from quantface.config import JsonConfig
 from quantface.errors import ConfigError, QuantFaceError
+from quantface.model_json import (MODEL_JSON, MODEL_JSON_SCHEMA, Contract, ModelManifest, OrtCheck,
+                                  QnnContextEntry, Quantization, RuntimeInfo, SourceInfo, TensorInfo)
 from quantface.onnx_runtime import cpu_session
 from quantface.paths import atomic_copy, atomic_write_bytes, check_output_dir, replace_dir, temp_dir
 
 FORMATS = ("auto", "ort", "onnx")
-MODEL_JSON = "model.json"
 OPS_CONFIG = "required_operators.config"
 MODEL_STEM = "model"
-MODEL_JSON_SCHEMA = 1
 FOUR_BIT = {TensorProto.INT4: "INT4", TensorProto.UINT4: "UINT4"}
 REPO = Path(__file__).resolve().parents[1]
 APP_ASSETS = Path("android_demo/app/src/main/assets")
@@ -138,33 +136,13 @@ def _is_context_file(name: str) -> bool:
     return name.startswith(f"{MODEL_STEM}_") and (name.endswith("_ctx.onnx") or name.endswith(".bin"))
 
 
-@dataclass(frozen=True)
-class QnnContextEntry:
-    """One offline-compiled QNN HTP context in the package (model.json ``qnn_contexts``)."""
-
-    soc: str
-    marketing: str
-    soc_model: int
-    htp_arch: int
-    model_file: str  # the EPContext model (*_ctx.onnx), what a QNN EP session loads
-    model_sha256: str
-    binary_file: str  # the context binary the EPContext model names
-    binary_sha256: str
-    binary_bytes: int
-    compile_s: float
-    check_max_abs: float  # |context model − plain graph| on the QNN HTP backend, check input
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-
 @dataclass
 class PackageResult:
     out: Path
     model: Path  # the packaged model file inside ``out``
     format: str  # "ort" or "onnx"
     reason: str
-    manifest: dict
+    manifest: ModelManifest  # what model.json holds
     copied_to: list[Path] = field(default_factory=list)
 
 
@@ -192,7 +170,7 @@ def _static_shape(value: onnx.ValueInfoProto) -> list[int] | None:
     return [int(d.dim_value) for d in dims]
 
 
-def _io(model: onnx.ModelProto, path: Path) -> tuple[dict, dict]:
+def _io(model: onnx.ModelProto, path: Path) -> tuple[TensorInfo, TensorInfo]:
     inits = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     if len(inputs) != 1 or len(model.graph.output) != 1:
@@ -207,9 +185,7 @@ def _io(model: onnx.ModelProto, path: Path) -> tuple[dict, dict]:
     out_shape = _static_shape(out)
     if out.type.tensor_type.elem_type != TensorProto.FLOAT or out_shape != shape:
         raise PackageError(f"{path}: output {out.name!r} must be float32 of the input's shape {shape}")
-    common = {"shape": shape, "layout": app_contract.LAYOUT, "dtype": "float32", "color": "RGB",
-              "range": list(app_contract.INPUT_RANGE)}
-    return {"name": inp.name, **common}, {"name": out.name, **common}
+    return TensorInfo(inp.name, shape), TensorInfo(out.name, list(shape))
 
 
 def four_bit_tensors(model: onnx.ModelProto) -> list[str]:
@@ -242,22 +218,16 @@ def _metadata(model: onnx.ModelProto) -> dict[str, object]:
     return out
 
 
-def bits_summary(meta: dict[str, object]) -> dict:
+def bits_summary(meta: dict[str, object]) -> Quantization:
     """Per-layer bits from the export's ``quantface.layer_bits`` / ``constant_layers`` metadata."""
     layers = meta.get("layer_bits") or {}
     constant = sorted(meta.get("constant_layers") or [])
     per_layer = {n: f"W{e['weight_bits']}A{e['act_bits']}" for n, e in sorted(layers.items())}
     counts = Counter(per_layer.values())
     text = ", ".join(f"{k} ({v} layer{'s' if v > 1 else ''})" for k, v in sorted(counts.items())) or "FP32"
-    return {
-        "method": meta.get("method", "unknown"),
-        "recipe_sha256": meta.get("recipe_sha256", ""),
-        "rotation": meta.get("rotation", False),
-        "summary": text,
-        "counts": dict(sorted(counts.items())),
-        "layers": per_layer,
-        "constant_layers": constant,
-    }
+    return Quantization(method=meta.get("method", "unknown"), recipe_sha256=meta.get("recipe_sha256", ""),
+                        rotation=meta.get("rotation", False), summary=text, counts=dict(sorted(counts.items())),
+                        layers=per_layer, constant_layers=constant)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -356,11 +326,24 @@ def _decide(cfg: PackageConfig, src: Path, four_bit: list[str]) -> tuple[str, st
     return "ort", ""
 
 
-def package(cfg: PackageConfig) -> PackageResult:
-    """Package ``cfg.onnx`` into ``cfg.out`` (and copy it into the demo folders when asked)."""
+@dataclass
+class _Source:
+    """The graph to package, read and checked: its file, its model, its image input / output, its
+    export metadata, and the format ``--format`` and its 4-bit tensors decide before any conversion."""
+
+    path: Path
+    model: onnx.ModelProto
+    input: TensorInfo
+    output: TensorInfo
+    meta: dict[str, object]
+    profile: str
+    fmt: str
+    reason: str
+
+
+def _read_source(cfg: PackageConfig) -> _Source:
     from quantface.export.save import foreign_graph
 
-    cfg.check()
     src = Path(cfg.onnx)
     model = _load(src)
     foreign = foreign_graph(src, (p.key for p in model.metadata_props))
@@ -368,107 +351,124 @@ def package(cfg: PackageConfig) -> PackageResult:
         raise PackageError(f"{foreign}; only quantface's own exports are packaged for the apps")
     inp, outp = _io(model, src)
     meta = _metadata(model)
-    profile = str(meta.get("profile", "unknown"))
     fmt, reason = _decide(cfg, src, four_bit_tensors(model))
+    return _Source(src, model, inp, outp, meta, str(meta.get("profile", "unknown")), fmt, reason)
+
+
+@dataclass
+class _Converted:
+    """ORT's converter on the source and the check of its .ort against the .onnx: the final format."""
+
+    fmt: str
+    reason: str
+    style: str
+    ort: Path | None  # the converted model (None when the converter failed)
+    tool_config: Path | None  # the converter's operator config
+    convert_error: str
+    check: OrtCheck | None
+    x: np.ndarray  # the check input
+
+
+def _convert_and_check(cfg: PackageConfig, source: _Source, work: Path) -> _Converted:
+    """Convert to .ort, run the .onnx (and the .ort where it is kept) on the seeded check input; a
+    .ort that does not load back is kept as .onnx unless ``--format ort`` asked for it."""
+    ort = _ort()
+    style = OPTIMIZATION_STYLE.get(source.profile, "Fixed")
+    src, fmt, reason = source.path, source.fmt, source.reason
+    try:
+        converted, tool_config = _convert(src, work, style)
+        convert_error = ""
+    except Exception as exc:  # the converter's own exceptions (ORT pybind errors, RuntimeError)
+        converted = tool_config = None
+        convert_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    name = source.input.name
+    x = _check_input(source.input.shape)
+    try:
+        y_onnx = _session(src).run(None, {name: x})[0]
+    except Exception as exc:  # onnxruntime's pybind error types
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PackageError(f"ONNX Runtime cannot run {src}: {why}") from None
+    check = None
+    if fmt == "ort":
+        try:
+            if converted is None:
+                raise RuntimeError(f"the converter failed: {convert_error}")
+            y_ort = _session(converted).run(None, {name: x})[0]
+            check = OrtCheck(f"uniform [-1, 1], numpy seed {CHECK_SEED}", float(np.max(np.abs(y_ort - y_onnx))))
+            reason = (f"converted to .ort with ONNX Runtime {ort.__version__}'s convert_onnx_models_to_ort "
+                      f"(optimization style {style}, target {TARGET_PLATFORM}"
+                      f"{'; QDQ node units kept for the QNN / NNAPI EPs' if style == 'Runtime' else ''}): "
+                      f"no 4-bit tensors, and it loads and runs in ONNX Runtime")
+        except Exception as exc:
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if cfg.format == "ort":
+                raise PackageError(f"ONNX Runtime cannot use {src.name} as an ORT format model: {why}") from None
+            fmt, reason = "onnx", f"kept as .onnx: the ORT format conversion did not load back ({why})"
+    return _Converted(fmt, reason, style, converted, tool_config, convert_error, check, x)
+
+
+def _operators_config(source: _Source, conv: _Converted) -> bytes:
+    """required_operators.config: what ORT's converter reports for the optimised graph, plus (for a
+    kept .onnx) the graph's own operators with local functions inlined."""
+    ort, fmt, style = _ort(), conv.fmt, conv.style
+    ops = _parse_ops(conv.tool_config.read_text()) if conv.tool_config is not None else {}
+    if fmt == "onnx":
+        for key, names in onnx_ops(source.model).items():
+            ops.setdefault(key, set()).update(names)
+    header = [f"ONNX Runtime operators needed by {MODEL_STEM}.{fmt} (quantface package {__version__}, "
+              f"profile {source.profile}).",
+              (f"From ONNX Runtime {ort.__version__}'s convert_onnx_models_to_ort (optimization style {style}, "
+               f"target {TARGET_PLATFORM})" + (" joined with the graph's own operators, functions inlined."
+                                                if fmt == "onnx" else ".")
+               if conv.tool_config is not None else
+               f"The graph's own operators, functions inlined (ONNX Runtime's converter failed: {conv.convert_error})."),
+              "Use: build.py --include_ops_by_config required_operators.config"
+              + (" --minimal_build (this model is ORT format)." if fmt == "ort"
+                 else " (no --minimal_build: that loads only ORT format models).")]
+    return _ops_text(ops, header).encode()
+
+
+def _manifest(source: _Source, conv: _Converted, staged: Path, contexts: list[QnnContextEntry]) -> ModelManifest:
+    fmt = conv.fmt
+    return ModelManifest(
+        schema=MODEL_JSON_SCHEMA, model_file=staged.name, format=fmt, format_reason=conv.reason,
+        bytes=staged.stat().st_size, sha256=sha256_file(staged), profile=source.profile,
+        working_size=source.input.shape[-1], input=source.input, output=source.output, contract=Contract(),
+        quantization=bits_summary(source.meta),
+        runtime=RuntimeInfo(onnxruntime=_ort().__version__, optimization_style=conv.style if fmt == "ort" else None,
+                            target_platform=TARGET_PLATFORM if fmt == "ort" else None, session_config={},
+                            check=conv.check),
+        operators_config=OPS_CONFIG, qnn_contexts=contexts,
+        source=SourceInfo(source.path.name, sha256_file(source.path), str(source.meta.get("tool_version", ""))),
+        tool_version=__version__)
+
+
+def package(cfg: PackageConfig) -> PackageResult:
+    """Package ``cfg.onnx`` into ``cfg.out`` (and copy it into the demo folders when asked)."""
+    cfg.check()
+    source = _read_source(cfg)
     out = Path(cfg.out)
     targets = [_demo_dir(cfg.app_assets, APP_ASSETS, "--into-app")] if cfg.into_app else []
     targets += [_demo_dir(cfg.web_model_dir, WEB_MODEL_DIR, "--into-web")] if cfg.into_web else []
-    ort = _ort()
-    style = OPTIMIZATION_STYLE.get(profile, "Fixed")
     staging = temp_dir(out)  # the whole package folder, renamed onto ``out`` once complete
     work = Path(tempfile.mkdtemp(prefix="work.", dir=staging))
     try:
-        try:
-            converted, tool_config = _convert(src, work, style)
-            convert_error = ""
-        except Exception as exc:  # the converter's own exceptions (ORT pybind errors, RuntimeError)
-            converted = tool_config = None
-            convert_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        x = _check_input(inp["shape"])
-        try:
-            y_onnx = _session(src).run(None, {inp["name"]: x})[0]
-        except Exception as exc:  # onnxruntime's pybind error types
-            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise PackageError(f"ONNX Runtime cannot run {src}: {why}") from None
-        check: dict[str, object] = {}
-        if fmt == "ort":
-            try:
-                if converted is None:
-                    raise RuntimeError(f"the converter failed: {convert_error}")
-                y_ort = _session(converted).run(None, {inp["name"]: x})[0]
-                check = {"input": f"uniform [-1, 1], numpy seed {CHECK_SEED}",
-                         "ort_vs_onnx_max_abs": float(np.max(np.abs(y_ort - y_onnx)))}
-                reason = (f"converted to .ort with ONNX Runtime {ort.__version__}'s convert_onnx_models_to_ort "
-                          f"(optimization style {style}, target {TARGET_PLATFORM}"
-                          f"{'; QDQ node units kept for the QNN / NNAPI EPs' if style == 'Runtime' else ''}): "
-                          f"no 4-bit tensors, and it loads and runs in ONNX Runtime")
-            except Exception as exc:
-                why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                if cfg.format == "ort":
-                    raise PackageError(f"ONNX Runtime cannot use {src.name} as an ORT format model: {why}") from None
-                fmt, reason = "onnx", f"kept as .onnx: the ORT format conversion did not load back ({why})"
-        # Operators: what ORT's converter reports for the optimised graph, plus (for a kept .onnx)
-        # the graph's own operators with local functions inlined.
-        ops = _parse_ops(tool_config.read_text()) if tool_config is not None else {}
-        if fmt == "onnx":
-            for key, names in onnx_ops(model).items():
-                ops.setdefault(key, set()).update(names)
-        header = [f"ONNX Runtime operators needed by {MODEL_STEM}.{fmt} (quantface package {__version__}, "
-                  f"profile {profile}).",
-                  (f"From ONNX Runtime {ort.__version__}'s convert_onnx_models_to_ort (optimization style {style}, "
-                   f"target {TARGET_PLATFORM})" + (" joined with the graph's own operators, functions inlined."
-                                                    if fmt == "onnx" else ".")
-                   if tool_config is not None else
-                   f"The graph's own operators, functions inlined (ONNX Runtime's converter failed: {convert_error})."),
-                  "Use: build.py --include_ops_by_config required_operators.config"
-                  + (" --minimal_build (this model is ORT format)." if fmt == "ort"
-                     else " (no --minimal_build: that loads only ORT format models).")]
-        model_name = f"{MODEL_STEM}.{fmt}"
-        staged = work / model_name
-        shutil.copyfile(converted if fmt == "ort" else src, staged)
-        contexts, context_files = _qnn_contexts(src, work / "qnn", cfg.qnn_context, inp["name"], x)
-        manifest = {
-            "schema": MODEL_JSON_SCHEMA,
-            "model_file": model_name,
-            "format": fmt,
-            "format_reason": reason,
-            "bytes": staged.stat().st_size,
-            "sha256": sha256_file(staged),
-            "profile": profile,
-            "working_size": inp["shape"][-1],
-            "input": inp,
-            "output": outp,
-            "contract": {
-                "version": app_contract.CONTRACT_VERSION,
-                "crop": "largest centred square",
-                "resize": "exact integer area average, ties to even",
-                "normalize": "float32(p) / 127.5 - 1, NCHW, RGB",
-                "output": "clamp to [-1, 1], (y + 1) * 127.5 in float32, ties to even",
-                "reference": "quantface/app_contract.py",
-            },
-            "quantization": bits_summary(meta),
-            "runtime": {
-                "onnxruntime": ort.__version__,
-                "optimization_style": style if fmt == "ort" else None,
-                "target_platform": TARGET_PLATFORM if fmt == "ort" else None,
-                "session_config": {},
-                "check": check,
-            },
-            "operators_config": OPS_CONFIG,
-            "qnn_contexts": [c.to_json() for c in contexts],
-            "source": {"file": src.name, "sha256": sha256_file(src), "tool_version": meta.get("tool_version", "")},
-            "tool_version": __version__,
-        }
+        conv = _convert_and_check(cfg, source, work)
+        ops = _operators_config(source, conv)
+        staged = work / f"{MODEL_STEM}.{conv.fmt}"
+        shutil.copyfile(conv.ort if conv.fmt == "ort" else source.path, staged)
+        contexts, context_files = _qnn_contexts(source.path, work / "qnn", cfg.qnn_context, source.input.name, conv.x)
+        manifest = _manifest(source, conv, staged, contexts)
         shutil.rmtree(work / "src", ignore_errors=True)
         shutil.rmtree(work / "ort", ignore_errors=True)
-        _install(staging, staged, _ops_text(ops, header).encode(), manifest, context_files)
+        _install(staging, staged, ops, manifest, context_files)
         shutil.rmtree(work)
         replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    result = PackageResult(out, out / model_name, fmt, reason, manifest)
+    result = PackageResult(out, out / manifest.model_file, conv.fmt, conv.reason, manifest)
     for target in targets:
-        _install(target, out / model_name, None, manifest, [out / f.name for f in context_files])
+        _install(target, out / manifest.model_file, None, manifest, [out / f.name for f in context_files])
         result.copied_to.append(target)
     return result
 
@@ -504,11 +504,12 @@ def _demo_dir(given: str | None, default: Path, flag: str) -> Path:
     return REPO / default
 
 
-def _install(folder: Path, model_file: Path, ops: bytes | None, manifest: dict, extras: list[Path] = ()) -> None:
+def _install(folder: Path, model_file: Path, ops: bytes | None, manifest: ModelManifest, extras: list[Path] = ()
+             ) -> None:
     """Put the model, the ``extras`` (QNN contexts) and the operator config into ``folder``
     atomically, model.json last; drop a model of the other format left there by an earlier run."""
     folder.mkdir(parents=True, exist_ok=True)
-    name = manifest["model_file"]
+    name = manifest.model_file
     for extra in extras:
         atomic_copy(extra, folder / extra.name)
     atomic_copy(model_file, folder / name)
@@ -517,4 +518,4 @@ def _install(folder: Path, model_file: Path, ops: bytes | None, manifest: dict, 
     for stale in (f"{MODEL_STEM}.onnx", f"{MODEL_STEM}.ort"):
         if stale != name:
             (folder / stale).unlink(missing_ok=True)
-    atomic_write_bytes(folder / MODEL_JSON, (json.dumps(manifest, indent=2) + "\n").encode())
+    atomic_write_bytes(folder / MODEL_JSON, manifest.dumps().encode())

@@ -216,8 +216,8 @@ def test_into_app_and_web_copy_model_and_json(exports, tmp_path):
     assert r.copied_to == [app, web]
     for folder in (app, web):
         assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.ort"]
-        assert _manifest(folder) == r.manifest
-        assert sha256_file(folder / "model.ort") == r.manifest["sha256"]
+        assert _manifest(folder) == r.manifest.to_json()
+        assert sha256_file(folder / "model.ort") == r.manifest.sha256
 
 
 def test_demo_folders_default_to_this_checkout():

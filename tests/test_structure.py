@@ -3,7 +3,7 @@
     core (quantface.*: quant, bits, hadamard, recipe, data, metrics, pipeline, models, ...)
       ├── quantface.calibration   (folder calibration/)
       └── quantface.export        (folder export/)          ← neither imports the other
-            application (quantface.cli, chain, jobs, validate, package, app_contract, train)
+            application (quantface.cli, chain, jobs, validate, package, model_json, app_contract, train)
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = {"quantface.cli", "quantface.__main__", "quantface.chain", "quantface.jobs", "quantface.validate",
-       "quantface.package", "quantface.app_contract", "quantface.train", "quantface.deploy_bench"}
+       "quantface.package", "quantface.model_json", "quantface.app_contract", "quantface.train",
+       "quantface.deploy_bench"}
 ALLOWED = {"core": {"core"}, "calibration": {"core", "calibration"}, "export": {"core", "export"},
            "app": {"core", "calibration", "export", "app"}}
 
