@@ -46,6 +46,7 @@ from quantface.errors import WeightsError
 from quantface.paths import atomic_path
 from quantface.state_dict import load_strict, read_tensors
 
+WHAT = "LPIPS weights file"  # how errors name the files
 CHANNELS = {"vgg": (64, 128, 256, 512, 512), "alex": (64, 192, 384, 256, 256)}
 # Indices in torchvision's `features` of the ReLUs whose outputs LPIPS compares.
 _TAPS = {"vgg": (3, 8, 15, 22, 29), "alex": (1, 4, 7, 9, 11)}
@@ -156,11 +157,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if path.is_file() and path.suffix.lower() not in (".safetensors", ".pth", ".pt"):
         raise WeightsError(f"LPIPS weights file {path} has an unsupported extension; "
                            "expected .pth, .pt or .safetensors.")
-    return read_tensors(path, "LPIPS weights file")[0]
-
-
-def _load_strict(module: nn.Module, tensors: dict[str, torch.Tensor], path: Path, what: str) -> None:
-    load_strict(module, tensors, path, "LPIPS weights file", what)
+    return read_tensors(path, WHAT)[0]
 
 
 def load_lpips(net: str, backbone_path: str | os.PathLike, lin_path: str | os.PathLike | None = None) -> LPIPS:
@@ -168,13 +165,13 @@ def load_lpips(net: str, backbone_path: str | os.PathLike, lin_path: str | os.Pa
     model = LPIPS(net)
     backbone_path = Path(backbone_path)
     if lin_path is None:
-        _load_strict(model, _read_tensors(backbone_path), backbone_path, f"combined LPIPS-{net} model")
+        load_strict(model, _read_tensors(backbone_path), backbone_path, WHAT, f"combined LPIPS-{net} model")
     else:
         # torchvision's full-model files also carry the classifier, which LPIPS does not use.
         tensors = {k: v for k, v in _read_tensors(backbone_path).items() if not k.startswith("classifier.")}
-        _load_strict(model.backbone, tensors, backbone_path, f"{net} backbone (torchvision features.* keys)")
+        load_strict(model.backbone, tensors, backbone_path, WHAT, f"{net} backbone (torchvision features.* keys)")
         lin_path = Path(lin_path)
-        _load_strict(model.lin, _read_tensors(lin_path), lin_path, f"LPIPS-{net} lin head (lpips package keys)")
+        load_strict(model.lin, _read_tensors(lin_path), lin_path, WHAT, f"LPIPS-{net} lin head (lpips package keys)")
     model.requires_grad_(False)
     return model.eval()
 
