@@ -7,6 +7,11 @@ from quantface.cli import main
 from quantface.jobs import EvalConfig, ModelSpec
 from quantface.data import read_image
 
+# How much closer (PSNR, dB) the demo's ort-cpu graph is to its recipe's model than to the FP model:
+# measured 33.56 vs 21.51 dB (tiny random model, 2 distillation steps); a parity taken against the FP
+# model would have a margin of about 0.
+PARITY_MARGIN_DB = 5.0
+
 
 def test_eval_writes_json_with_required_fields(image_folder, tiny_weights, tmp_path, capsys):
     out = tmp_path / "res" / "eval.json"
@@ -68,7 +73,13 @@ def test_demo_runs_the_chain(tiny_weights, tiny_model, tmp_path, capsys, monkeyp
     s = json.loads((out / "summary.json").read_text())
     assert s["fp_demo"]["faces"][0] == "astronaut"
     assert len(list((out / "faces" / "calibration").glob("*.png"))) == 4
-    assert s["validate"]["n"] == 9 and np.isfinite(s["validate"]["parity_psnr"])  # astronaut + 8 LFW faces
+    assert s["validate"]["n"] == 9  # astronaut + 8 LFW faces
+    # The summary is the validate report's (written beside it), and that compares the graph with its
+    # recipe's model: much closer to it than to the FP model it was calibrated from.
+    report = json.loads((out / "validate.json").read_text())
+    assert {k: report[k] for k in s["validate"]} == s["validate"]
+    print(f"\ndemo: parity {report['parity_psnr']:.2f} dB, to FP {report['psnr_to_fp']:.2f} dB")
+    assert report["parity_psnr"] >= report["psnr_to_fp"] + PARITY_MARGIN_DB
     # Parity of the demo's ort-cpu graph with its recipe, layer by layer (tests.parity: end to end, the
     # random tiny model amplifies float-order code flips; the trained model's is in test_export).
     from quantface.calibration.recipe import apply_recipe
@@ -103,6 +114,8 @@ def test_configs_round_trip_to_json():
 
 def test_calibrate_export_validate_chain(image_folder, tiny_weights, tiny_model, tmp_path, capsys):
     """The CLI chain on a tiny model: calibrate → export → validate → eval --onnx."""
+    from quantface.calibration.recipe import apply_recipe
+
     recipe, onnx_path = tmp_path / "recipe", tmp_path / "out" / "model.onnx"
     w = ["--weights", str(tiny_weights)]
     assert main(["calibrate", *w, "--method", "quantface", "--bits", "W4A4", "--data", str(image_folder),
@@ -112,9 +125,25 @@ def test_calibrate_export_validate_chain(image_folder, tiny_weights, tiny_model,
     assert main(["validate", *w, "--onnx", str(onnx_path), "--recipe", str(recipe), "--data", str(image_folder),
                  "--limit", "2", "--repeats", "2", "--threads", "1", "--json", str(report)]) == 0
     r = json.loads(report.read_text())
-    assert np.isfinite(r["parity_psnr"]) and r["n"] == 2 and r["threads"] == 1 and r["file_bytes"] > 0
+    assert r["n"] == 2 and r["threads"] == 1 and r["file_bytes"] == onnx_path.stat().st_size
+    # The parity is the graph against the recipe's requantized model on validate's degraded faces:
+    # recomputed here from the public pieces, it is the same number.
+    from quantface.data import load_folder
+    from quantface.degradation import degrade
+    from quantface.export import OnnxBackend
+    from quantface.metrics import output_psnr
+    from quantface.pipeline import TorchBackend, images_to_tensor
+
+    lqs = [degrade(hq, 0, i)[0] for i, hq in enumerate(load_folder(image_folder, 32, 2).images)]
+    onnx_backend = OnnxBackend(onnx_path, threads=1)
+    torch_backend = TorchBackend(apply_recipe(tiny_model, recipe, requant_outputs=True))
+    # one face a run and float64, as validate does
+    graph = np.concatenate([onnx_backend(images_to_tensor([lq]).numpy()) for lq in lqs]).astype(np.float64)
+    model = np.concatenate([torch_backend(images_to_tensor([lq]).numpy()) for lq in lqs]).astype(np.float64)
+    print(f"\nvalidate: parity {r['parity_psnr']:.2f} dB, to FP {r['psnr_to_fp']:.2f} dB")
+    assert r["parity_psnr"] == pytest.approx(output_psnr(graph, model), rel=1e-9)
+    assert r["parity_max_abs"] == pytest.approx(float(np.abs(graph - model).max()), rel=1e-9)
     # Parity layer by layer (tests.parity; end to end the random tiny model amplifies code flips).
-    from quantface.calibration.recipe import apply_recipe
     from tests.parity import layer_parity
 
     x = np.random.default_rng(0).uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32)

@@ -3,6 +3,7 @@ and calibration keeping every tensor it creates on the models' device."""
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,7 +32,15 @@ def test_device_names_rejected_in_one_sentence(name):
         ModelSpec(device=name)
 
 
-def test_cpu_is_cpu():
+def test_auto_picks_the_gpu_torch_sees_and_a_named_gpu_must_exist(monkeypatch):
+    """With two CUDA GPUs as torch reports them (faked: this is a CPU build), ``auto`` is the first,
+    ``cuda:1`` exists, ``cuda:2`` does not, and ``cpu`` stays the CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match=r"^--device cuda:2 does not exist: torch sees 2 CUDA GPU\(s\)$"):
+        resolve_device("cuda:2")
     assert resolve_device("cpu") == torch.device("cpu")
 
 
@@ -75,12 +84,20 @@ def test_calibration_creates_no_tensor_off_the_models_device(method, extra, imag
     assert all(t.device.type == "cpu" for t in result.model.state_dict().values())
 
 
-def test_model_spec_runs_the_pytorch_model_on_its_device_and_keeps_it_for_the_fp_reference(tiny_weights):
+def test_model_spec_runs_the_pytorch_model_on_its_device_and_keeps_it_for_the_fp_reference(tiny_weights, tiny_model,
+                                                                                            monkeypatch):
+    """Where ``auto`` would pick a GPU (faked; this CPU build cannot move a tensor there), ``--device cpu``
+    keeps the model and the FP reference derived from the spec on the CPU, and they compute the model."""
     spec = ModelSpec(weights=str(tiny_weights), recipe="r", device="cpu")
-    assert spec.fp_spec() == ModelSpec(weights=str(tiny_weights), device="cpu")
-    backend = ModelSpec(weights=str(tiny_weights), device="cpu").torch_backend()
-    assert backend.device == torch.device("cpu")
     assert ModelSpec.from_json(spec.to_json()) == spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises((AssertionError, RuntimeError)):  # what "auto" would do here
+        ModelSpec(weights=str(tiny_weights)).torch_backend()
+    backend = spec.fp_spec().torch_backend()
+    assert {t.device.type for t in backend.module.state_dict().values()} == {"cpu"}
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert np.array_equal(backend(x.numpy()), tiny_model(x).numpy())
 
 
 @no_cuda

@@ -220,12 +220,53 @@ def test_into_app_and_web_copy_model_and_json(exports, tmp_path):
         assert sha256_file(folder / "model.ort") == r.manifest.sha256
 
 
-def test_demo_folders_default_to_this_checkout():
+@pytest.mark.parametrize("profile", list(PROFILES))
+def test_model_json_reads_back_as_its_schema_byte_for_byte(packaged, profile):
+    from quantface.model_json import read_model_json
+
+    text = (packaged[profile] / MODEL_JSON).read_text()
+    m = read_model_json(packaged[profile])
+    assert m.dumps() == text
+    assert m.format == PROFILES[profile] and m.input.shape == [1, 3, SIZE, SIZE] and m.qnn_contexts == []
+    assert (m.runtime.check is None) == (m.format == "onnx")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.pop("sha256"), r"model.json has no field 'sha256'"),
+    (lambda m: m.update(bytes="12"), r"model.json.bytes must be int, not str"),
+    (lambda m: m["input"]["shape"].append("x"), r"model.json.input.shape\[4\] must be int, not str"),
+    (lambda m: m["quantization"].update(extra=1), r"model.json.quantization has an unknown field 'extra'"),
+    (lambda m: m.update(schema=2), r"model.json has schema 2; this tool reads schema 1"),
+    (lambda m: m.update(format="tflite"), r"model.json.format 'tflite' is not one of ort, onnx"),
+    (lambda m: m.update(model_file="other.ort"), r"model.json.model_file 'other.ort' does not match format"),
+])
+def test_model_json_is_checked_on_read(packaged, tmp_path, change, message):
+    from quantface.model_json import ModelJsonError, read_model_json
+
+    m = _manifest(packaged["ort-cpu"])
+    change(m)
+    (tmp_path / MODEL_JSON).write_text(json.dumps(m))
+    with pytest.raises(ModelJsonError, match=message):
+        read_model_json(tmp_path)
+
+
+def test_demo_folders_default_to_where_the_app_and_the_page_load_the_model():
+    """``--into-app`` / ``--into-web`` default to the folder the app's Gradle build takes its assets
+    from and the one app.js fetches model.json from, both read from those files."""
     from quantface.package import _demo_dir
 
-    assert _demo_dir(None, APP_ASSETS, "--into-app") == REPO / "android_demo/app/src/main/assets"
-    assert _demo_dir(None, WEB_MODEL_DIR, "--into-web") == REPO / "android_demo/web/model"
-    assert (REPO / APP_ASSETS).is_dir()
+    gradle = (ANDROID / "app" / "build.gradle.kts").read_text()
+    assets = re.search(r'val assets = layout\.projectDirectory\.dir\("([^"]+)"\)', gradle).group(1)
+    assert _demo_dir(None, APP_ASSETS, "--into-app") == ANDROID / "app" / assets
+    assert (ANDROID / "app" / assets).is_dir()
+    model_dir = re.search(r"const MODEL_DIR = new URL\('([^']+)', import\.meta\.url\);", (WEB / "app.js").read_text())
+    assert _demo_dir(None, WEB_MODEL_DIR, "--into-web") == (WEB / model_dir.group(1)).resolve()
+
+
+def test_the_app_size_limit_is_the_one_the_gradle_build_warns_at():
+    gradle = (ANDROID / "app" / "build.gradle.kts").read_text()
+    mib = int(re.search(r"val limit = (\d+)L \* 1024 \* 1024", gradle).group(1))
+    assert MAX_APP_MODEL_BYTES == mib * 1024 * 1024
 
 
 def test_package_config_round_trips_and_validates():
@@ -461,7 +502,6 @@ def test_generated_demo_models_are_gitignored():
 def test_committed_demo_files_are_under_20_mb():
     """The repository ships the app and the page without a model; whatever is committed under
     android_demo/ (every file that is not gitignored) stays at most 20 MB."""
-    assert MAX_APP_MODEL_BYTES == 20 * 1024 * 1024
     seen = 0
     for folder, dirs, files in os.walk(ANDROID):
         base = Path(folder).relative_to(REPO).as_posix()
