@@ -61,12 +61,8 @@ def allocate(options: Mapping[str, Sequence[Option]], budget: float,
         raise ConfigError("bit allocation needs at least one option for every layer")
     check_budget(options, budget, describe)
     names = list(options)
-    # Scale the objective so that its lower bound (every layer at its least error) is 1e4 and the
-    # budget row so that its right-hand side is 1. CBC's optimality tolerances are absolute (it
-    # stops once an improvement would be below about 1e-5), so this makes them relative to the
-    # optimum, about 1e-9: on 300 random problems the result then equals brute force exactly,
-    # where scaling to 1 missed the optimum by up to 3e-6 (relative) and scaling by the largest
-    # error by far more when the optimum is tiny next to the worst option.
+    # The objective's lower bound scaled to 1e4 and the budget to 1: CBC's absolute tolerances then
+    # act as relative ones of about 1e-9 (docs/calibration_notes.md, "The integer program").
     lower = sum(min(o.error for o in opts) for opts in options.values())
     positive = [o.error for opts in options.values() for o in opts if o.error > 0]
     err_scale = (lower if lower > 0 else (min(positive) if positive else 1.0)) / 1e4
@@ -90,9 +86,8 @@ def allocate(options: Mapping[str, Sequence[Option]], budget: float,
                            for i, n in enumerate(names) for j in range(len(options[n]))) <= rhs
         with warnings.catch_warnings():  # PuLP 3.3 deprecates PULP_CBC_CMD (its bundled CBC) for 4.0
             warnings.simplefilter("ignore", DeprecationWarning)
-            # "preprocess off": CBC 2.10.3's (the one PuLP bundles) integer preprocessing fixes
-            # variables wrongly on some of these problems and reports a poor choice as optimal
-            # (test_mixed.py keeps one such problem); the program is small enough without it.
+            # "preprocess off": the bundled CBC's integer preprocessing reports a poor choice as
+            # optimal on some of these problems (docs/calibration_notes.md; a case in test_mixed.py).
             solver = pulp.PULP_CBC_CMD(msg=False, gapRel=0, gapAbs=0, threads=1, options=["preprocess off"])
         status = pulp.LpStatus[prob.solve(solver)]
         if status != "Optimal":

@@ -59,9 +59,8 @@ class CalibConfig(JsonConfig):
     stat_images: int = 64  # images whose activations set smoothing and ranges
     rank: int = 8  # r: SVD branch rank r and LoRA rank r (QuantFace); 2r for single-branch baselines
     alpha: float = 0.5  # smoothing migration strength
-    # Layers with fewer input channels are not rotated. On the RGB image (3 strongly correlated channels,
-    # no Hadamard of order 3) the block-diagonal fallback H2 ⊕ 1 widens the per-tensor activation range
-    # instead of balancing channels: rotating the two RGB-input layers cost QuantFace W4A4 1.3 dB PSNR to FP.
+    # Layers with fewer input channels are not rotated: on the RGB image the fallback H2 ⊕ 1 widens the
+    # activation range instead of balancing channels (docs/calibration_notes.md).
     rotate_min_channels: int = 4
     steps: int | None = None  # distillation steps; default per method
     batch_size: int = 4
@@ -88,7 +87,7 @@ class CalibConfig(JsonConfig):
     # Adaptive bit-width allocation (calibration.mixed); mp_budget None keeps uniform bits.
     mp_budget: float | None = None  # mean activation bits, or with target 'qnn' a fraction of the A16/W8 bytes
     mp_candidates: tuple[int, ...] = (3, 4, 5, 6)  # activation bit widths to choose from
-    mp_epsilon: float | None = None  # sweep deviation threshold ε; default per metric (mixed.DEFAULT_EPSILON)
+    mp_epsilon: float | None = None  # sweep deviation threshold ε; default per metric (DEFAULT_EPSILON)
     mp_metric: str = "ssim"  # sweep deviation: ssim (1 − SSIM) | psnr (MSE) | lpips
     mp_sweep_images: int = 16  # calibration images of the sweep and of the layer errors
     mp_cost: str = "elements"  # elements (bits × input elements) | bops (bits × weight bits × MACs)

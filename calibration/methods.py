@@ -29,9 +29,8 @@ class MethodSpec:
     refine: str | None = None  # None | "distill" | "modulewise"
     learn_scales: bool = False  # quantizer scales trained with the refinement
     # Smoothing and the Hadamard rotation only where the run's weight or activation bits are below this
-    # (None: whatever the bits). Both cost online nodes (a Mul, a Hadamard: 9.1 ms of the 60 ms W4A4
-    # ort-cpu graph) that a W8A8 graph meant to be as lean as ONNX Runtime's quantize_static cannot
-    # carry; with 4-bit weights they also serve the weights, so W4A8 keeps them (docs/calibration_notes.md).
+    # (None: whatever the bits): their online nodes are what a lean W8A8 graph cannot carry
+    # (docs/calibration_notes.md).
     balance_below_bits: int | None = None
 
     def balances(self, weight_bits: int, act_bits: int) -> bool:
@@ -96,9 +95,8 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in [
     ),
 ]}
 
-# Distillation: 600 steps of batch 4. On the 300 test faces QuantFace W4A4 (LoRA lr 1e-3, scale lr 1e-4)
-# went from 23.35 dB / SSIM 0.6811 / 41.09 dB to FP at 200 steps to 23.37 / 0.6825 / 41.49 at 600, and
-# calibration stays under 30 minutes on 2 cores. Module-wise (PassionSR): optimiser steps per layer.
+# Distillation: steps of batch 4 (why 600: docs/calibration_notes.md). Module-wise (PassionSR): optimiser
+# steps per layer.
 DEFAULT_STEPS = {"distill": 600, "modulewise": 60}
 
 

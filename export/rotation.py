@@ -16,27 +16,11 @@ function overloads) give the same op one body per layout and form; a model carri
     "channels_last"       (linear inputs, channels last): MatMul(X ⊙ D, H)
     "channels_last_kron"  Reshape (…, a, b) → MatMul(·, B) → MatMul(Aᵀ, ·) → Reshape back
 
-Why these bodies (ONNX Runtime 1.31, CPU EP, batch 1, median of 30–40 runs, the reference model's
-shapes). Dense: one thread::
-
-    NCHW n×HW            Transpose-MatMul-Transpose   Conv 1×1   Mul(d)+Conv 1×1(H)   Einsum
-    32×128²                     0.575 ms              0.332 ms       0.375 ms          2.217 ms
-    64×64²                      0.309 ms              0.212 ms       0.230 ms          1.219 ms
-    96×32²                      0.167 ms              0.115 ms       0.129 ms          0.467 ms
-    320×32²                     1.271 ms              1.087 ms       1.114 ms          2.654 ms
-    (B, N, C) channels last: MatMul(Q) 0.041 ms, Mul(d)+MatMul(H) 0.051 ms at 256 tokens × 128.
-
-Dense 1×1 Conv vs the factored body, two threads (a micro-benchmark of the rotation alone,
-measured while other jobs shared the machine, so ±20 %)::
-
-    n (a⊗b) × HW      128 (16⊗8)×32²  128×128²  192 (16⊗12)×32²  384 (32⊗12)×16²  320 (16⊗20)×16²  96 (8⊗12)×64²  32 (8⊗4)×128²
-    dense Conv 1×1       0.201 ms     6.37 ms       0.374 ms         0.339 ms         0.236 ms        0.291 ms       0.155 ms
-    factored             0.173 ms     4.16 ms       0.279 ms         0.166 ms         0.074 ms        0.728 ms       1.059 ms
-
-Factoring wins from n = 128 on and loses badly on narrow layers (1×1 convs over 4–12 channels are
-memory-bound), hence ``KRON_MIN_ORDER = 128``. It also shrinks the file: the reference model's
-dense matrices took 1.7 MB, as much as 70 % of its 4-bit weights; factors, small dense orders and
-signs take 115 kB.
+Why these bodies (measured in docs/export_notes.md, "The Hadamard node's bodies"): on NCHW inputs
+Mul(d) + a 1×1 Conv by H is within about 15 % of the fastest dense form and shares one matrix per
+order between layers (Einsum and Transpose-MatMul are slower); channels last, Mul(d) + MatMul. The
+Kronecker-factored body wins from order 128 on and loses on narrow layers (``KRON_MIN_ORDER``), and
+it shrinks the file.
 
 The ``qnn`` profile has no local functions (QNN cannot run them): it emits the same two nodes inline
 (``<layer>_Hadamard_Mul`` then ``<layer>_Hadamard_Conv`` / ``<layer>_Hadamard_MatMul``, with Hᵀ stored
