@@ -46,6 +46,7 @@ from torch import nn
 
 from quantface.config import JsonConfig
 from quantface.errors import ConfigError, WeightsError
+from quantface.models.timesteps import DiffusersTimesteps
 
 EXTRA = "osdface"
 LORA_FILES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors", "pytorch_lora_weights.bin")
@@ -317,6 +318,8 @@ class OSDFaceRestorer(nn.Module):
         super().__init__()
         self.config = config
         self.vae, self.unet, self.embedder, self.prompt_proj = vae, unet, embedder, prompt_proj
+        if hasattr(unet, "time_proj"):  # the frequencies as a torch-built buffer (models.timesteps)
+            unet.time_proj = DiffusersTimesteps.replacing(unet.time_proj)
         a = config.alpha_bar
         self.register_buffer("timestep", torch.tensor([config.timestep], dtype=torch.long), persistent=False)
         self.register_buffer("sqrt_alpha_bar", torch.tensor(a**0.5), persistent=False)
