@@ -46,6 +46,8 @@ from quantface.verdict import default_min_parity
 
 PSNR_CAP = 200.0
 EPS = ("cpu", "qnn-htp")
+
+
 class _Recording:
     """Wraps a backend and keeps its raw float outputs, so parity is measured before uint8 rounding."""
 
