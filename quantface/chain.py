@@ -13,8 +13,8 @@
 5. package the ``ort-cpu`` graph for the Android app and the browser demo (``quantface.package``),
    copying it into ``android_demo``'s assets when run from a checkout of the repository.
 
-The summary lines are the last lines printed. The fast preset trades quality for time (minutes on two
-cores); ``quantface calibrate`` with the defaults on real calibration faces is what the results table uses.
+The summary lines are the last lines printed. The fast preset trades quality for time (its time is in the
+README); ``quantface calibrate`` with the defaults on real calibration faces is what the results table uses.
 """
 
 from __future__ import annotations
