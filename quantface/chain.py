@@ -28,7 +28,7 @@ from quantface.config import JsonConfig, check_int
 from quantface.data import atomic_write_bytes, shipped_faces, write_image
 from quantface.errors import ConfigError
 from quantface.metrics import psnr
-from quantface.jobs import DemoConfig, ModelSpec, comparison_grid, demo, demo_faces, psnr_to_gt
+from quantface.jobs import DEMO_LFW_FACES, DemoConfig, ModelSpec, comparison_grid, demo, demo_faces, psnr_to_gt
 
 
 @dataclass
@@ -49,6 +49,9 @@ class ChainConfig(JsonConfig):
     def __post_init__(self) -> None:
         if self.calib_faces < 1 or self.validate_faces < 1:
             raise ConfigError("the demo needs at least one calibration and one validation face")
+        if self.validate_faces < DEMO_LFW_FACES:
+            raise ConfigError(f"the demo validates on at least the {DEMO_LFW_FACES} LFW faces its grid shows (held out "
+                              f"of calibration); validate_faces {self.validate_faces} is fewer")
         if self.calib_faces + self.validate_faces > 200:
             raise ConfigError("scikit-image ships 200 LFW faces: calibration + validation faces must not exceed 200")
         check_int(self.steps, "--steps", 0)

@@ -286,8 +286,11 @@ class DemoFaces:
     ground_truth: list[np.ndarray | None]
 
 
+DEMO_LFW_FACES = 5  # LFW faces the demo's grid shows (the first ones)
+
+
 def demo_faces(size: int, seed: int) -> DemoFaces:
-    faces, names = shipped_faces(size)
+    faces, names = shipped_faces(size, lfw_count=DEMO_LFW_FACES)
     return DemoFaces(names, [degrade(faces[0], seed, 0)[0]] + faces[1:], [faces[0]] + [None] * (len(faces) - 1))
 
 
