@@ -50,6 +50,12 @@ def test_demo_grid_shows_the_quantized_faces_and_the_summary_comes_last(tiny_wei
     assert not np.array_equal(_cell(grid, 0, 1), _cell(grid, 0, 2))  # W4A4 is not the FP model
     assert set(g["astronaut_psnr"]) == set(g["columns"])
     assert s["validate"]["passed"] is True and "bar 40 dB: pass" in s["lines"][0]
+    # the CPU deployment graph (W8A8 ort-cpu) beside ONNX Runtime's quantize_static, timed in the same run
+    assert {"W8A8 ort-cpu", "quantize_static"} <= set(s["graphs"]) and s["validate_cpu"]["passed"] is True
+    cpu = next(line for line in s["lines"] if line.startswith("cpu "))
+    assert "W8A8 ort-cpu vs ONNX Runtime quantize_static" in cpu and "parity" in cpu and ": pass" in cpu
+    assert s["quantize_static"]["settings"]["quantizer"] == "onnxruntime.quantization.quantize_static"
+    assert s["quantize_static"]["psnr_to_fp"] > 20 and s["passed"] is True
 
 
 @pytest.mark.parametrize("fp_only", [True, False])
