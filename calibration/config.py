@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from quantface.config import JsonConfig, check_int, check_size
 from quantface.device import check_device_name
@@ -133,10 +134,16 @@ class CalibConfig(JsonConfig):
     def check(self) -> None:
         """Before any work: the calibration faces exist, the recipe folder can be written, and the
         LPIPS weights (if given) load: a bad file is refused now, not after the statistics pass."""
-        from quantface.data import list_images
+        from quantface.data import SHIPPED_LFW, list_images
         from quantface.paths import check_output_dir
 
-        list_images(self.data)
+        if self.data != SHIPPED_LFW:
+            if not Path(self.data).exists():  # e.g. the default, without the data set's ../shared beside the checkout
+                raise ConfigError(f"input path {self.data} does not exist; calibration needs face photos: give "
+                                  f"--data DIR (the data set's faces_hq/calib or any folder of face images), or "
+                                  f"--data {SHIPPED_LFW} for the 200 LFW faces scikit-image ships (what quantface "
+                                  f"demo calibrates on)")
+            list_images(self.data)
         out = check_output_dir(self.out, "--out")
         if out.is_dir() and any(out.iterdir()) and not (out / "recipe.json").is_file():
             # the recipe writer replaces the whole folder: never a folder that is not an earlier recipe

@@ -13,6 +13,7 @@ from quantface import __version__
 from quantface.device import HELP as DEVICE_HELP
 from quantface.errors import ConfigError, QuantFaceError
 from quantface.models import MODEL_NAMES
+from quantface.verdict import MIN_PARITY_FP32, MIN_PARITY_QUANTIZED
 
 
 def _add_model_args(p: argparse.ArgumentParser, onnx: bool = True) -> None:
@@ -127,18 +128,23 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     from quantface.jobs import DemoConfig, demo
 
     spec = _model_spec(a)
-    if a.fp_only:
-        s = demo(DemoConfig(out=a.out, model=spec, seed=a.seed))
-    else:
+    if spec.quantized:  # the FP demo runs the FP model; the full demo calibrates its own recipe
+        what = "--fp-only restores the shipped faces with the FP model" if a.fp_only else \
+            "demo calibrates, exports and validates its own recipe"
+        raise ConfigError(f"{what}; --recipe and --onnx do not apply to demo (quantface restore or eval "
+                          f"--recipe/--onnx run a recipe or a graph)")
+    if not a.fp_only:
         from quantface.chain import ChainConfig, run_chain
 
         s = run_chain(ChainConfig(out=a.out, model=spec, seed=a.seed, steps=a.steps, calib_faces=a.calib_faces,
-                                  threads=a.threads, package=not a.no_package))["fp_demo"]
+                                  threads=a.threads, package=not a.no_package))
+        return 0 if s["passed"] else 1  # the summary lines, printed last, say why
+    s = demo(DemoConfig(out=a.out, model=spec, seed=a.seed))
     print(f"restored {len(s['faces'])} shipped faces ({', '.join(s['faces'])}) with the FP model")
     print(f"astronaut (synthetically degraded, seed {a.seed}): input PSNR {s['astronaut_psnr_input']:.2f} dB "
           f"SSIM {s['astronaut_ssim_input']:.4f} -> restored PSNR {s['astronaut_psnr_restored']:.2f} dB "
           f"SSIM {s['astronaut_ssim_restored']:.4f}")
-    print(f"before/after grid: {s['grid']}")
+    print(f"before/after grid: {s['grid']} (input | FP | GT)")
     return 0
 
 
@@ -163,7 +169,15 @@ def _cmd_validate(a: argparse.Namespace) -> int:
 
     r = validate(ValidateConfig(onnx=a.onnx, data=a.data, model=_model_spec(a), limit=a.limit, seed=a.seed,
                                 threads=a.threads, repeats=a.repeats, json_out=a.json, ep=a.ep,
-                                htp_limit=a.htp_limit, soc=a.soc))
+                                htp_limit=a.htp_limit, soc=a.soc, min_parity=a.min_parity))
+    c = r["compared"]
+    if c["recipe"]:
+        print(f"compared: {c['profile']} graph {c['onnx']} with the fake-quant PyTorch model of recipe {c['recipe']} "
+              f"(sha256 {c['recipe_sha256'][:12]}…, the graph's) on {c['fp_model']['name']} "
+              f"({c['fp_model']['weights']} weights)")
+    else:
+        print(f"compared: FP32 graph {c['onnx']} with the FP PyTorch model {c['fp_model']['name']} "
+              f"({c['fp_model']['weights']} weights)")
     print(f"parity ONNX vs PyTorch: PSNR {r['parity_psnr']:.2f} dB, max-abs {r['parity_max_abs']:.2e} (n={r['n']})")
     if "htp" in r:
         h = r["htp"]
@@ -179,6 +193,11 @@ def _cmd_validate(a: argparse.Namespace) -> int:
           f"size: {r['file_bytes'] / 1e6:.2f} MB")
     if a.json:
         print(f"wrote {a.json}")
+    if not r["passed"]:
+        print(f"FAIL: parity {r['parity_psnr']:.2f} dB is below --min-parity {r['min_parity']:g} dB: the graph does "
+              f"not compute what its PyTorch model does", file=sys.stderr)
+        return 1
+    print(f"pass: parity {r['parity_psnr']:.2f} dB >= --min-parity {r['min_parity']:g} dB")
     return 0
 
 
@@ -238,27 +257,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     from quantface.calibration import METHODS, CalibConfig
     from quantface.calibration.config import BITS_FORMS, DEFAULT_EPSILON, FOLD_MIN_WEIGHT_BITS, FOLD_POLICIES
+    from quantface.calibration.methods import DEFAULT_STEPS
+    from quantface.config import SHIPPED_LFW
 
     d = CalibConfig()
+    steps_by_refine: dict = {}
+    for m in METHODS.values():
+        steps_by_refine.setdefault(m.refine, []).append(m.name)
+    steps_help = "; ".join(f"{DEFAULT_STEPS[r]} for {', '.join(names)}" for r, names in steps_by_refine.items() if r)
     p = sub.add_parser("calibrate", help="calibrate a quantized model and write its recipe")
-    p.add_argument("--model", default="reference", choices=MODEL_NAMES)
+    p.add_argument("--model", default="reference", choices=MODEL_NAMES, help="network to calibrate (default: %(default)s)")
     p.add_argument("--weights", default=None, help="weights stem overriding the embedded ones")
     _add_osdface_args(p)
-    p.add_argument("--method", default=d.method, choices=list(METHODS))
-    p.add_argument("--bits", default=d.bits, help=f"{BITS_FORMS} (default: %(default)s)")
-    p.add_argument("--data", default=d.data, help="folder of HQ calibration faces (degraded with --seed)")
+    p.add_argument("--method", default=d.method, choices=list(METHODS), help="calibration method (default: %(default)s)")
+    p.add_argument("--bits", default=d.bits, help=f"{BITS_FORMS}; any other form is refused (default: %(default)s)")
+    p.add_argument("--data", default=d.data,
+                   help=f"folder of HQ calibration faces (degraded with --seed), or {SHIPPED_LFW} for the 200 LFW "
+                        f"faces scikit-image ships, as quantface demo uses (default: %(default)s, the data set "
+                        f"beside a checkout)")
     p.add_argument("--out", required=True, help="recipe folder to write")
-    p.add_argument("--steps", type=int, default=None, help="refinement steps (default per method)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"refinement steps (default per method: {steps_help}; the others do not train)")
+    p.add_argument("--seed", type=int, default=d.seed, help="degradation and initialisation seed (default: %(default)s)")
     p.add_argument("--size", type=int, default=None, help="working size (default: the model's)")
-    p.add_argument("--limit", type=int, default=None, help="use the first N calibration images")
-    p.add_argument("--stat-images", type=int, default=d.stat_images, help="images for statistics and ranges")
-    p.add_argument("--rank", type=int, default=d.rank, help="low-rank r (QD-LoRA: r + r, merged to 2r)")
-    p.add_argument("--alpha", type=float, default=d.alpha, help="smoothing migration strength")
+    p.add_argument("--limit", type=int, default=None, help="use the first N calibration images (default: all)")
+    p.add_argument("--stat-images", type=int, default=d.stat_images,
+                   help="images for statistics and ranges (default: %(default)s)")
+    p.add_argument("--rank", type=int, default=d.rank,
+                   help="low-rank r (QD-LoRA: r + r, merged to 2r; default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="smoothing migration strength (default: %(default)s)")
     p.add_argument("--rotate-min-channels", type=int, default=d.rotate_min_channels,
                    help="layers with fewer input channels are not rotated (default %(default)s: not the RGB input)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr, help="learning rate of the SVD-initialised low-rank branches")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="distillation batch size (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr,
+                   help="learning rate of the SVD-initialised low-rank branches (default: %(default)s)")
     p.add_argument("--lora-lr", type=float, default=d.lora_lr,
                    help="learning rate of the LoRA-initialised branches (zero-init up factor; default: %(default)s)")
     p.add_argument("--scale-lr", type=float, default=d.scale_lr,
@@ -272,11 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "W8A8 codes; not needed on ARM, VNNI CPUs or the HTP")
     p.add_argument("--lpips-backbone", default=None, help="local LPIPS backbone weights (perceptual loss)")
     p.add_argument("--lpips-lin", default=None, help="local LPIPS linear-head weights")
-    p.add_argument("--lpips-net", default=d.lpips_net, choices=["vgg", "alex"])
-    p.add_argument("--fp-layers", nargs="*", default=[], help="glob patterns of layers kept in full precision")
+    p.add_argument("--lpips-net", default=d.lpips_net, choices=["vgg", "alex"],
+                   help="LPIPS backbone kind (default: %(default)s)")
+    p.add_argument("--fp-layers", nargs="*", default=[],
+                   help="glob patterns of layers kept in full precision (default: none)")
     p.add_argument("--no-resume", action="store_true", help="ignore an interrupted run's checkpoint")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--device", default=d.device, help=f"where calibration runs: {DEVICE_HELP}")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--device", default=d.device, help=f"where calibration runs: {DEVICE_HELP} (default: %(default)s)")
     g = p.add_argument_group("adaptive bit widths (QuantFace-MP, calibration.mixed)")
     g.add_argument("--mp-budget", type=float, default=None,
                    help="allocate activation bits per layer: mean activation bits (e.g. 4.0), or with "
@@ -297,15 +331,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("export", help="export a recipe (or the FP model) as a QDQ ONNX graph")
-    p.add_argument("--model", default="reference", choices=MODEL_NAMES)
+    p.add_argument("--model", default="reference", choices=MODEL_NAMES, help="network to export (default: %(default)s)")
     p.add_argument("--weights", default=None, help="weights stem overriding the embedded ones")
     _add_osdface_args(p)
-    p.add_argument("--recipe", default=None, help="calibration recipe folder")
+    p.add_argument("--recipe", default=None, help="calibration recipe folder (this or --fp32 is required)")
     p.add_argument("--fp32", action="store_true", help="export the unquantized baseline graph")
-    p.add_argument("--profile", default="reference", choices=["reference", "ort-cpu", "qnn"])
+    p.add_argument("--profile", default="reference", choices=["reference", "ort-cpu", "qnn"],
+                   help="with --recipe: reference (INT4/UINT4 containers where the bits fit: the exact, compact graph), "
+                        "ort-cpu (INT8/UINT8, QLinearConv on ONNX Runtime's CPU EP) or qnn (Qualcomm HTP) "
+                        "(default: %(default)s)")
     p.add_argument("--out", required=True, help="ONNX file to write")
     p.add_argument("--size", type=int, default=None, help="static input side (default: the model's working size)")
-    p.add_argument("--batch", type=int, default=1, help="static batch size")
+    p.add_argument("--batch", type=int, default=1, help="static batch size (default: %(default)s)")
     p.add_argument("--no-rotation", action="store_true",
                    help="leave out the Hadamard nodes (wrong outputs; only to measure their cost)")
     p.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"],
@@ -313,7 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(deprecated by torch, kept to compare with)")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("validate", help="ONNX Runtime vs PyTorch on real faces: parity, quality, latency, size")
+    p = sub.add_parser("validate", help="ONNX Runtime vs PyTorch on real faces: parity, quality, latency, size",
+                       description="Compare an exported graph with the PyTorch model it came from: a quantized graph "
+                                   "with the fake-quant model of --recipe, which must be the recipe it was exported "
+                                   "from (its sha256 is in the graph); an FP32 graph with the FP model.")
     _add_model_args(p, onnx=False)
     p.add_argument("--onnx", required=True, help="the exported ONNX graph to validate")
     p.add_argument("--data", required=True, help="folder of HQ faces (degraded with --seed)")
@@ -328,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--htp-limit", type=int, default=2,
                    help="faces run on the emulated HTP (default 2; 25-50 s each at 128 px)")
     p.add_argument("--soc", default="SM8650", help="--ep qnn-htp: Snapdragon SoC the HTP backend targets")
+    p.add_argument("--min-parity", type=float, default=None, metavar="DB",
+                   help=f"exit 1 when parity ONNX vs PyTorch (CPU EP) is below DB dB (default: "
+                        f"{MIN_PARITY_QUANTIZED:g} for a quantized graph, {MIN_PARITY_FP32:g} for an FP32 graph)")
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("package", help="package an exported ONNX graph for the Android app and the browser demo")

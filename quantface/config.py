@@ -11,6 +11,11 @@ from quantface.errors import ConfigError
 
 T = TypeVar("T", bound="JsonConfig")
 
+# The ``--data`` value naming the LFW faces scikit-image ships (``quantface.data.shipped_lfw_faces``): what
+# calibration can use without the data set, as the demo does. Here, not in ``quantface.data``, so the
+# command line's help can name it without importing OpenCV.
+SHIPPED_LFW = "skimage:lfw"
+
 
 class JsonConfig:
     """Mixin for dataclasses: ``to_json`` / ``from_json``. Unknown keys are an error, not ignored."""

@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from quantface.config import SHIPPED_LFW
 from quantface.errors import ImageError
 from quantface.paths import atomic_write_bytes
 
@@ -146,6 +147,15 @@ def nothing_readable(path: str | Path, skipped: list[str]) -> str:
 
 # The astronaut photograph's face region (x0, y0, x1, y1): a CelebA-HQ-like crop with hair and chin.
 ASTRONAUT_FACE_BOX = (125, 10, 325, 210)
+
+
+LFW_SHIPPED_COUNT = 200
+
+
+def shipped_lfw_faces(size: int, limit: int | None = None) -> list[np.ndarray]:
+    """The first ``limit`` (default all 200) LFW faces scikit-image ships, at ``size`` (``SHIPPED_LFW``)."""
+    count = LFW_SHIPPED_COUNT if limit is None else min(limit, LFW_SHIPPED_COUNT)
+    return shipped_faces(size, lfw_count=count)[0][1:]
 
 
 def shipped_faces(size: int, lfw_count: int = 5) -> tuple[list[np.ndarray], list[str]]:

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from quantface.config import JsonConfig
-from quantface.data import load_folder
+from quantface.data import SHIPPED_LFW, load_folder, shipped_lfw_faces
 from quantface.errors import ConfigError
 
 
@@ -115,10 +115,15 @@ def degrade(hq: np.ndarray, seed: int, index: int, config: DegradationConfig | N
 
 
 def degraded_inputs(data: str, size: int, limit: int | None, seed: int) -> "torch.Tensor":
-    """The calibration inputs: HQ faces of ``data`` degraded with (seed, index), (N, 3, H, W) in [-1, 1]."""
+    """The calibration inputs: HQ faces of ``data`` (a folder, or ``SHIPPED_LFW``: the LFW faces scikit-image
+    ships) degraded with (seed, index), (N, 3, H, W) in [-1, 1]."""
     from quantface.pipeline import images_to_tensor  # torch: imported where the tensor is made
 
-    loaded = load_folder(data, size, limit)
-    if loaded.skipped:
-        print(loaded.report())
-    return images_to_tensor([degrade(hq, seed, i)[0] for i, hq in enumerate(loaded.images)])
+    if str(data) == SHIPPED_LFW:
+        images = shipped_lfw_faces(size, limit)
+    else:
+        loaded = load_folder(data, size, limit)
+        if loaded.skipped:
+            print(loaded.report())
+        images = loaded.images
+    return images_to_tensor([degrade(hq, seed, i)[0] for i, hq in enumerate(images)])

@@ -250,9 +250,10 @@ def restore(cfg: RestoreConfig) -> tuple[list[Path], list[str]]:
     return written, skipped
 
 
-def make_grid(rows: list[list[np.ndarray]], labels: list[str], row_names: list[str] | None = None,
-              cell: int = 160) -> np.ndarray:
-    """A labelled image grid (HWC uint8 RGB): one row per face, one column per label."""
+def make_grid(rows: list[list[np.ndarray | None]], labels: list[str], row_names: list[str] | None = None,
+              cell: int = 160, empty: str = "") -> np.ndarray:
+    """A labelled image grid (HWC uint8 RGB): one row per face, one column per label. A ``None`` cell
+    stays grey with the ``empty`` text (e.g. no ground truth for a genuinely low-quality photo)."""
     header = 24
     h = header + cell * len(rows)
     w = cell * len(labels)
@@ -261,12 +262,48 @@ def make_grid(rows: list[list[np.ndarray]], labels: list[str], row_names: list[s
         cv2.putText(grid, label, (c * cell + 6, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
     for r, row in enumerate(rows):
         for c, img in enumerate(row):
+            y0, x0 = header + r * cell, c * cell
+            if img is None:
+                grid[y0:y0 + cell, x0:x0 + cell] = 224
+                cv2.putText(grid, empty, (x0 + 6, y0 + cell // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (64, 64, 64), 1,
+                            cv2.LINE_AA)
+                continue
             tile = cv2.resize(img, (cell, cell), interpolation=cv2.INTER_AREA if img.shape[0] > cell else cv2.INTER_CUBIC)
-            grid[header + r * cell: header + (r + 1) * cell, c * cell:(c + 1) * cell] = tile
+            grid[y0:y0 + cell, x0:x0 + cell] = tile
         if row_names:
             y = header + r * cell + cell - 8
             cv2.putText(grid, row_names[r], (6, y), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
     return grid
+
+
+@dataclass
+class DemoFaces:
+    """The demo's inputs: the astronaut's face synthetically degraded with (seed, index 0), whose HQ
+    crop is its ground truth, and genuinely low-resolution LFW photographs (25×25), which have none."""
+
+    names: list[str]
+    inputs: list[np.ndarray]
+    ground_truth: list[np.ndarray | None]
+
+
+DEMO_LFW_FACES = 5  # LFW faces the demo's grid shows (the first ones)
+
+
+def demo_faces(size: int, seed: int) -> DemoFaces:
+    faces, names = shipped_faces(size, lfw_count=DEMO_LFW_FACES)
+    return DemoFaces(names, [degrade(faces[0], seed, 0)[0]] + faces[1:], [faces[0]] + [None] * (len(faces) - 1))
+
+
+def comparison_grid(faces: DemoFaces, outputs: dict[str, list[np.ndarray]]) -> np.ndarray:
+    """input | one column per model's outputs | GT (grey where the input is a genuine LQ photo)."""
+    rows = [[lq, *(out[i] for out in outputs.values()), gt]
+            for i, (lq, gt) in enumerate(zip(faces.inputs, faces.ground_truth))]
+    return make_grid(rows, ["input", *outputs, "GT"], faces.names, empty="real LQ: no GT")
+
+
+def psnr_to_gt(faces: DemoFaces, restored: list[np.ndarray]) -> dict[str, float]:
+    """PSNR of each face that has a ground truth (the degraded astronaut) against it."""
+    return {n: psnr(r, gt) for n, r, gt in zip(faces.names, restored, faces.ground_truth) if gt is not None}
 
 
 @dataclass
@@ -277,6 +314,9 @@ class DemoConfig(JsonConfig):
 
     def __post_init__(self) -> None:
         check_int(self.seed, "--seed", 0)
+        if self.model.quantized:
+            raise ConfigError("demo --fp-only restores the shipped faces with the FP model; --recipe and --onnx "
+                              "do not apply (quantface restore --recipe/--onnx runs those on your images)")
 
     def check(self) -> None:
         check_output_dir(self.out, "--out")
@@ -284,27 +324,25 @@ class DemoConfig(JsonConfig):
 
 
 def demo(cfg: DemoConfig) -> dict:
-    """The main job on the embedded default: restore real faces shipped by scikit-image and write a
-    before/after grid. The astronaut's face is HQ, so it is degraded (seed, index 0) and scored; the
-    LFW faces are genuinely low-resolution (25×25) and are restored as they are."""
+    """Restore real faces shipped by scikit-image with the FP model and write a grid input | FP | GT.
+    The astronaut's face is HQ, so it is degraded (seed, index 0) and scored; the LFW faces are
+    genuinely low-resolution (25×25) and are restored as they are."""
     cfg.check()
     pipeline, size = cfg.model.pipeline()
-    faces, names = shipped_faces(size)
+    faces = demo_faces(size, cfg.seed)
     out = Path(cfg.out)
-    hq_astronaut = faces[0]
-    lqs = [degrade(hq_astronaut, cfg.seed, 0)[0]] + faces[1:]
-    restored = pipeline(lqs)
-    for name, lq, res in zip(names, lqs, restored):
+    restored = pipeline(faces.inputs)
+    for name, lq, res in zip(faces.names, faces.inputs, restored):
         write_image(out / f"{name}_input.png", lq)
         write_image(out / f"{name}_restored.png", res)
-    grid = make_grid([[lq, res] for lq, res in zip(lqs, restored)], ["input", "restored"], names)
-    write_image(out / "grid.png", grid)
+    write_image(out / "grid.png", comparison_grid(faces, {"FP": restored}))
+    astronaut = faces.ground_truth[0]
     summary = {
-        "faces": names,
-        "astronaut_psnr_input": psnr(lqs[0], hq_astronaut),
-        "astronaut_psnr_restored": psnr(restored[0], hq_astronaut),
-        "astronaut_ssim_input": ssim(lqs[0], hq_astronaut),
-        "astronaut_ssim_restored": ssim(restored[0], hq_astronaut),
+        "faces": faces.names,
+        "astronaut_psnr_input": psnr(faces.inputs[0], astronaut),
+        "astronaut_psnr_restored": psnr(restored[0], astronaut),
+        "astronaut_ssim_input": ssim(faces.inputs[0], astronaut),
+        "astronaut_ssim_restored": ssim(restored[0], astronaut),
         "grid": str(out / "grid.png"),
     }
     atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())

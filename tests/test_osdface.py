@@ -110,6 +110,28 @@ def test_model_has_the_osdface_interface_and_one_step_formula(cache):
         model(torch.zeros(1, 3, 34, 34))
 
 
+@pytest.mark.parametrize("channels, flip, shift, scale", [(320, True, 0, 1), (16, True, 0, 1), (15, False, 1, 2)])
+def test_timestep_frequencies_as_a_buffer_are_diffusers_values(channels, flip, shift, scale):
+    """The restorer's time projection (frequencies a torch-built buffer, so every exporter writes the
+    same constant) computes diffusers' ``Timesteps`` bit for bit; the loaded model uses it."""
+    from diffusers.models.embeddings import Timesteps
+
+    from quantface.models.timesteps import DiffusersTimesteps
+
+    theirs = Timesteps(channels, flip, shift, scale)
+    ours = DiffusersTimesteps.replacing(theirs)
+    assert isinstance(ours, DiffusersTimesteps)
+    t = torch.tensor([399, 0, 999, 1])
+    assert torch.equal(ours(t), theirs(t))
+    assert DiffusersTimesteps.replacing(torch.nn.Identity()).__class__ is torch.nn.Identity
+
+
+def test_loaded_model_uses_buffer_timesteps(cache):
+    from quantface.models.timesteps import DiffusersTimesteps
+
+    assert isinstance(load_model("osdface", cache.weights).unet.time_proj, DiffusersTimesteps)
+
+
 def _osdface_tokens(h: torch.Tensor, codebook: torch.Tensor, n_tokens: int) -> torch.Tensor:
     """OSDFace's ``VectorQuantizer.inference`` token selection, as its loop does it, one image at a time."""
     out = []

@@ -35,6 +35,7 @@ from quantface.models.osdface_checkpoints import (EMBEDDER_FILES, LORA_FILES, PR
                                                   build_embedder, load_tensors, merge_lora, osdface_weights,
                                                   parse_spec, scheduler_alpha_bar)
 from quantface.models.osdface_embedder import EmbedderConfig, PromptProjection, VisualEmbedder
+from quantface.models.timesteps import DiffusersTimesteps
 
 
 # ------------------------------------------------------------------------------------- configs
@@ -70,6 +71,8 @@ class OSDFaceRestorer(nn.Module):
         super().__init__()
         self.config = config
         self.vae, self.unet, self.embedder, self.prompt_proj = vae, unet, embedder, prompt_proj
+        if hasattr(unet, "time_proj"):  # the frequencies as a torch-built buffer (models.timesteps)
+            unet.time_proj = DiffusersTimesteps.replacing(unet.time_proj)
         a = config.alpha_bar
         self.register_buffer("timestep", torch.tensor([config.timestep], dtype=torch.long), persistent=False)
         self.register_buffer("sqrt_alpha_bar", torch.tensor(a**0.5), persistent=False)

@@ -16,7 +16,6 @@ to be a real, small network with the same structure for the quantization toolcha
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +24,7 @@ from torch import nn
 
 from quantface.config import JsonConfig
 from quantface.errors import ConfigError
+from quantface.models.timesteps import SinusoidalTimesteps
 
 CONFIG_VERSION = 1
 
@@ -228,30 +228,6 @@ class PromptEmbedder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.features(x).flatten(2).transpose(1, 2))  # (b, tokens, context_dim)
-
-
-def sinusoid_frequencies(dim: int) -> torch.Tensor:
-    """``exp(-ln(10⁴)·i/half)`` for ``i < dim // 2``, float32, as DDPM / Stable Diffusion use."""
-    half = dim // 2
-    return torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
-
-
-class SinusoidalTimesteps(nn.Module):
-    """Sinusoidal timestep embedding (cos first, flip_sin_to_cos=True), no parameters.
-
-    The frequencies are a buffer computed by torch when the module is built, so every exporter
-    writes torch's values as the constant (left in the graph, the TorchScript exporter folded
-    ``exp`` with torch and the dynamo one left it to ONNX Runtime, whose last bits differ and move
-    the codes of quantized timestep layers). ``cos``/``sin`` stay in the graph for both.
-    """
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.register_buffer("freqs", sinusoid_frequencies(dim), persistent=False)
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        args = t.float()[:, None] * self.freqs[None]
-        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 class UNet(nn.Module):
