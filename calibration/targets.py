@@ -102,6 +102,7 @@ class UniformWeights:
     mode = "activation_bits"
     plot_max = ACT_PLOT_MAX
     reduce_range_refusal = ""  # why --reduce-range is refused with this target ("": it is not)
+    candidates_refusal = ""  # why --mp-candidates is (its own options instead of mp_candidates)
 
     def check(self, cfg: "CalibConfig") -> None:
         """One-sentence ConfigErrors for the budget (already a positive number, or None)."""
@@ -135,6 +136,7 @@ class QnnTarget(UniformWeights):
     plot_max = 16
     reduce_range_refusal = ("--reduce-range is for x86 CPUs without VNNI; the QNN HTP (--target qnn) takes "
                             "full-range 8-bit weights")
+    candidates_refusal = "--mp-candidates does not apply with --target qnn, whose options are W4/W8 x A8/A16"
 
     def check(self, cfg: "CalibConfig") -> None:
         if cfg.mp_budget is None:

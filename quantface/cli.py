@@ -99,8 +99,11 @@ def _mp_args(a: argparse.Namespace) -> dict:
     if a.mp_budget is None and given:
         flag = "--" + next(iter(given)).replace("_", "-")
         raise ConfigError(f"{flag} only applies to adaptive bit widths; give --mp-budget too")
-    if a.target == "qnn" and a.mp_candidates is not None:
-        raise ConfigError("--mp-candidates does not apply with --target qnn, whose options are W4/W8 x A8/A16")
+    if a.mp_candidates is not None:
+        from quantface.calibration.targets import get_target
+
+        if get_target(a.target).candidates_refusal:
+            raise ConfigError(get_target(a.target).candidates_refusal)
     if a.mp_candidates is not None:
         parts = [p.strip() for p in a.mp_candidates.split(",")]
         if not all(p.isdigit() for p in parts):
