@@ -90,10 +90,10 @@ def test_demo_runs_the_chain(tiny_weights, tiny_model, tmp_path, capsys, monkeyp
     face = read_image(sorted((out / "faces" / "validation").glob("*.png"))[0])
     layers = layer_parity(out / "onnx" / "ort_cpu.onnx", qmodel, images_to_tensor([face]).numpy())
     assert layers and all(p.rel_l2 <= 1e-4 and p.exact_fraction >= 0.99 for p in layers.values())
-    assert set(s["graphs"]) == {"fp32", "reference", "ort-cpu"}
+    assert set(s["graphs"]) == {"fp32", "reference", "ort-cpu", "W8A8 ort-cpu", "quantize_static"}
     assert s["package"]["copied_to"] == [] and (out / "package" / "model.json").is_file()
     printed = capsys.readouterr().out
-    for line in ("parity ", "quality ", "size ", "speed ", "before/after grid"):
+    for line in ("parity ", "quality ", "size ", "speed ", "cpu ", "before/after grid"):
         assert line in printed
 
 
