@@ -179,11 +179,12 @@ def _degraded(cfg: EvalConfig, size: int) -> tuple[LoadedImages, list[np.ndarray
 
 
 def fp_restorations(cfg: EvalConfig) -> list[np.ndarray]:
-    """The FP model's restorations of ``cfg``'s degraded faces — what ``psnr_to_fp`` compares with. Pass
+    """The FP model's restorations of ``cfg``'s degraded faces (with ``no_reference``, of its faces as they
+    are) — what ``psnr_to_fp`` compares with. Pass
     them to ``evaluate(cfg', fp_out=...)`` to score several graphs of the same faces against one FP run."""
     cfg.check()
     pipeline, size = cfg.model.fp_spec().pipeline(cfg.batch_size, cfg.size)
-    _, lqs = _degraded(cfg, size)
+    lqs = load_folder(cfg.data, size, cfg.limit).images if cfg.no_reference else _degraded(cfg, size)[1]
     return _timed_restore(pipeline, lqs, cfg.batch_size, "eval FP")[0]
 
 
@@ -256,6 +257,8 @@ def evaluate_no_reference(cfg: EvalConfig, fp_out: list[np.ndarray] | None = Non
     if cfg.model.quantized and fp_out is None:
         fp_out, _ = _timed_restore(cfg.model.fp_spec().pipeline(cfg.batch_size, size)[0], loaded.images,
                                    cfg.batch_size, "eval FP")
+    elif fp_out is not None and (len(fp_out) != len(restored) or any(f.shape != o.shape for f, o in zip(fp_out, restored))):
+        raise ConfigError(f"the FP restorations given ({len(fp_out)}) do not match the {len(restored)} faces evaluated")
     t0 = time.perf_counter()
     per_image = [{"file": p.name, "niqe": _niqe_at_side(out), "niqe_lq": _niqe_at_side(lq)}
                  for p, lq, out in zip(loaded.paths, loaded.images, restored)]

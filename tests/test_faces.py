@@ -155,6 +155,17 @@ def test_eval_no_reference_scores_niqe(image_folder, tiny_weights, tmp_path, cap
     assert "NIQE" in capsys.readouterr().out
 
 
+def test_no_reference_fp_restorations_are_of_the_faces_as_they_are(image_folder, tiny_weights):
+    """What a results table scores recipes against on folders without GT: nothing degraded first."""
+    from quantface.data import load_folder
+    from quantface.jobs import EvalConfig, ModelSpec, fp_restorations
+
+    cfg = EvalConfig(data=str(image_folder), model=ModelSpec(weights=str(tiny_weights)), size=32, no_reference=True)
+    pipeline, _ = cfg.model.pipeline(size=32)
+    expected = pipeline(load_folder(image_folder, 32).images)
+    assert all(np.array_equal(a, b) for a, b in zip(fp_restorations(cfg), expected))
+
+
 def test_no_reference_with_second_stage_is_one_line(image_folder, capsys):
     assert main(["eval", "--no-reference", "--second-stage", "--data", str(image_folder)]) == 2
     assert capsys.readouterr().err.strip() == ("error: --second-stage does not apply with --no-reference: nothing "
