@@ -40,6 +40,7 @@ from quantface.errors import QuantFaceError
 INSTALL_HINT = "pip install 'quantface[faces]'"
 EMBEDDING_THRESHOLD = 0.6  # dlib's same-person distance
 LEFT_EYE, RIGHT_EYE = slice(36, 42), slice(42, 48)  # the 68-point (iBUG 300-W) eye contours
+MIN_FACE_SIDE = 32  # images narrower than this hold no face the detectors can find
 
 # Mean 5-point landmarks (dlib's 5-point predictor: two corners of each eye, the base of the nose) of
 # the training faces at 128×128, as fractions of the side: what the embedded model was trained on.
@@ -126,11 +127,13 @@ class FaceAnalyzer:
         ``verify``: keep only HOG boxes that the CNN detector confirms on a crop around them (photos,
         where HOG's false positives on clothes or backgrounds would be "restored" too)."""
         h, w = img.shape[:2]
+        used = detector or "hog"
+        if min(h, w) < MIN_FACE_SIDE:  # no face fits (and dlib's CNN refuses images below its filter size)
+            return [], used
         scale = min(1.0, self.max_detect_side / max(h, w))
         small = img if scale == 1.0 else cv2.resize(img, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
         pad = max(small.shape[:2]) // 4
         padded = np.ascontiguousarray(cv2.copyMakeBorder(small, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0))
-        used = detector or "hog"
         boxes: list[tuple[int, int, int, int]] = []
         if used == "hog":
             upsample = 1 if max(small.shape[:2]) <= 320 else 0  # small images: faces down to ~40 px
