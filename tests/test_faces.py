@@ -264,3 +264,30 @@ def test_alignment_puts_the_landmarks_on_the_template():
     crop = faces.warp_face(photo, m, 128)
     again = analyzer.landmarks5(crop, analyzer.detect(crop)[0][0])
     assert np.linalg.norm(again - target, axis=1).max() < 10
+
+
+def test_results_table_has_the_face_columns_and_the_real_lq_table():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("results_table", Path(__file__).parents[1] / "tools" / "results_table.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    fp = {"name": "FP", "bits": "W32A32", "psnr": 23.4, "ssim": 0.68, "psnr_to_fp": None, "ssim_to_fp": None,
+          "calib_seconds": None, "steps": None, "identity_distance": 0.65, "landmark_distance": 0.051}
+    q = {**fp, "name": "quantface", "bits": "W4A4", "recipe": "quantface_w4a4", "psnr_to_fp": 41.5, "ssim_to_fp": 0.99,
+         "identity_distance_to_fp": 0.09, "landmark_distance_to_fp": 0.017}
+    lq = {"n": 29, "data": "lq", "niqe_lq": 17.1, "niqe_side": 512,
+          "rows": [{"name": "FP", "bits": "W32A32", "niqe": 16.0, "identity_distance_to_fp": None,
+                    "landmark_distance_to_fp": None, "face_detected_to_fp": None},
+                   {"name": "quantface", "bits": "W4A4", "recipe": "quantface_w4a4", "niqe": 16.2,
+                    "identity_distance_to_fp": 0.092, "landmark_distance_to_fp": 0.0171, "face_detected_to_fp": 0.9}]}
+    t = {"n": 300, "data": "test", "seed": 0, "psnr_lq": 21.7, "ssim_lq": 0.58, "faces_missing": {"gt": 4, "restored": 0},
+         "face_metrics_skipped": None, "rows": [fp, q], "lq_real": lq}
+    md = tool.to_markdown(t)
+    assert "| Identity ↓ | Identity to FP ↓ | LMD ↓ | LMD to FP ↓ |" in md
+    assert "| quantface | W4A4 | 23.40 | 0.6800 | 41.50 | 0.9900 | 0.650 | 0.090 | 0.0510 | 0.0170 |" in md
+    assert "## Real low-quality faces" in md and "| quantface | W4A4 | 16.200 | 0.092 | 0.0171 | 90% |" in md
+    t.pop("lq_real")
+    plain = tool.to_markdown({**t, "face_metrics_skipped": "dlib is not installed"})
+    assert "Identity" not in plain and "Real low-quality" not in plain
