@@ -61,11 +61,17 @@ def _model_spec(a: argparse.Namespace):
 def _cmd_restore(a: argparse.Namespace) -> int:
     from quantface.jobs import RestoreConfig, restore
 
-    written, skipped = restore(RestoreConfig(input=a.input, output=a.output, model=_model_spec(a), size=a.size))
-    print(f"restored {len(written)} image(s) into {a.output}")
-    if skipped:
-        print(f"skipped {len(skipped)} unreadable file(s):", file=sys.stderr)
-        for s in skipped:
+    r = restore(RestoreConfig(input=a.input, output=a.output, model=_model_spec(a), size=a.size, crop=a.crop))
+    if r.fallback:
+        print(f"note: restoring centre crops, as with --crop: finding faces in photos needs the [faces] extra: "
+              f"{r.fallback}", file=sys.stderr)
+    for note in r.notes:
+        print(f"note: {note}", file=sys.stderr)
+    faces = f" ({r.faces} face(s) restored in place)" if r.faces else ""
+    print(f"restored {len(r.written)} image(s) into {a.output}{faces}")
+    if r.skipped:
+        print(f"skipped {len(r.skipped)} unreadable file(s):", file=sys.stderr)
+        for s in r.skipped:
             print(f"  {s}", file=sys.stderr)
     return 0
 
@@ -74,10 +80,15 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     from quantface.jobs import EvalConfig, evaluate
 
     cfg = EvalConfig(data=a.data, json_out=a.json, model=_model_spec(a), limit=a.limit, seed=a.seed, size=a.size,
-                     second_stage=a.second_stage)
+                     second_stage=a.second_stage, faces=not a.no_face_metrics, no_reference=a.no_reference)
     r = evaluate(cfg)
-    print(f"n={r['n']}  restored: PSNR {r['psnr']:.2f} dB  SSIM {r['ssim']:.4f}   "
-          f"degraded input: PSNR {r['psnr_lq']:.2f} dB  SSIM {r['ssim_lq']:.4f}")
+    if cfg.no_reference:
+        print(f"n={r['n']}  restored: NIQE {r['niqe']:.3f}   input: NIQE {r['niqe_lq']:.3f}  "
+              f"(at {r['niqe_side']}x{r['niqe_side']}, lower is better)")
+    else:
+        print(f"n={r['n']}  restored: PSNR {r['psnr']:.2f} dB  SSIM {r['ssim']:.4f}   "
+              f"degraded input: PSNR {r['psnr_lq']:.2f} dB  SSIM {r['ssim_lq']:.4f}")
+    _print_faces(r["faces"])
     if r["skipped"]:
         print(f"skipped {len(r['skipped'])} unreadable file(s):", file=sys.stderr)
         for s in r["skipped"]:
@@ -87,6 +98,24 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     if a.json:
         print(f"wrote {a.json}")
     return 0
+
+
+def _print_faces(f: dict) -> None:
+    if "skipped" in f:
+        print(f"face metrics skipped: {f['skipped']}")
+        return
+
+    def fmt(v, digits=3):
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    for suffix, ref in (("", "GT"), ("_to_fp", "FP model")):
+        if f"face_detected{suffix}" not in f:
+            continue
+        missing = f[f"faces_missing{suffix}"]
+        print(f"faces vs {ref}: identity distance {fmt(f[f'identity_distance{suffix}'])}, landmark distance "
+              f"{fmt(f[f'landmark_distance{suffix}'], 4)} (x inter-ocular); face found in both for "
+              f"{f[f'face_detected{suffix}']:.0%}, none in {missing[next(iter(missing))]} reference / "
+              f"{missing['restored']} restored image(s) ({f['face_seconds_per_image']:.3f} s a face)")
 
 
 def _mp_args(a: argparse.Namespace) -> dict:
@@ -246,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="image file or folder")
     p.add_argument("--output", required=True, help="output folder (PNG files, same names)")
     p.add_argument("--size", type=int, default=None, help="working size in pixels (default: the model's)")
+    p.add_argument("--crop", action="store_true",
+                   help="restore the centre crop at the working size (as the phone app does) instead of finding "
+                        "the faces in each photo and pasting them back (that needs quantface[faces])")
     p.set_defaults(func=_cmd_restore)
 
     p = sub.add_parser("eval", help="degrade HQ faces (seeded), restore them, report PSNR/SSIM")
@@ -255,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="degradation seed")
     p.add_argument("--size", type=int, default=None, help="working size in pixels (default: the model's)")
     p.add_argument("--second-stage", action="store_true", help="two-stage degradation")
+    p.add_argument("--no-reference", action="store_true",
+                   help="--data holds real low-quality faces without GT: restore them as they are and score NIQE "
+                        "(and, for a quantized model, identity distance to the FP model's output); needs "
+                        "quantface[faces]")
+    p.add_argument("--no-face-metrics", action="store_true",
+                   help="skip the identity / landmark metrics (quantface[faces]) even when installed")
     p.add_argument("--json", default=None, help="write the results here")
     p.set_defaults(func=_cmd_eval)
 

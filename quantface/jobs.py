@@ -2,7 +2,15 @@
 
 ``evaluate`` degrades each HQ face with (seed, index), restores it through the pipeline, and
 reports PSNR / SSIM of the restored face and of the degraded input (the bicubic-upsampled LQ) against
-the HQ face, as means and per image.
+the HQ face, as means and per image. With the ``[faces]`` extra it adds, under ``faces``, the identity
+and landmark distances of quantface.faces (to the GT, and to the FP model's output for a quantized
+model), the fraction of images with a face found, the counts without one, and per-image values.
+``evaluate_no_reference`` scores folders without GT (real low-quality faces): NIQE of the restored
+faces and their identity / landmark distances to the FP model's output.
+
+``restore`` restores whole photos: each face is found, aligned to the training faces' landmarks,
+restored at the working size and pasted back under a feathered mask (quantface.faces); ``crop=True``
+(``--crop``) restores the centre crop instead, as the phone app does.
 """
 
 from __future__ import annotations
@@ -125,8 +133,12 @@ class EvalConfig(JsonConfig):
     size: int | None = None  # default: the model's working size
     second_stage: bool = False
     batch_size: int = 8
+    faces: bool = True  # the face metrics, when the [faces] extra is installed
+    no_reference: bool = False  # the folder has no GT: restore its images as they are, score NIQE
 
     def __post_init__(self) -> None:
+        if self.no_reference and self.second_stage:
+            raise ConfigError("--second-stage does not apply with --no-reference: nothing is degraded")
         if self.limit is not None:
             check_int(self.limit, "--limit")
         check_int(self.seed, "--seed", 0)
@@ -139,6 +151,25 @@ class EvalConfig(JsonConfig):
         if self.json_out:
             check_output_file(self.json_out, "--json")
         self.model.check()
+        if self.no_reference:
+            from quantface import niqe
+
+            reason = niqe.missing_reason()
+            if reason:
+                raise ConfigError(f"--no-reference scores NIQE, whose pristine model is missing: {reason}")
+
+
+def _face_block(files: list[Path], restored: list[np.ndarray], gt: list[np.ndarray] | None,
+                fp: list[np.ndarray] | None, wanted: bool) -> dict:
+    """The ``faces`` field of an evaluation: face metrics with per-image values, or why they were skipped."""
+    from quantface import faces
+
+    reason = "not asked for" if not wanted else faces.missing_reason()
+    if reason:
+        return {"skipped": reason}
+    scores = faces.face_scores(restored, gt=gt, fp=fp)
+    scores["per_image"] = [{"file": p.name, **r} for p, r in zip(files, scores["per_image"])]
+    return scores
 
 
 def _degraded(cfg: EvalConfig, size: int) -> tuple[LoadedImages, list[np.ndarray]]:
@@ -148,17 +179,21 @@ def _degraded(cfg: EvalConfig, size: int) -> tuple[LoadedImages, list[np.ndarray
 
 
 def fp_restorations(cfg: EvalConfig) -> list[np.ndarray]:
-    """The FP model's restorations of ``cfg``'s degraded faces — what ``psnr_to_fp`` compares with. Pass
+    """The FP model's restorations of ``cfg``'s degraded faces (with ``no_reference``, of its faces as they
+    are) — what ``psnr_to_fp`` compares with. Pass
     them to ``evaluate(cfg', fp_out=...)`` to score several graphs of the same faces against one FP run."""
     cfg.check()
     pipeline, size = cfg.model.fp_spec().pipeline(cfg.batch_size, cfg.size)
-    _, lqs = _degraded(cfg, size)
+    lqs = load_folder(cfg.data, size, cfg.limit).images if cfg.no_reference else _degraded(cfg, size)[1]
     return _timed_restore(pipeline, lqs, cfg.batch_size, "eval FP")[0]
 
 
 def evaluate(cfg: EvalConfig, fp_out: list[np.ndarray] | None = None) -> dict:
     """Degrade, restore and score ``cfg.data``; writes ``cfg.json_out`` (atomically) when given.
-    ``fp_out``: the FP model's restorations of the same faces (``fp_restorations``), else computed here."""
+    ``fp_out``: the FP model's restorations of the same faces (``fp_restorations``), else computed here.
+    With ``cfg.no_reference`` this is ``evaluate_no_reference``."""
+    if cfg.no_reference:
+        return evaluate_no_reference(cfg, fp_out)
     cfg.check()
     pipeline, size = cfg.model.pipeline(cfg.batch_size, cfg.size)
     loaded, lqs = _degraded(cfg, size)
@@ -177,6 +212,7 @@ def evaluate(cfg: EvalConfig, fp_out: list[np.ndarray] | None = None) -> dict:
         for r, out, ref in zip(per_image, restored, fp_out):
             r["psnr_to_fp"], r["ssim_to_fp"] = psnr(out, ref), ssim(out, ref)
         keys += ["psnr_to_fp", "ssim_to_fp"]
+    face_block = _face_block(loaded.paths, restored, loaded.images, fp_out if cfg.model.quantized else None, cfg.faces)
     result = {
         "n": len(per_image),
         **{k: float(np.mean([r[k] for r in per_image])) for k in keys},
@@ -192,6 +228,61 @@ def evaluate(cfg: EvalConfig, fp_out: list[np.ndarray] | None = None) -> dict:
         "seconds_per_image": seconds / max(1, len(per_image)),
         "version": __version__,
         "per_image": per_image,
+        "faces": face_block,
+    }
+    if cfg.json_out:
+        atomic_write_bytes(cfg.json_out, (json.dumps(result, indent=2) + "\n").encode())
+    return result
+
+
+# NIQE's patches are 96 px: a 128² face has one, so restored faces are scored resized (bicubic) to the
+# side of the usual real-LQ benchmarks, and so is the model's input, to compare at the same resolution.
+NIQE_SIDE = 512
+
+
+def _niqe_at_side(img: np.ndarray) -> float:
+    from quantface.niqe import niqe
+
+    return niqe(cv2.resize(img, (NIQE_SIDE, NIQE_SIDE), interpolation=cv2.INTER_CUBIC))
+
+
+def evaluate_no_reference(cfg: EvalConfig, fp_out: list[np.ndarray] | None = None) -> dict:
+    """Restore ``cfg.data`` as it is (real low-quality faces, no GT) and score NIQE (lower is better)
+    of the restored faces and of the model's input, both at NIQE_SIDE; for a quantized model also the
+    identity / landmark distances to the FP model's output (``fp_out``, else computed here)."""
+    cfg.check()
+    pipeline, size = cfg.model.pipeline(cfg.batch_size, cfg.size)
+    loaded = load_folder(cfg.data, size, cfg.limit)
+    restored, seconds = _timed_restore(pipeline, loaded.images, cfg.batch_size, "eval")
+    if cfg.model.quantized and fp_out is None:
+        fp_out, _ = _timed_restore(cfg.model.fp_spec().pipeline(cfg.batch_size, size)[0], loaded.images,
+                                   cfg.batch_size, "eval FP")
+    elif fp_out is not None and (len(fp_out) != len(restored) or any(f.shape != o.shape for f, o in zip(fp_out, restored))):
+        raise ConfigError(f"the FP restorations given ({len(fp_out)}) do not match the {len(restored)} faces evaluated")
+    t0 = time.perf_counter()
+    per_image = [{"file": p.name, "niqe": _niqe_at_side(out), "niqe_lq": _niqe_at_side(lq)}
+                 for p, lq, out in zip(loaded.paths, loaded.images, restored)]
+    niqe_seconds = time.perf_counter() - t0
+    face_block = (_face_block(loaded.paths, restored, None, fp_out, cfg.faces) if cfg.model.quantized
+                  else {"skipped": "no GT and no FP reference (the FP model itself)"})
+    result = {
+        "n": len(per_image),
+        "niqe": float(np.mean([r["niqe"] for r in per_image])),
+        "niqe_lq": float(np.mean([r["niqe_lq"] for r in per_image])),
+        "niqe_side": NIQE_SIDE,
+        "model": cfg.model.name,
+        "weights": cfg.model.weights or "embedded",
+        "recipe": cfg.model.recipe,
+        "onnx": cfg.model.onnx,
+        "data": str(cfg.data),
+        "no_reference": True,
+        "size": size,
+        "skipped": loaded.skipped,
+        "seconds_per_image": seconds / max(1, len(per_image)),
+        "niqe_seconds_per_image": niqe_seconds / max(1, 2 * len(per_image)),
+        "version": __version__,
+        "per_image": per_image,
+        "faces": face_block,
     }
     if cfg.json_out:
         atomic_write_bytes(cfg.json_out, (json.dumps(result, indent=2) + "\n").encode())
@@ -214,40 +305,111 @@ class RestoreConfig(JsonConfig):
     model: ModelSpec = field(default_factory=ModelSpec)
     size: int | None = None
     batch_size: int = 8
+    crop: bool = False  # restore the centre crop at the working size (the phone app's contract), not the photo
 
     def __post_init__(self) -> None:
         check_size(self.size)
         check_int(self.batch_size, "batch size")
 
     def check(self) -> None:
-        """Before any work: the input exists and the output folder can be written."""
-        list_images(self.input)
+        """Before any work: the input exists, the output folder can be written, no output would
+        replace an input file."""
+        files = list_images(self.input)
         check_output_dir(self.output, "--output")
         self.model.check()
+        inputs = {f.resolve() for f in files}
+        for f, name in output_names(files).items():
+            if (Path(self.output) / name).resolve() in inputs:
+                raise ConfigError(f"--output {self.output}: restoring {f} would overwrite the input file "
+                                  f"{Path(self.output) / name}; choose another output folder")
 
 
-def restore(cfg: RestoreConfig) -> tuple[list[Path], list[str]]:
-    """Restore a file or a folder of faces into ``cfg.output`` (PNG, same stems).
+def output_names(files: list[Path]) -> dict[Path, str]:
+    """The PNG name each input gets: ``<stem>.png``, or ``<stem>_<ext>.png`` where several inputs share a
+    stem (astronaut.png, astronaut.jpg → astronaut_png.png, astronaut_jpg.png); any name still taken gets
+    ``_2``, ``_3``, ... so no two inputs write the same file."""
+    stems: dict[str, int] = {}
+    for f in files:
+        stems[f.stem.lower()] = stems.get(f.stem.lower(), 0) + 1
+    names: dict[Path, str] = {}
+    taken: set[str] = set()
+    for f in files:
+        base = f.stem if stems[f.stem.lower()] == 1 else f"{f.stem}_{f.suffix.lstrip('.')}"
+        name, k = f"{base}.png", 2
+        while name.lower() in taken:
+            name, k = f"{base}_{k}.png", k + 1
+        taken.add(name.lower())
+        names[f] = name
+    return names
 
-    Each face is centre-cropped and resized to the working size first. Unreadable files are skipped;
-    returns (written files, skip messages)."""
+
+@dataclass
+class RestoreReport:
+    """What ``restore`` did: the files written, the unreadable inputs (one sentence each) and one
+    note per photo where no face was found (its centre crop was restored instead)."""
+
+    written: list[Path] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    faces: int = 0  # faces restored and pasted back
+    fallback: str | None = None  # why photos were restored as centre crops (no [faces] extra)
+
+
+def _restore_photo(img: np.ndarray, pipeline: RestorationPipeline, size: int, analyzer) -> tuple[np.ndarray | None, int]:
+    """``img`` with every face found restored in place, and how many; (None, 0) without a face."""
+    from quantface import faces
+
+    boxes, _ = analyzer.detect(img, verify=True)
+    mats = [faces.alignment(analyzer.landmarks5(img, box), size) for box in boxes]
+    if not mats:
+        return None, 0
+    restored = pipeline([faces.warp_face(img, m, size) for m in mats])
+    out = img
+    for face, m in zip(reversed(restored), reversed(mats)):  # the largest face last, on top
+        out = faces.paste_face(out, face, m)
+    return out, len(mats)
+
+
+def restore(cfg: RestoreConfig) -> RestoreReport:
+    """Restore a file or a folder of photos into ``cfg.output`` (PNG; names from ``output_names``).
+
+    Each face found is aligned, restored at the working size and pasted back into the photo, written at
+    its resolution; a photo without a face gets a note and its centre crop restored. With ``cfg.crop``,
+    or without the [faces] extra (``fallback`` says so), each image is centre-cropped and resized to the
+    working size, as the phone app does. Unreadable files are skipped."""
     cfg.check()
     pipeline, size = cfg.model.pipeline(cfg.batch_size, cfg.size)
     files = list_images(cfg.input)
+    names = output_names(files)
     out_dir = Path(cfg.output)
-    written, skipped = [], []
+    report = RestoreReport()
+    analyzer = None
+    if not cfg.crop:
+        from quantface import faces
+
+        report.fallback = faces.missing_reason()
+        if report.fallback is None:
+            analyzer = faces.shared_analyzer()
     for file in tqdm(files, desc="restore", unit="img", dynamic_ncols=True, disable=len(files) < 2):
         try:
-            lq = center_crop_resize(read_image(file), size)
+            img = read_image(file)
         except ImageError as exc:
-            skipped.append(str(exc))
+            report.skipped.append(str(exc))
             continue
-        target = out_dir / f"{file.stem}.png"
-        write_image(target, pipeline([lq])[0])
-        written.append(target)
-    if not written:
-        raise ImageError(nothing_readable(cfg.input, skipped))
-    return written, skipped
+        out = None
+        if analyzer is not None:
+            out, n = _restore_photo(img, pipeline, size, analyzer)
+            report.faces += n
+            if out is None:
+                report.notes.append(f"no face found in {file}: restored its centre crop ({size}x{size}) instead")
+        if out is None:
+            out = pipeline([center_crop_resize(img, size)])[0]
+        target = out_dir / names[file]
+        write_image(target, out)
+        report.written.append(target)
+    if not report.written:
+        raise ImageError(nothing_readable(cfg.input, report.skipped))
+    return report
 
 
 def make_grid(rows: list[list[np.ndarray | None]], labels: list[str], row_names: list[str] | None = None,

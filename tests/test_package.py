@@ -323,13 +323,13 @@ def test_contract_area_weights_and_alpha():
 @pytest.mark.parametrize("profile", ["reference", "ort-cpu"])
 def test_contract_through_onnx_runtime_equals_quantface_restore(exports, tmp_path, profile):
     """The Python reference of the app (app_contract + ONNX Runtime on the exported model) against
-    ``quantface restore --onnx``: tolerance 0 levels (bit-identical) on real photos whose crop is
+    ``quantface restore --crop --onnx`` (the app restores the centre crop): tolerance 0 levels (bit-identical) on real photos whose crop is
     shrunk (non-2× factors) and on a picture already at the working size."""
     photos = {"astronaut_face": skdata.astronaut()[0:300, 100:350], "coffee": skdata.coffee(),
               "at_size": np.ascontiguousarray(skdata.chelsea()[100:100 + SIZE, 150:150 + SIZE + 9])}
     for name, img in photos.items():
         write_image(tmp_path / "in" / f"{name}.png", img)
-    assert main(["restore", "--onnx", str(exports[profile]),
+    assert main(["restore", "--crop", "--onnx", str(exports[profile]),
                  "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]) == 0
     session = ort.InferenceSession(str(exports[profile]), providers=["CPUExecutionProvider"])
     for name, img in photos.items():
