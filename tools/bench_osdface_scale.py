@@ -12,8 +12,8 @@ folders, LoRA safetensors, .pth/.ckpt; ~4 GB on disk under --work) → load them
 ``--model osdface`` → one FP forward at 512×512 (CUDA when available) → ``calibrate`` QuantFace
 W4A4 on --images shipped faces with --steps QD-LoRA steps → ``export_onnx`` to the ``reference`` and
 ``ort-cpu`` profiles and the FP32 graph (the dynamo exporter, weights as external data) → ONNX
-Runtime CPU latency at 512×512 of the three graphs, interleaved over --rounds rounds (one session
-loaded at a time, one warm-up run, one timed run), as ratios to FP32. Peak RAM per stage is the
+Runtime CPU latency at 512×512 of the three graphs, interleaved over --rounds rounds (each graph in a
+process of its own, ``tools/time_graph.py``: one warm-up run, one timed run), as ratios to FP32. Peak RAM per stage is the
 process's high-water mark (VmHWM, reset between stages through /proc/self/clear_refs; the lifetime
 ru_maxrss where that is not available); the budget is 24 GB. The FP forward and calibration run on
 --device (``auto``: a CUDA GPU when torch sees one, else the CPU; peak RAM is then host memory and the
@@ -238,30 +238,30 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def time_interleaved(graphs: dict[str, Path], x, rounds: int, stages: Stages, size: int) -> dict:
-    """ONNX Runtime CPU latency of each graph on ``x``, interleaved: each round loads every graph in
-    turn (one session alive at a time: three full-size sessions together would not fit in 24 GB),
-    runs it once to warm up and once timed. Returns per-graph seconds (median over rounds) and the
-    ratios FP32 time / graph time (> 1: faster than FP32), each round's ratio computed within it."""
-    import numpy as np
+def time_interleaved(graphs: dict[str, Path], size: int, rounds: int, stages: Stages) -> dict:
+    """ONNX Runtime CPU latency of each graph at size², interleaved: each round times every graph in
+    turn, each in a process of its own (``tools/time_graph.py``: one warm-up run, one timed run). One
+    process for all of them does not fit in 24 GB: its RSS does not come back down between full-size
+    sessions (measured: killed at 24 GB on the third). Returns per-graph seconds (median over rounds)
+    and the ratios FP32 time / graph time (> 1: faster than FP32), each round's ratio computed within it."""
+    import subprocess
+    import statistics
 
-    from quantface.export import OnnxBackend
-
+    script = Path(__file__).resolve().parent / "time_graph.py"
     times: dict[str, list[float]] = {name: [] for name in graphs}
     for k in range(rounds):
         for name, path in graphs.items():
             with stages.stage(f"onnxruntime {name} round {k + 1}", size=size) as row:
-                backend = OnnxBackend(path, threads=os.cpu_count())
-                backend(x)
-                t0 = time.perf_counter()
-                y = backend(x)
-                row["inference_s"] = round(time.perf_counter() - t0, 3)
-                row["finite"] = bool(np.isfinite(y).all())
-                times[name].append(row["inference_s"])
-                del backend
-    result = {"seconds": {n: float(np.median(t)) for n, t in times.items()}, "rounds": rounds}
+                done = subprocess.run([sys.executable, str(script), str(path), str(size)], check=True,
+                                      capture_output=True, text=True)
+                r = json.loads(done.stdout.strip().splitlines()[-1])
+                row["inference_s"] = round(r["seconds"], 3)
+                row["finite"] = r["finite"]
+                row["timing_process_peak_gb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2, 2)
+                times[name].append(r["seconds"])
+    result = {"seconds": {n: statistics.median(t) for n, t in times.items()}, "rounds": rounds}
     if "fp32" in times:
-        result["speed_vs_fp32"] = {n: float(np.median([f / g for f, g in zip(times["fp32"], t)]))
+        result["speed_vs_fp32"] = {n: statistics.median([f / g for f, g in zip(times["fp32"], t)])
                                    for n, t in times.items()}
     print("latency (ONNX Runtime CPU, interleaved, median of", rounds, "rounds): "
           + ", ".join(f"{n} {result['seconds'][n]:.1f} s" + (f" ({result['speed_vs_fp32'][n]:.2f}x FP32 speed)"
@@ -271,8 +271,6 @@ def time_interleaved(graphs: dict[str, Path], x, rounds: int, stages: Stages, si
 
 
 def pipeline(args, config: dict, stages: Stages) -> dict:
-    import numpy as np
-
     from quantface.calibration import CalibConfig, calibrate
     from quantface.export import ExportConfig, export_onnx
     from quantface.data import shipped_faces, write_image
@@ -347,8 +345,7 @@ def pipeline(args, config: dict, stages: Stages) -> dict:
                 row["vs_fp32"] = f"{r.bytes / out['fp32_bytes']:.3f}x"
                 out[f"{profile}_bytes"] = r.bytes
             graphs[profile] = path
-        x = images_to_tensor(faces[:1]).numpy()
-        out["timing"] = time_interleaved(graphs, x, args.rounds, stages, size)
+        out["timing"] = time_interleaved(graphs, size, args.rounds, stages)
     finally:
         if not args.keep and not args.work:
             shutil.rmtree(work, ignore_errors=True)
