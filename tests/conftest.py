@@ -24,6 +24,16 @@ def smooth_image(rng: np.random.Generator, size: int) -> np.ndarray:
     return cv2.resize(small, (size, size), interpolation=cv2.INTER_CUBIC)
 
 
+def write_two_tiny_weights(root: Path) -> tuple[Path, Path]:
+    """Two tiny weight stems under ``root/weights``: ``tiny`` (seed 0, the ``tiny_model``'s) and
+    ``other`` (seed 1), for checks that a graph or recipe belongs to the weights it is run with."""
+    stems = root / "weights" / "tiny", root / "weights" / "other"
+    for seed, stem in enumerate(stems):
+        torch.manual_seed(seed)
+        save_weights(ReferenceRestorer(TINY).eval(), stem)
+    return stems
+
+
 def write_tiny_assets(root: Path, size: int, faces: int = 4) -> tuple[Path, Path]:
     """Under ``root``: the tiny model (seed 0) saved as ``weights/tiny`` and ``faces`` smooth random
     ``size``² images in ``faces/``; returns (weights stem, faces folder)."""

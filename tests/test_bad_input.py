@@ -28,9 +28,7 @@ from PIL import Image
 from quantface import paths
 from quantface.cli import main
 from quantface.data import MAX_IMAGE_PIXELS, read_image, write_image
-from quantface.models.reference import ReferenceRestorer
-from quantface.models.store import save_weights
-from tests.conftest import TINY, smooth_image
+from tests.conftest import smooth_image, write_two_tiny_weights
 
 SIZE = 32
 
@@ -77,10 +75,7 @@ def fx(tmp_path_factory) -> SimpleNamespace:
     from quantface.export import ExportConfig, export_onnx
 
     root = tmp_path_factory.mktemp("bad_input")
-    torch.manual_seed(0)
-    save_weights(ReferenceRestorer(TINY).eval(), root / "weights" / "tiny")
-    torch.manual_seed(1)
-    save_weights(ReferenceRestorer(TINY).eval(), root / "weights" / "other")
+    write_two_tiny_weights(root)
     rng = np.random.default_rng(0)
     for i in range(3):
         write_image(root / "faces" / f"{i:03d}.png", smooth_image(rng, 48)[:, :40])

@@ -10,14 +10,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
 from quantface.cli import main
 from quantface.data import write_image
-from quantface.models.reference import ReferenceRestorer
-from quantface.models.store import save_weights
 from quantface.verdict import MIN_PARITY_FP32, MIN_PARITY_QUANTIZED
-from tests.conftest import TINY, smooth_image
+from tests.conftest import smooth_image, write_two_tiny_weights
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +25,7 @@ def vx(tmp_path_factory) -> SimpleNamespace:
     from quantface.export import ExportConfig, export_onnx
 
     root = tmp_path_factory.mktemp("verdict")
-    torch.manual_seed(0)
-    save_weights(ReferenceRestorer(TINY).eval(), root / "weights" / "tiny")
-    torch.manual_seed(1)
-    save_weights(ReferenceRestorer(TINY).eval(), root / "weights" / "other")
+    write_two_tiny_weights(root)
     rng = np.random.default_rng(0)
     for i in range(3):
         write_image(root / "faces" / f"{i:03d}.png", smooth_image(rng, 32))
