@@ -22,11 +22,15 @@ face for the reference model at 128×128). Chunking leaves MinMax ranges unchang
 its histograms across chunks (ORT's own merge).
 
 Every peer graph is written without our FP32 graph's ``quantface.*`` metadata (it is not our export)
-and with ``quantface.peer`` describing how it was made.
+and with ``quantface.peer`` describing how it was made. ORT's quantizers log a warning on the root logger
+for every 1-D weight they skip per-channel quantization of (norm scales: "Axis 1 is out-of-range");
+``build_peer`` keeps the root logger at ERROR while they run, so those do not bury the caller's output.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import platform
 import shutil
 import tempfile
@@ -209,6 +213,18 @@ class PeerGraph:
         return {**asdict(self), "path": str(self.path)}
 
 
+@contextlib.contextmanager
+def _root_logger_errors_only():
+    """ORT's quantizers warn through the root logger (see the module docstring); only errors pass here."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def get_peer(name: str) -> PeerSpec:
     if name not in PEERS:
         raise ConfigError(f"unknown peer quantizer {name!r}; available: {', '.join(PEERS)}")
@@ -228,7 +244,8 @@ def build_peer(fp32: str | Path, spec: PeerSpec, reader: FaceCalibrationReader, 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.is_dir() else None))
     try:
         reader.rewind()
-        spec.quantize(fp32, reader, tmp / "quantized.onnx", tmp, reduce_range)
+        with _root_logger_errors_only():
+            spec.quantize(fp32, reader, tmp / "quantized.onnx", tmp, reduce_range)
         model = onnx.load(str(tmp / "quantized.onnx"))
         del model.metadata_props[:]
         add_metadata(model, {"peer": {"name": spec.name, **settings}})

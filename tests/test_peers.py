@@ -201,3 +201,20 @@ def test_evaluate_scores_against_given_fp_restorations_as_against_its_own(setup)
     assert [r["psnr_to_fp"] for r in own["per_image"]] == [r["psnr_to_fp"] for r in given["per_image"]]
     with pytest.raises(ConfigError, match="do not match"):
         evaluate(cfg, fp_out=fp_restorations(cfg)[:1])
+
+
+def test_building_a_peer_logs_no_warnings_of_ort_and_restores_the_root_level(setup, tmp_path, caplog):
+    """ORT's quantize_static warns on the root logger for every 1-D norm weight it leaves per tensor
+    ("Axis 1 is out-of-range"; dozens of lines for the reference model); build_peer keeps them out."""
+    import logging
+
+    reader = FaceCalibrationReader.from_faces(setup.fp32, str(setup.faces), 4, 0)
+    root = logging.getLogger()
+    before = root.level
+    with caplog.at_level(logging.WARNING):
+        caplog.clear()
+        build_peer(setup.fp32, get_peer("ort-static-minmax"), reader, tmp_path / "minmax.onnx")
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert root.level == logging.WARNING  # caplog's level, back after the build
+    assert root.level == before
+    assert not [w for w in warnings if "out-of-range" in w], warnings[:3]
