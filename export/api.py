@@ -12,6 +12,7 @@
     fold_constants           Shape nodes and the input-independent subgraph (timestep path, shape
                              arithmetic) → initializers
     annotate_shapes          static shapes of every value recorded in value_info
+    integer_linears          (ort-cpu) quantized Linear layers → Q → com.microsoft.MatMulIntegerToFloat
     add_metadata             per-layer bits, profile, recipe sha256, tool version, ...
 
 and ``export_onnx`` checks (``onnx.checker``, full check) and writes the result atomically. With the
@@ -35,7 +36,7 @@ from quantface.export.errors import ExportError
 from quantface.export.fold import annotate_shapes, constants_to_initializers, fold_constants, remove_identities
 from quantface.export.graph import op_counts
 from quantface.export.layer import export_layers
-from quantface.export.lower import lower_quant_layers, requantized
+from quantface.export.lower import integer_linears, lower_quant_layers, requantized
 from quantface.export.norms import group_norm_to_instance_norm
 from quantface.export.profiles import get_profile
 from quantface.export.save import add_metadata, save_atomic
@@ -57,7 +58,7 @@ class ExportResult:
 
 def _quantized_layer_present(model: onnx.ModelProto, name: str) -> bool:
     nodes = {n.name for n in model.graph.node}
-    return f"{name}_Conv" in nodes or f"{name}_MatMul" in nodes
+    return any(f"{name}_{op}" in nodes for op in ("Conv", "MatMul", "MatMulIntegerToFloat"))
 
 
 def build_onnx(cfg: ExportConfig, work: Path | None = None) -> tuple[onnx.ModelProto, list[str]]:
@@ -79,6 +80,7 @@ def build_onnx(cfg: ExportConfig, work: Path | None = None) -> tuple[onnx.ModelP
         partial(lower_quant_layers, layers=layers, profile=profile, rotation=cfg.rotation),
         partial(fold_constants, base_dir=work),
         annotate_shapes,
+        partial(integer_linears, layers=layers, profile=profile),
     ]
     model = trace_to_onnx(fp_model, cfg.batch, size, list(layers), work=work, exporter=cfg.exporter)
     del fp_model

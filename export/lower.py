@@ -27,6 +27,13 @@ output y, in order (every node optional, as the recipe says)::
   layers, convs without a usable output range): ``P_weight_DequantizeLinear`` of the codes at unit
   per-tensor scale → ``P_Conv`` / ``P_MatMul`` (no bias) → ``P_WeightScale`` (Mul by the per-channel
   scales) → ``P_BiasAdd``: what the QNN EP keeps on the HTP (see ``export.profiles``).
+* ``ort-cpu`` (``Profile.integer_linears``): after shapes are known, ``integer_linears`` rewrites each
+  quantized Linear layer with 8-bit containers, ``P_QuantizeLinear`` → ``P_DequantizeLinear`` →
+  ``P_MatMul`` (``P_weight_DequantizeLinear``) (→ ``P_BiasAdd``), into ``P_QuantizeLinear`` →
+  ``P_MatMulIntegerToFloat`` (``com.microsoft``: activation codes, INT8 weight codes (in, out), s_x,
+  per-channel s_w, zero points, float bias), writing the same output value — see ``export.profiles``
+  for why ONNX Runtime does not reach this op itself. (A pass of its own, after ``annotate_shapes``:
+  ONNX shape inference does not know contrib operators.)
 * The merged low-rank branch (rank 2r) runs in full precision from x' — after the rotation, before
   the activation QDQ, as in calibration: a k×k conv (the layer's stride, padding, dilation) to rank
   2r then a 1×1 conv back, or two MatMuls for a Linear.
@@ -47,6 +54,8 @@ from quantface.export.graph import GraphBuilder, replace_nodes
 from quantface.export.layer import ExportLayer
 from quantface.export.profiles import CONTAINER_BITS, Profile
 from quantface.export.rotation import DOMAIN, VERSION, emit_rotation, hadamard_functions
+
+MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib operators (MatMulIntegerToFloat)
 from quantface.export.trace import MARKER_DOMAIN, MARKER_OP
 from quantface.quant import REQUANT_BITS, act_qparams_from_range, bias_codes, qrange
 
@@ -118,6 +127,51 @@ def _weight_scales_after(b: GraphBuilder, p: str, layer: ExportLayer, conv: bool
     dq = b.node("DequantizeLinear", [codes_name, one, z], f"{p}_weight_DequantizeLinear")
     s = b.initializer(f"{p}.weight_scale", scale.reshape(-1, *[1] * (layer.weight.dim() - 2)) if conv else scale)
     return dq.output[0], [dq], s
+
+
+def integer_linear(layer: ExportLayer, profile: Profile) -> bool:
+    """Whether ``profile`` runs this Linear layer as ``MatMulIntegerToFloat`` (see ``export.profiles``)."""
+    return (profile.integer_linears and layer.conv_args is None and layer.weight_bits is not None
+            and layer.act_bits is not None and profile.act_type(layer.act_bits) == TensorProto.UINT8
+            and profile.weight_type(layer.weight_bits) == TensorProto.INT8)
+
+
+def integer_linears(model: onnx.ModelProto, layers: dict[str, ExportLayer], profile: Profile) -> onnx.ModelProto:
+    """Requires: ``lower_quant_layers``' nodes (names as in the module docstring), static shapes in
+    ``value_info`` (``export.fold.annotate_shapes``). Ensures: every layer ``integer_linear`` selects that
+    is still in the graph (not folded into constants) runs as ``P_QuantizeLinear`` →
+    ``P_MatMulIntegerToFloat``, writing the value its ``P_BiasAdd`` (or ``P_MatMul``) wrote; their DQ nodes,
+    the weights' float view and dead ``value_info`` gone; the ``com.microsoft`` opset imported if used."""
+    graph = model.graph
+    nodes = {n.name: n for n in graph.node}
+    drop: set[str] = set()
+    replace: dict[str, onnx.NodeProto] = {}
+    for p, layer in layers.items():
+        if not integer_linear(layer, profile) or f"{p}_MatMul" not in nodes:
+            continue
+        q, dq, wdq, mm = (nodes[f"{p}_{s}"] for s in ("QuantizeLinear", "DequantizeLinear", "weight_DequantizeLinear",
+                                                       "MatMul"))
+        if mm.input[:] != [dq.output[0], wdq.output[0]] or dq.input[0] != q.output[0]:
+            raise ExportError(f"layer {p}: unexpected nodes around {mm.name}")
+        add = nodes.get(f"{p}_BiasAdd")
+        last = add or mm
+        inputs = [q.output[0], wdq.input[0], q.input[1], wdq.input[1], q.input[2], wdq.input[2]]
+        if add is not None:
+            inputs.append(add.input[1])
+        replace[last.name] = helper.make_node("MatMulIntegerToFloat", inputs, [last.output[0]],
+                                              name=f"{p}_MatMulIntegerToFloat", domain=MS_DOMAIN)
+        drop |= {dq.name, wdq.name, mm.name} - {last.name}
+    if not replace:
+        return model
+    kept = [replace.get(n.name, n) for n in graph.node if n.name not in drop]
+    del graph.node[:]
+    graph.node.extend(kept)
+    live = {v for n in kept for v in n.output}
+    alive = [v for v in graph.value_info if v.name in live]
+    del graph.value_info[:]
+    graph.value_info.extend(alive)
+    model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return model
 
 
 def requantized(layer: ExportLayer, profile: Profile) -> bool:

@@ -20,6 +20,12 @@ Every mapping (``w`` = weight bits in 2..8, ``a`` = activation bits in 2..8 or 1
   the float low-rank branch is added (its effect is what ``quantface validate`` reports as parity).
   Recipes without output ranges (written before they were recorded; see
   ``tools/add_output_ranges.py``) export their convolutions in float, as before.
+  Quantized Linear layers (8-bit weight container, input of at most 8 bits) become ONNX Runtime's
+  ``com.microsoft.MatMulIntegerToFloat``: the input's QuantizeLinear codes times the INT8 weight codes,
+  accumulated in int32, scaled by s_x·s_w per output channel, plus the float bias — the op ORT's own
+  QDQ fusion makes of DQ → MatMul, which it cannot make once its MatMul + Add (bias) fusion has turned
+  the pair into a float Gemm (it then dequantizes the weights on every call). The same product as the
+  QDQ form up to float summation order; nothing new to simulate.
 * ``qnn`` targets ONNX Runtime's QNN execution provider (Qualcomm HTP): no model-local functions
   (so the rotation is emitted as its body, inline), unsigned 8/16-bit activations, signed 8-bit
   per-channel weights. 16-bit activations come only from the hardware-aware bit allocation
@@ -62,6 +68,8 @@ class Profile:
     # unit per-tensor scale → Conv/MatMul → Mul by the scales), since the QNN EP runs a per-channel DQ
     # outside a full QDQ node unit (Q on the output) on the CPU (see export.lower).
     scales_after_product: bool = False
+    # Quantized Linear layers as com.microsoft.MatMulIntegerToFloat (u8 codes × s8 codes → float + bias).
+    integer_linears: bool = False
 
     def weight_type(self, bits: int) -> int:
         return TensorProto.INT4 if self.int4_weights and bits <= 4 else TensorProto.INT8
@@ -77,7 +85,8 @@ CONTAINER_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.INT8: 8
 
 PROFILES: dict[str, Profile] = {p.name: p for p in [
     Profile("reference", int4_weights=True, uint4_acts=True, inline_rotation=False, half_lowrank=True),
-    Profile("ort-cpu", int4_weights=False, uint4_acts=False, inline_rotation=False, requant_conv_outputs=True),
+    Profile("ort-cpu", int4_weights=False, uint4_acts=False, inline_rotation=False, requant_conv_outputs=True,
+            integer_linears=True),
     Profile("qnn", int4_weights=False, uint4_acts=False, inline_rotation=True, requant_conv_outputs=True,
             scales_after_product=True),
 ]}

@@ -155,10 +155,33 @@ def test_graph_structure_follows_the_recipe(cache, method, bits, exporter, profi
     biased = {n for n in requant if cache.fp.get_submodule(n).bias is not None}
     assert set(json.loads(meta["requantized_layers"])) == requant
     assert len(requant) >= len(live) // 2 or profile == "reference"
+    # ort-cpu: quantized Linear layers (8-bit containers: all of them at these bits) as
+    # Q → com.microsoft.MatMulIntegerToFloat, no DQ of their input or weights (export.lower.integer_linears).
+    int_linear = {n for n, e in live.items() if e["kind"] == "linear" and e["weight_bits"] is not None} \
+        if profile == "ort-cpu" else set()
+    assert bool(int_linear) == (profile == "ort-cpu")
+    assert ops.count("MatMulIntegerToFloat") == len(int_linear)
+    assert any(o.domain == "com.microsoft" for o in model.opset_import) == bool(int_linear)
     assert ops.count("QuantizeLinear") == n_act + len(requant)
-    assert ops.count("DequantizeLinear") == n_act + n_w + len(requant) + len(biased)
+    assert ops.count("DequantizeLinear") == n_act + n_w + len(requant) + len(biased) - 2 * len(int_linear)
     for name, e in live.items():
         assert nodes[f"{name}_QuantizeLinear"].op_type == "QuantizeLinear"
+        if name in int_linear:
+            mm, q = nodes[f"{name}_MatMulIntegerToFloat"], nodes[f"{name}_QuantizeLinear"]
+            assert mm.domain == "com.microsoft"
+            assert mm.input[:6] == [q.output[0], f"{name}.weight_codes", q.input[1], f"{name}.weight_scale",
+                                    q.input[2], f"{name}.weight_zero_point"]
+            assert mm.input[6:] == ([f"{name}.bias"] if cache.fp.get_submodule(name).bias is not None else [])
+            assert types[f"{name}.weight_codes"] == TensorProto.INT8
+            codes = numpy_helper.to_array(initializers[f"{name}.weight_codes"])
+            assert codes.shape == tuple(cache.fp.get_submodule(name).weight.shape[::-1])  # (in, out)
+            assert not any(f"{name}_{op}" in nodes for op in ("DequantizeLinear", "weight_DequantizeLinear",
+                                                               "MatMul", "BiasAdd"))
+            assert (f"{name}_LowRankAdd" in nodes) == bool(e["lowrank_rank"])
+            assert (f"{name}_Smooth" in nodes) == bool(e["smoothing"])
+            assert types[f"{name}.act_zero_point"] == TensorProto.UINT8
+            assert (f"{name}_Clip" in nodes) == (a_bits < 8)
+            continue
         assert nodes[f"{name}_DequantizeLinear"].input[0] == nodes[f"{name}_QuantizeLinear"].output[0]
         wdq = nodes[f"{name}_weight_DequantizeLinear"]
         conv = e["kind"] == "conv"
