@@ -58,6 +58,17 @@ def layer_parity(onnx_path: str | Path, qmodel: torch.nn.Module, x: np.ndarray) 
     return result
 
 
+def float_products_of_weight_codes(path: Path, tmp_path: Path) -> list[str]:
+    """Nodes of ONNX Runtime's optimized graph (extended optimizations) that run a float Conv / MatMul /
+    Gemm on weights dequantized from stored codes on every call (a DequantizeLinear of an initializer)."""
+    cpu_session(path, None, optimization="ORT_ENABLE_EXTENDED", optimized_model=tmp_path / "optimized_w.onnx")
+    graph = onnx.load(str(tmp_path / "optimized_w.onnx")).graph
+    inits = {i.name for i in graph.initializer}
+    dq_of_init = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+    return [n.name for n in graph.node
+            if n.op_type in ("Conv", "MatMul", "Gemm", "FusedMatMul") and dq_of_init & set(n.input)]
+
+
 def fused_qlinearconvs(path: Path, tmp_path: Path) -> int:
     """How many QLinearConv nodes ONNX Runtime's CPU EP makes of the graph at ``path`` (extended
     optimizations, the optimized model written to ``tmp_path``)."""

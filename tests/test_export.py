@@ -38,7 +38,7 @@ from quantface.pipeline import RestorationPipeline, TorchBackend
 from quantface.quant import EPS
 from tests.conftest import TINY, smooth_image
 from quantface.metrics import output_psnr
-from tests.parity import fused_qlinearconvs, layer_parity
+from tests.parity import float_products_of_weight_codes, fused_qlinearconvs, layer_parity
 
 SIZE = 32
 PARITY_PSNR_DB = 40.0  # ORT vs PyTorch fake-quant, outputs mapped to [0, 1]
@@ -293,6 +293,9 @@ def test_quantface_w8a8_ort_cpu_graph_is_lean(cache, tmp_path):
     assert not [n for n in names if n.endswith(("_LowRankAdd", "_Smooth", "_Clip")) or "_Hadamard" in n]
     requant = [n for n in names if n.endswith("_OutputQuantizeLinear")]
     assert requant and fused_qlinearconvs(path, tmp_path) == len(requant)
+    # Linear layers: integer products too (MatMulIntegerToFloat), no float Gemm on per-call dequantized weights.
+    assert [n for n in names if n.endswith("_MatMulIntegerToFloat")]
+    assert float_products_of_weight_codes(path, tmp_path) == []
 
 
 def test_kernel_time_by_part_finds_every_part_of_an_ort_cpu_graph(cache):
