@@ -37,7 +37,7 @@ from quantface.device import describe as describe_device
 from quantface.device import resolve_device
 from quantface.errors import ConfigError
 from quantface.models import load_model
-from quantface.quant import act_qparams, weight_scale
+from quantface.quant import act_qparams, act_range_method, weight_scale
 from quantface.recipe import HadamardSpec, read_recipe, rewrite_layers, weights_fingerprint
 
 # Values kept per layer and batch for activation-range search (random positions).
@@ -175,11 +175,12 @@ def prepare(model: torch.nn.Module, data: CalibData, cfg: CalibConfig, spec: Met
     obs = observe(model, layers, data, cfg, transformed=True, desc="activation ranges")
     for name, layer in layers.items():
         sample = torch.cat(obs.samples[name])
-        if spec.scale_init == "minmax":
+        method = act_range_method(cfg.act_bits, spec.scale_init)
+        if method == "minmax":
             sample = torch.cat([sample, obs.lo[name].reshape(1), obs.hi[name].reshape(1)])
         if samples is not None:
             samples[name] = sample
-        scale, zp = act_qparams(sample, cfg.act_bits, spec.scale_init)
+        scale, zp = act_qparams(sample, cfg.act_bits, method)
         layer.set_act_quant(cfg.act_bits, scale, zp)
     if spec.lora_rank:
         gen = torch.Generator().manual_seed(cfg.seed)

@@ -142,6 +142,14 @@ def boundary_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[tor
     return scale, zero_point
 
 
+def act_range_method(bits: int, method: str) -> str:
+    """The activation range method a ``bits``-bit quantizer uses when a method asks for ``method``:
+    above ``MAX_BITS`` (16-bit activations) always ``minmax`` over every observed value — 2^16 levels
+    make rounding error negligible, so shrinking the range only clips (and a clipping search on a
+    sample of positions misses the extremes it would clip); else ``method``."""
+    return "minmax" if bits > MAX_BITS else method
+
+
 def act_qparams(sample: torch.Tensor, bits: int, method: str = "mse", percentile: float = 99.99,
                 grid: int = 60) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor activation (scale, zero_point) from a sample of activation values.

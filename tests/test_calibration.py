@@ -366,3 +366,33 @@ def test_reduce_range_gives_w8_layers_7_bit_codes(image_folder, tmp_path, tiny_w
 def test_reduce_range_is_refused_where_it_does_not_apply(given, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         CalibConfig(**given)
+
+
+def test_16_bit_activation_ranges_cover_every_observed_value(image_folder, tmp_path, tiny_weights, tiny_model):
+    """At 16 bits an activation range is the observed min/max (quant.act_range_method): a clipping search
+    on a sample of positions would clip the extremes it never saw. At 8 bits QuantFace's MSE search still
+    shrinks ranges (some layer's range ends inside its observed values by more than the half step the
+    rounded zero point may shift the grid)."""
+    from quantface.calibration.run import prepare
+    from quantface.quant import act_range_method
+
+    assert act_range_method(16, "mse") == "minmax" and act_range_method(8, "mse") == "mse"
+    assert act_range_method(4, "minmax") == "minmax"
+    clipped = {}
+    for bits in ("W8A16", "W8A8"):
+        cfg = _cfg(image_folder, tmp_path / bits, "quantface", weights=tiny_weights, bits=bits, steps=0)
+        model = copy.deepcopy(tiny_model)
+        data = CalibData.build(tiny_model, cfg, 32)
+        samples: dict[str, torch.Tensor] = {}
+        layers = prepare(model, data, cfg, get_method("quantface"), samples)
+        a_bits = parse_bits(bits)[1]
+        clipped[bits] = []
+        for name, layer in layers.items():
+            s, z = float(layer.a_scale), float(layer.a_zero_point)
+            lo, hi = (0 - z) * s, (2 ** a_bits - 1 - z) * s
+            seen = samples[name]
+            slack = 0.5 * s * (1 + 1e-5)  # the rounded zero point shifts the grid by up to half a step
+            if not (lo <= float(seen.min()) + slack and float(seen.max()) <= hi + slack):
+                clipped[bits].append(name)
+    assert clipped["W8A16"] == []
+    assert clipped["W8A8"]
