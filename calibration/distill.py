@@ -6,6 +6,13 @@ degraded input; the loss is λ1·perceptual + λ2·MSE, perceptual being LPIPS w
 are given, else 1 − SSIM (differentiable, no weights needed). Batches are a function of (seed, step),
 and the trainable state plus Adam's moments are checkpointed (safetensors) so an interrupted run
 resumes to the same result.
+
+Under ``torchrun`` (``quantface.distributed``) every rank draws the same global batch and takes its
+contiguous slice of it (``torch.tensor_split``: sizes differ by at most one); its loss is weighted by
+its share of the batch, the gradients are summed over the ranks (one all-reduce per step), so each
+rank's Adam takes the single process's step on the same effective batch, up to the order of the
+floating-point additions (docs/distributed.md has the measured difference). Rank 0 writes the
+checkpoints; a run resumes only when every rank finds the same checkpoint step.
 """
 
 from __future__ import annotations
@@ -13,12 +20,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from quantface import distributed as dist
 from quantface.calibration.config import CalibConfig
 from quantface.calibration.layers import QuantLayer
 from quantface.calibration.methods import MethodSpec
-from quantface.checkpoint import load_checkpoint, save_checkpoint
+from quantface.checkpoint import checkpoint_step, load_checkpoint, save_checkpoint
 from quantface.metrics import ssim_map
 
 CHECKPOINT_NAME = "distill_checkpoint.safetensors"
@@ -64,8 +71,20 @@ def _named(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> dict[str
     return {n: p for n, p in model.named_parameters() if id(p) in wanted}
 
 
+def _resume_step(cfg: CalibConfig, ckpt: Path) -> int:
+    """The step to resume from: the checkpoint's, if every rank finds the same one, else 0."""
+    local = checkpoint_step(ckpt) if cfg.resume and ckpt.exists() else 0
+    steps = dist.all_gather_object(local)
+    if len(set(steps)) > 1:
+        dist.log(f"not resuming distillation: the ranks' checkpoints disagree (steps {steps}); starting afresh")
+        return 0
+    return local
+
+
 def distill(qmodel: torch.nn.Module, layers: dict[str, QuantLayer], data, cfg: CalibConfig, spec: MethodSpec,
-            steps: int) -> None:
+            steps: int) -> list[float]:
+    """Train the branches (and scales) for ``steps`` steps; returns the loss of each step run (from the
+    resumed step on), the global batch's under ``torchrun``."""
     groups = trainable_parameters(layers, spec)
     for p in qmodel.parameters():
         p.requires_grad_(False)
@@ -76,27 +95,51 @@ def distill(qmodel: torch.nn.Module, layers: dict[str, QuantLayer], data, cfg: C
     opt = torch.optim.Adam([{"params": params, "lr": lrs[name]} for name, params in groups.items()])
     named = _named(qmodel, trained)
     ckpt = checkpoint_path(cfg)
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    start = load_checkpoint(ckpt, named, opt) if cfg.resume and ckpt.exists() else 0
+    if dist.is_main():
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+    start = _resume_step(cfg, ckpt)
     if start:
-        print(f"resumed distillation from {ckpt} at step {start}")
+        load_checkpoint(ckpt, named, opt)
+        dist.log(f"resumed distillation from {ckpt} at step {start}")
     perceptual = perceptual_loss(cfg, data.lq.device)
+    world, rank = dist.world_size(), dist.rank()
+    losses: list[float] = []
     qmodel.train()
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"distill {spec.name}", dynamic_ncols=True)
+    bar = dist.progress(range(start, steps), initial=start, total=steps, desc=f"distill {spec.name}")
     for step in bar:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = torch.randint(0, len(data), (cfg.batch_size,), generator=g, device="cpu").to(data.lq.device)
-        pred = qmodel(data.lq[idx])
-        target = data.fp_out[idx]
-        loss = cfg.lambda_perceptual * perceptual(pred, target) + cfg.lambda_mse * torch.mean((pred - target) ** 2)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if not dist.active():
+            pred = qmodel(data.lq[idx])
+            target = data.fp_out[idx]
+            loss = cfg.lambda_perceptual * perceptual(pred, target) + cfg.lambda_mse * torch.mean((pred - target) ** 2)
+            loss.backward()
+        else:
+            # This rank's slice; its mean loss weighted by its share, so the sum over ranks is the batch's mean.
+            mine = torch.tensor_split(idx, world)[rank]
+            share = len(mine) / len(idx)
+            if len(mine):
+                pred = qmodel(data.lq[mine])
+                target = data.fp_out[mine]
+                part = share * (cfg.lambda_perceptual * perceptual(pred, target)
+                                + cfg.lambda_mse * torch.mean((pred - target) ** 2))
+                part.backward()
+                part = part.detach()
+            else:  # a batch smaller than the world: nothing to do here this step
+                part = torch.zeros((), device=data.lq.device)
+            dist.all_reduce_grads(trained)
+            loss = dist.all_reduce_sum(part.reshape(1)).reshape(())
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.5f}")
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.5f}")
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps and dist.is_main():
             save_checkpoint(ckpt, named, opt, step + 1)
     bar.close()
+    dist.check_replicated(trained, "trained parameters")
     qmodel.eval()
     for p in qmodel.parameters():
         p.requires_grad_(False)
-    ckpt.unlink(missing_ok=True)
+    if dist.is_main():
+        ckpt.unlink(missing_ok=True)
+    return losses

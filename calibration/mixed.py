@@ -6,7 +6,8 @@ while its quantizers are switched off). Four steps, each in its own module:
 
 1. **Sensitivity sweep** and 2. **layer errors** (``calibration.sensitivity``): B_i per layer, the
    perceptual weight w_i = 2^B_i − 1, and ‖W X − Q(W) Q_b(X)‖²_F per option; L_{i,o} = w_i² · that.
-3. **Integer program** (``calibration.allocation.allocate``, pulp + its bundled CBC): exactly one
+3. **Integer program** (``calibration.allocation.allocate``, pulp + its bundled CBC; under ``torchrun``
+   solved on rank 0 and its solution sent to the others): exactly one
    option per layer, Σ M_{i,o} ≤ budget, least Σ L_{i,o}. The options and the cost M are the
    target's (``calibration.targets``: uniform weight bits with ``mp_cost`` elements / bops, or
    ``--target qnn``'s W4/W8 × A8/A16 in bytes).
@@ -31,12 +32,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from quantface import distributed as dist
 from quantface.calibration.allocation import Option, allocate, check_budget
 from quantface.calibration.config import B_MAX, B_MIN, epsilon
 from quantface.calibration.layers import QuantLayer
 from quantface.calibration.plots import bits_plot
 from quantface.calibration.sensitivity import LayerStats, QParams, cache_dir, layer_errors, sensitivity_sweep
 from quantface.calibration.targets import get_target
+from quantface.errors import QuantFaceError
 from quantface.quant import weight_scale
 
 if TYPE_CHECKING:
@@ -79,6 +82,22 @@ def _check_cost_only(stats: dict[str, LayerStats], choices, cfg: "CalibConfig", 
     check_budget(options, budget, describe)
 
 
+def _solve(options: dict[str, list[Option]], budget: float, describe: Callable):
+    """``allocate`` on rank 0, its solution (or its user error) sent to every rank under ``torchrun``."""
+    if not dist.active():
+        return allocate(options, budget, describe)
+    sol, error = None, None
+    if dist.is_main():
+        try:
+            sol = allocate(options, budget, describe)
+        except QuantFaceError as exc:
+            error = exc
+    sol, error = dist.broadcast_object((sol, error))
+    if error is not None:
+        raise error
+    return sol
+
+
 def allocate_bits(model: torch.nn.Module, layers: dict[str, QuantLayer], data, cfg: "CalibConfig",
                   spec: "MethodSpec", samples: dict[str, torch.Tensor], weights_sha256: str) -> AllocationResult:
     """Steps 1–4 of the module docstring on the prepared ``model``; leaves every layer at its chosen bits."""
@@ -95,7 +114,7 @@ def allocate_bits(model: torch.nn.Module, layers: dict[str, QuantLayer], data, c
     sweep_seconds = time.time() - t0
     sens = {n: r["bits"] for n, r in sweep.items()}
     options, budget, describe, notes = build_problem(stats, sens, choices, cfg, weight_bits)
-    sol = allocate(options, budget, describe)
+    sol = _solve(options, budget, describe)
     # Apply the chosen bits: ranges (and where the weight bits change, weight scales) recomputed for them.
     with torch.no_grad():
         for name, layer in layers.items():
@@ -127,7 +146,7 @@ def allocate_bits(model: torch.nn.Module, layers: dict[str, QuantLayer], data, c
                        "act_bits": choices[sol.choice[n]][1]}
                    for i, n in enumerate(layers)},
     }
-    print(f"bit allocation: {meta['label']} (budget {describe(budget)}, achieved {describe(sol.cost)}), "
+    dist.log(f"bit allocation: {meta['label']} (budget {describe(budget)}, achieved {describe(sol.cost)}), "
           f"solved in {sol.seconds:.2f}s")
     names = list(layers)
     panels = target.panels([choices[sol.choice[n]] for n in names])

@@ -16,8 +16,8 @@ learned boundaries become the activation scale and zero point.
 from __future__ import annotations
 
 import torch
-from tqdm import tqdm
 
+from quantface import distributed as dist
 from quantface.calibration.config import CalibConfig
 from quantface.calibration.layers import QuantLayer
 from quantface.quant import EPS, act_qparams_from_range, boundary_qparams, fake_quantize, qrange
@@ -93,7 +93,8 @@ def modulewise_calibrate(fp_model: torch.nn.Module, qmodel: torch.nn.Module, lay
                          data, cfg: CalibConfig, steps: int) -> None:
     captured = _capture(fp_model, layers, data.lq[:IMAGES])
     g = torch.Generator().manual_seed(cfg.seed)
-    for name, layer in tqdm(layers.items(), desc="module-wise calibration", dynamic_ncols=True):
+    # Under torchrun every rank runs every layer (the same small problems, the same result): not sharded.
+    for name, layer in dist.progress(layers.items(), desc="module-wise calibration"):
         if layer.weight_bits is None or layer.act_bits is None or layer.rotation is not None:
             continue
         x, y = captured[name]

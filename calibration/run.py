@@ -14,6 +14,14 @@ Stages (each method's ``MethodSpec`` switches them on or off):
 7. freeze (merge branches; where ``fold_lowrank`` says so, fold them into the weight; fix integer codes);
 8. output ranges: per layer, the (min, max) of its frozen quantized product on the ``stat_images``
    images (where the ``ort-cpu`` export requantizes convolution outputs to 8 bits), and write the recipe.
+
+Under ``torchrun`` (``quantface.distributed``) the same stages run data-parallel, and the recipe is the
+single process's: the FP outputs (stage 1) in chunks of 16 images, the statistics passes (3, 5, 8) in
+batches of 8, are sharded strided over the ranks (batch k on rank k mod world) and gathered or reduced
+exactly (max|X|, min, max: MAX / MIN; the range-search samples gathered in the single process's
+order, drawn from the one seeded generator each rank replays over the batches it does not see); the
+distillation (``calibration.distill``) splits each global batch; the sensitivity sweep
+(``calibration.sensitivity``) splits its layers. Rank 0 alone prints, shows the bars and writes.
 """
 
 from __future__ import annotations
@@ -26,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from quantface import distributed as dist
 from quantface.calibration.config import CalibConfig
 from quantface.calibration.layers import QuantLayer, quant_layers, wrap_layers
 from quantface.calibration.methods import DEFAULT_STEPS, MethodSpec, get_method
@@ -35,13 +43,15 @@ from quantface.calibration.recipe import apply_recipe, save_recipe
 from quantface.degradation import degraded_inputs
 from quantface.device import describe as describe_device
 from quantface.device import resolve_device
-from quantface.errors import ConfigError
+from quantface.errors import ConfigError, QuantFaceError
 from quantface.models import load_model
 from quantface.quant import act_qparams, act_range_method, weight_scale
 from quantface.recipe import HadamardSpec, read_recipe, rewrite_layers, weights_fingerprint
 
 # Values kept per layer and batch for activation-range search (random positions).
 SAMPLES_PER_BATCH = 1 << 14
+FP_CHUNK = 16  # images per forward pass of the FP model over the calibration inputs
+STAT_BATCH = 8  # images per forward pass of the statistics passes
 
 
 @dataclass
@@ -55,11 +65,15 @@ class CalibData:
     def build(cls, fp_model: torch.nn.Module, cfg: CalibConfig, size: int) -> "CalibData":
         device = next(fp_model.parameters()).device  # the data lives where the models run
         lq = degraded_inputs(cfg.data, size, cfg.limit, cfg.seed).to(device)
-        outs = []
+        starts = range(0, len(lq), FP_CHUNK)
+        outs: dict[int, torch.Tensor] = {}
         with torch.inference_mode():
-            for i in range(0, len(lq), 16):
-                outs.append(fp_model(lq[i:i + 16]))
-        return cls(lq=lq, fp_out=torch.cat(outs))
+            for c in dist.shard(len(starts)):  # every chunk here, or this rank's share under torchrun
+                outs[c] = fp_model(lq[starts[c]:starts[c] + FP_CHUNK])
+        if dist.active():
+            outs = {c: t.to(device) for part in dist.all_gather_object({c: t.cpu() for c, t in outs.items()})
+                    for c, t in part.items()}
+        return cls(lq=lq, fp_out=torch.cat([outs[c] for c in range(len(starts))]))
 
     def __len__(self) -> int:
         return len(self.lq)
@@ -72,16 +86,28 @@ def _batches(x: torch.Tensor, n: int, batch_size: int):
 
 class _InputObserver:
     """Forward pre-hook recording, per layer, per-channel max|x| and a random sample of values of
-    the layer's input after its online transform (what its activation quantizer will see)."""
+    the layer's input after its online transform (what its activation quantizer will see).
+
+    The sample positions come from one generator seeded with ``seed``, drawn call by call in batch
+    order. A rank that does not see a batch replays that batch's draws (``skip``), so under
+    ``torchrun`` every batch gets the positions the single process would give it."""
 
     def __init__(self, layers: dict[str, QuantLayer], transformed: bool, seed: int):
+        self.layers = layers
         self.absmax: dict[str, torch.Tensor] = {}
         self.samples: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+        self.sample_batches: dict[str, list[int]] = {n: [] for n in layers}  # global batch of each sample
         self.lo: dict[str, torch.Tensor] = {}
         self.hi: dict[str, torch.Tensor] = {}
         self.generator = torch.Generator().manual_seed(seed)
+        self.batch = 0  # global index of the batch being observed
+        self.calls: list[int] = []  # input elements of each hook call, in order, over the batches observed
         self.handles = [layer.register_forward_pre_hook(self._hook(name, transformed))
                         for name, layer in layers.items()]
+
+    def _draw(self, numel: int) -> torch.Tensor:
+        n = min(SAMPLES_PER_BATCH, numel)
+        return torch.randint(0, numel, (n,), generator=self.generator, device="cpu")  # seeded on the CPU
 
     def _hook(self, name: str, transformed: bool):
         def hook(module: QuantLayer, args):
@@ -94,10 +120,38 @@ class _InputObserver:
             self.lo[name] = torch.minimum(self.lo.get(name, ch.min()), ch.min())
             self.hi[name] = torch.maximum(self.hi.get(name, ch.max()), ch.max())
             flat = x.flatten()
-            n = min(SAMPLES_PER_BATCH, flat.numel())
-            idx = torch.randint(0, flat.numel(), (n,), generator=self.generator, device="cpu")  # seeded on the CPU
+            self.calls.append(flat.numel())
+            idx = self._draw(flat.numel())
             self.samples[name].append(flat[idx.to(flat.device)])
+            self.sample_batches[name].append(self.batch)
         return hook
+
+    def skip(self, calls: list[int]) -> None:
+        """Advance the generator over a batch another rank observes (its hook calls' input sizes)."""
+        for numel in calls:
+            self._draw(numel)
+
+    def reduce(self) -> None:
+        """Under ``torchrun``: every rank's statistics combined, so each holds what one process observing
+        every batch would (max|X| and max by MAX, min by MIN; the samples gathered in batch order)."""
+        if not dist.active():
+            return
+        for name, layer in self.layers.items():
+            like = layer.weight
+            seen = dist.all_reduce_max(torch.tensor([float(name in self.absmax)], device=like.device))
+            if not seen.item():
+                continue
+            self.absmax[name] = dist.all_reduce_max(self.absmax.get(name, torch.zeros(
+                layer.in_channels, dtype=like.dtype, device=like.device)))
+            inf = torch.tensor(float("inf"), dtype=like.dtype, device=like.device)
+            self.lo[name] = dist.all_reduce_min(self.lo.get(name, inf))
+            self.hi[name] = dist.all_reduce_max(self.hi.get(name, -inf))
+        mine = {n: [(k, t.cpu()) for k, t in zip(self.sample_batches[n], self.samples[n])] for n in self.layers}
+        parts = dist.all_gather_object(mine)
+        for name, layer in self.layers.items():
+            merged = sorted((e for part in parts for e in part[name]), key=lambda e: e[0])  # stable: call order kept
+            self.samples[name] = [t.to(layer.weight.device) for _, t in merged]
+            self.sample_batches[name] = [k for k, _ in merged]
 
     def remove(self) -> None:
         for h in self.handles:
@@ -106,13 +160,42 @@ class _InputObserver:
 
 def observe(model: torch.nn.Module, layers: dict[str, QuantLayer], data: CalibData, cfg: CalibConfig,
             transformed: bool, desc: str) -> _InputObserver:
+    """The observer's statistics over the first ``stat_images`` inputs in batches of ``STAT_BATCH``;
+    under ``torchrun`` batch k on rank k mod world, reduced so every rank holds them all."""
     obs = _InputObserver(layers, transformed, cfg.seed)
+    batches = list(_batches(data.lq, cfg.stat_images, STAT_BATCH))
+    mine = dist.shard(len(batches))
     try:
         with torch.inference_mode():
-            for batch in tqdm(list(_batches(data.lq, cfg.stat_images, 8)), desc=desc, dynamic_ncols=True):
-                model(batch)
+            if not dist.active():
+                for k, batch in enumerate(dist.progress(batches, desc=desc)):
+                    obs.batch = k
+                    model(batch)
+            else:
+                # Every batch but the last is full, and a full batch's hook calls are the same for all: rank 0
+                # records them on batch 0 and sends them, so the others can replay the batches they skip.
+                bar = dist.progress(total=len(mine), desc=f"{desc} (rank 0's {len(mine)} of {len(batches)} batches)")
+                pos = 0  # the global batch the generator stands at
+                full_calls = None
+                if dist.is_main() and mine:
+                    model(batches[0])
+                    bar.update()
+                    full_calls, pos = list(obs.calls), 1
+                if len(batches) > 1:
+                    full_calls = dist.broadcast_object(full_calls)
+                for k in mine:
+                    if k < pos:
+                        continue
+                    for _ in range(pos, k):
+                        obs.skip(full_calls)
+                    obs.batch = k
+                    model(batches[k])
+                    bar.update()
+                    pos = k + 1
+                bar.close()
     finally:
         obs.remove()
+    obs.reduce()
     return obs
 
 
@@ -120,7 +203,8 @@ def observe_output_ranges(model: torch.nn.Module, layers: dict[str, QuantLayer],
                           n_images: int) -> dict[str, tuple[float, float]]:
     """Per layer, (min, max) of its quantized product (``QuantLayer.quantized_product``: the
     quantized conv / matmul plus bias, without the low-rank branch) over the first ``n_images``
-    inputs ``lq``, and stored on the layer as ``output_range``. Run on the frozen model."""
+    inputs ``lq``, and stored on the layer as ``output_range``. Run on the frozen model; under
+    ``torchrun`` each rank takes its share of the batches and the ranges are reduced (MIN / MAX)."""
     lo: dict[str, float] = {}
     hi: dict[str, float] = {}
 
@@ -132,13 +216,20 @@ def observe_output_ranges(model: torch.nn.Module, layers: dict[str, QuantLayer],
         return record
 
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    batches = list(_batches(lq, n_images, STAT_BATCH))
     try:
         with torch.inference_mode():
-            for batch in tqdm(list(_batches(lq, n_images, 8)), desc="output ranges", dynamic_ncols=True):
-                model(batch)
+            for k in dist.progress(dist.shard(len(batches)), desc="output ranges"):
+                model(batches[k])
     finally:
         for h in handles:
             h.remove()
+    if dist.active():  # float64 holds each float32 extreme exactly
+        names = list(layers)
+        lo_t = dist.all_reduce_min(torch.tensor([lo.get(n, float("inf")) for n in names], dtype=torch.float64))
+        hi_t = dist.all_reduce_max(torch.tensor([hi.get(n, float("-inf")) for n in names], dtype=torch.float64))
+        lo = {n: float(a) for n, a in zip(names, lo_t.tolist()) if a != float("inf")}
+        hi = {n: float(b) for n, b in zip(names, hi_t.tolist()) if n in lo}
     for name, layer in layers.items():
         layer.output_range = (lo[name], hi[name]) if name in lo else None
     return {n: (lo[n], hi[n]) for n in lo}
@@ -197,12 +288,28 @@ class CalibrationResult:
 
 
 def calibrate(cfg: CalibConfig) -> CalibrationResult:
-    """Run ``cfg.method`` on ``cfg.model`` and write the recipe to ``cfg.out``."""
+    """Run ``cfg.method`` on ``cfg.model`` and write the recipe to ``cfg.out``; under ``torchrun``
+    data-parallel on every rank (the module docstring), the recipe written by rank 0."""
     spec = get_method(cfg.method)
+    try:
+        device, device_error = resolve_device(cfg.device), None
+    except QuantFaceError as exc:  # raised on every rank below, once the ranks have compared notes
+        device, device_error = None, exc
+    with dist.session(device):
+        return _calibrate(cfg, spec, dist.agree(lambda: _checked(cfg, device, device_error)))
+
+
+def _checked(cfg: CalibConfig, device: torch.device | None, error: QuantFaceError | None) -> torch.device:
+    """The user's inputs checked before any work (``CalibConfig.check``); the device to run on."""
     cfg.check()
+    if error is not None:
+        raise error
+    return device
+
+
+def _calibrate(cfg: CalibConfig, spec: MethodSpec, device: torch.device) -> CalibrationResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     t0 = time.time()
@@ -211,10 +318,14 @@ def calibrate(cfg: CalibConfig) -> CalibrationResult:
     if size % fp_model.config.size_multiple:
         raise ConfigError(f"--size {size} is not a multiple of {fp_model.config.size_multiple}, which the model needs")
     data = CalibData.build(fp_model, cfg, size)
-    print(f"{cfg.method} {cfg.bits}: {len(data)} calibration images at {size}px on {describe_device(device)}")
+    ranks = f" x {dist.world_size()} ranks" if dist.active() else ""
+    dist.log(f"{cfg.method} {cfg.bits}: {len(data)} calibration images at {size}px on {describe_device(device)}{ranks}")
     qmodel = copy.deepcopy(fp_model)
     samples: dict[str, torch.Tensor] | None = {} if cfg.mp_budget is not None else None
     layers = prepare(qmodel, data, cfg, spec, samples)
+    # Every rank computed the same prepared model from the same reduced statistics; rank 0's values are
+    # sent anyway, so no kernel's nondeterminism on some device can make the ranks train different models.
+    dist.broadcast_module(qmodel)
     allocation = None
     if cfg.mp_budget is not None:  # adaptive bit widths (paper §3.4), then the usual refinement with them
         from quantface.calibration.mixed import allocate_bits
@@ -222,10 +333,11 @@ def calibrate(cfg: CalibConfig) -> CalibrationResult:
         allocation = allocate_bits(qmodel, layers, data, cfg, spec, samples, weights_fingerprint(fp_model))
         samples = None
     steps = cfg.steps if cfg.steps is not None else DEFAULT_STEPS.get(spec.refine or "", 0)
+    stats: dict = {}
     if spec.refine == "distill" and steps:
         from quantface.calibration.distill import distill
 
-        distill(qmodel, layers, data, cfg, spec, steps)
+        stats["distill_loss"] = distill(qmodel, layers, data, cfg, spec, steps)
     elif spec.refine == "modulewise" and steps:
         from quantface.calibration.modulewise import modulewise_calibrate
 
@@ -244,13 +356,17 @@ def calibrate(cfg: CalibConfig) -> CalibrationResult:
     fp_model.cpu()
     observe_output_ranges(qmodel, layers, data.lq.cpu(), cfg.stat_images)
     seconds = time.time() - t0
-    out = save_recipe(qmodel, fp_model, cfg, spec, {"calibration_seconds": round(seconds, 1), "steps": steps,
-                                                    "images": len(data), "size": size},
-                      sections={"allocation": allocation.meta} if allocation else None,
-                      files=allocation.files if allocation else None)
-    if allocation:
-        allocation.cleanup()
-    print(f"recipe written to {out} ({seconds:.0f}s)")
+    out = None
+    if dist.is_main():  # the one rank that writes
+        out = save_recipe(qmodel, fp_model, cfg, spec, {"calibration_seconds": round(seconds, 1), "steps": steps,
+                                                        "images": len(data), "size": size,
+                                                        "world_size": dist.world_size(), **stats},
+                          sections={"allocation": allocation.meta} if allocation else None,
+                          files=allocation.files if allocation else None)
+        if allocation:
+            allocation.cleanup()
+        print(f"recipe written to {out} ({seconds:.0f}s)")
+    out = dist.broadcast_object(out)  # the others return once the recipe is there
     return CalibrationResult(out, qmodel.eval(), seconds)
 
 

@@ -17,6 +17,9 @@ sensitivity B_i (the sweep) and its quantized-product error for every option (th
    defaults: docs/calibration_notes.md, "Sensitivity threshold"). Per-layer results are cached in
    ``.<out>.mp_cache/sensitivity.json`` beside the output (written atomically after every layer) and
    reused on restart when the configuration matches; the cache is removed once the recipe is written.
+   Under ``torchrun`` the layers still to sweep are split over the ranks (layer j on rank j mod world;
+   each layer's result depends on that layer alone) and the results gathered; rank 0 reads and writes
+   the cache.
 
 2. **Layer errors.** L_{i,o} = w_i² · ‖W X − Q(W) Q_b(X)‖²_F per image, X the layer's (transformed)
    input on the sweep images in the unquantized model, W its residual weight (after the SVD split),
@@ -36,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from quantface import distributed as dist
 from quantface.calibration.config import B_MAX, B_MIN, epsilon
 from quantface.calibration.layers import QuantLayer
 from quantface.calibration.methods import get_method
@@ -128,14 +132,12 @@ def sensitivity_sweep(model: torch.nn.Module, layers: dict[str, QuantLayer], x: 
                       qparams: QParams, weights_sha256: str) -> dict[str, dict]:
     """B_i per layer: {name: {"bits": B_i, "deviation": {b: deviation}}} (see the module docstring).
     Restartable: finished layers are cached and reused when the configuration matches."""
-    from tqdm import tqdm
-
     eps = epsilon(cfg)
     deviation = deviation_fn(cfg)
     key = sweep_key(cfg, list(layers), weights_sha256)
     path = cache_dir(cfg) / "sensitivity.json"
     results: dict[str, dict] = {}
-    if cfg.resume and path.is_file():
+    if cfg.resume and path.is_file() and dist.is_main():
         try:
             cached = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -144,10 +146,13 @@ def sensitivity_sweep(model: torch.nn.Module, layers: dict[str, QuantLayer], x: 
             results = {n: r for n, r in cached.get("layers", {}).items() if n in layers}
             if results:
                 print(f"sensitivity sweep: reusing {len(results)} cached layer(s) from {path}")
+    results = dist.broadcast_object(results)
     todo = [n for n in layers if n not in results]
+    mine = [todo[j] for j in dist.shard(len(todo))]
+    share = f", rank 0's {len(mine)} of {len(todo)} layers" if dist.active() else ""
     with quantizers_off(layers):
         ref = _forward(model, x)
-        for name in tqdm(todo, desc=f"sensitivity sweep ({cfg.mp_metric} ≤ {eps:g})", dynamic_ncols=True):
+        for name in dist.progress(mine, desc=f"sensitivity sweep ({cfg.mp_metric} ≤ {eps:g}{share})"):
             layer = layers[name]
             devs: dict[str, float] = {}
             for b in range(B_MIN, B_MAX + 1):
@@ -157,6 +162,12 @@ def sensitivity_sweep(model: torch.nn.Module, layers: dict[str, QuantLayer], x: 
                     break
             layer.act_bits = None
             results[name] = {"bits": b, "deviation": devs}
+            if dist.is_main():
+                atomic_write_bytes(path, (json.dumps({"key": key, "layers": results}, indent=1) + "\n").encode())
+    if dist.active():
+        for part in dist.all_gather_object({n: results[n] for n in mine}):
+            results.update(part)
+        if dist.is_main():
             atomic_write_bytes(path, (json.dumps({"key": key, "layers": results}, indent=1) + "\n").encode())
     return {n: results[n] for n in layers}
 

@@ -434,7 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except QuantFaceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        from quantface.distributed import report_error
+
+        report_error(str(exc))  # under torchrun, rank 0's line only: the job prints it once
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -124,6 +124,8 @@ def degraded_inputs(data: str, size: int, limit: int | None, seed: int) -> "torc
     else:
         loaded = load_folder(data, size, limit)
         if loaded.skipped:
-            print(loaded.report())
+            from quantface.distributed import log
+
+            log(loaded.report())
         images = loaded.images
     return images_to_tensor([degrade(hq, seed, i)[0] for i, hq in enumerate(images)])

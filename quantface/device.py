@@ -1,7 +1,8 @@
 """Which torch device a job runs on: one home for the ``--device`` option.
 
 ``auto`` picks the first CUDA GPU when torch sees one and the CPU otherwise; ``cpu``, ``cuda`` and
-``cuda:N`` name one. Asking for a GPU that is not there is a user error (one sentence), not a crash
+``cuda:N`` name one. Under ``torchrun`` (``quantface.distributed``), ``auto`` and ``cuda`` pick this
+rank's GPU, ``cuda:LOCAL_RANK``, so the ranks on one machine each get their own. Asking for a GPU that is not there is a user error (one sentence), not a crash
 deep inside a forward pass. Nothing requires a GPU: every job runs on the CPU.
 """
 
@@ -16,7 +17,8 @@ if TYPE_CHECKING:
     import torch
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-HELP = "auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N (default: auto)"
+HELP = ("auto (a CUDA GPU when torch sees one, else the CPU; under torchrun cuda:LOCAL_RANK), cpu, cuda or "
+        "cuda:N (default: auto)")
 
 
 def check_device_name(name: str) -> str:
@@ -27,12 +29,19 @@ def check_device_name(name: str) -> str:
 
 
 def resolve_device(name: str) -> "torch.device":
-    """``auto`` → cuda when available, else cpu; a named CUDA device must exist."""
+    """``auto`` → cuda when available, else cpu; a named CUDA device must exist. Under ``torchrun``
+    ``auto`` (with a GPU) and ``cuda`` are ``cuda:LOCAL_RANK``."""
     import torch
+
+    from quantface.distributed import launched, local_rank
 
     check_device_name(name)
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        name = "cuda"
+    if name == "cuda" and launched():
+        name = f"cuda:{local_rank()}"
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
