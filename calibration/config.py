@@ -13,6 +13,8 @@ from quantface.bits import MAX_BITS, MIN_BITS, WIDE_ACT_BITS, check_bits
 from quantface.calibration.targets import COSTS as COST_MODELS, TARGETS as TARGET_CLASSES, get_target
 from quantface.errors import ConfigError
 
+# The --rank-cost choices (calibration.ranks, which needs torch: not imported here).
+RANK_COSTS = ("params", "macs", "both")
 BITS_PATTERN = re.compile(r"^W([1-9]\d*)A([1-9]\d*)$")
 # The accepted --bits forms, for help texts and errors.
 BITS_FORMS = (f"W<w>A<a> with w in {MIN_BITS}..{MAX_BITS} and a in {MIN_BITS}..{MAX_BITS} or {WIDE_ACT_BITS}, "
@@ -93,6 +95,11 @@ class CalibConfig(JsonConfig):
     mp_sweep_images: int = 16  # calibration images of the sweep and of the layer errors
     mp_cost: str = "elements"  # elements (bits × input elements) | bops (bits × weight bits × MACs)
     target: str | None = None  # None | 'qnn': hardware-aware options (W4/W8) × (A8/A16), byte cost
+    # Per-layer branch ranks (calibration.ranks): 1.0 = uniform rank (capped below each layer's size); else
+    # a fraction F of the uniform branches' cost (rank_cost: parameters, MACs, or both, each within F) shared
+    # by an integer program.
+    rank_budget: float = 1.0
+    rank_cost: str = "params"
 
     def __post_init__(self) -> None:
         parse_bits(self.bits)
@@ -130,6 +137,12 @@ class CalibConfig(JsonConfig):
         if self.reduce_range and refusal:
             raise ConfigError(refusal)
         check_mixed_precision(self)
+        budget = self.rank_budget
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < math.inf:
+            raise ConfigError(f"--rank-budget {budget!r} must be a positive number (a fraction of the uniform "
+                              f"branches' cost; 1.0 keeps the uniform ranks)")
+        if self.rank_cost not in RANK_COSTS:
+            raise ConfigError(f"--rank-cost {self.rank_cost!r} is not one of {', '.join(RANK_COSTS)}")
 
     def check(self) -> None:
         """Before any work: the calibration faces exist, the recipe folder can be written, and the

@@ -33,6 +33,11 @@ class MethodSpec:
     # (docs/calibration_notes.md).
     balance_below_bits: int | None = None
 
+    @property
+    def has_branch(self) -> bool:
+        """Whether the method adds a low-rank branch (what ``rank_budget`` allocates)."""
+        return bool(self.svd_rank or self.lora_rank)
+
     def balances(self, weight_bits: int, act_bits: int) -> bool:
         """Whether a run with these bits folds this method's smoothing and rotation."""
         limit = self.balance_below_bits

@@ -5,7 +5,9 @@ Stages (each method's ``MethodSpec`` switches them on or off):
 1. data: calibration HQ faces, degraded with (seed, index), and the FP model's outputs for them;
 2. wrap every Conv2d / Linear in a ``QuantLayer`` (FP layers by pattern stay untouched);
 3. statistics on ``stat_images`` images: per-input-channel max|X| of every layer;
-4. fold transforms: smoothing s = max|X|^α / max|W|^(1−α), randomized Hadamard, SVD split;
+4. fold transforms: smoothing s = max|X|^α / max|W|^(1−α), randomized Hadamard, SVD split (each layer's
+   branch rank uniform and capped below its size, or with ``rank_budget`` ≠ 1 chosen by an integer
+   program on measured layer errors: ``calibration.ranks``);
 5. quantizers: per-channel weight scales on the (residual) weight, per-tensor activation ranges
    from the *transformed* inputs; LoRA branches added;
    (with ``mp_budget``) adaptive bit widths: sensitivity sweep, integer program, each layer's
@@ -39,6 +41,7 @@ from quantface import distributed as dist
 from quantface.calibration.config import CalibConfig
 from quantface.calibration.layers import QuantLayer, quant_layers, wrap_layers
 from quantface.calibration.methods import DEFAULT_STEPS, MethodSpec, get_method
+from quantface.calibration.ranks import allocate_ranks, split_rank, uniform_rank
 from quantface.calibration.recipe import apply_recipe, save_recipe
 from quantface.degradation import degraded_inputs
 from quantface.device import describe as describe_device
@@ -244,9 +247,11 @@ def smoothing_scale(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float
 
 
 def prepare(model: torch.nn.Module, data: CalibData, cfg: CalibConfig, spec: MethodSpec,
-            samples: dict[str, torch.Tensor] | None = None) -> dict[str, QuantLayer]:
+            samples: dict[str, torch.Tensor] | None = None, sections: dict | None = None) -> dict[str, QuantLayer]:
     """Stages 2–5 on ``model`` (modified in place); returns its quant layers. ``samples``, if given,
-    receives each layer's observed transformed-input sample (what its activation range came from)."""
+    receives each layer's observed transformed-input sample (what its activation range came from);
+    ``sections``, if given, the recipe's "rank_allocation" section where ``rank_budget`` allocates
+    the branch ranks (``calibration.ranks``)."""
     patterns = cfg.fp_layers
     layers = wrap_layers(model, include=lambda name: not any(fnmatch.fnmatch(name, p) for p in patterns))
     if not layers:
@@ -259,25 +264,49 @@ def prepare(model: torch.nn.Module, data: CalibData, cfg: CalibConfig, spec: Met
     for index, (name, layer) in enumerate(layers.items()):
         if spec.hadamard and balance and layer.in_channels >= cfg.rotate_min_channels:
             layer.fold_rotation(HadamardSpec.draw(layer.in_channels, cfg.seed * 100003 + index))
-        if spec.svd_rank:
-            layer.split_lowrank(spec.svd_rank * cfg.rank)
+    obs = None
+    if cfg.rank_budget != 1.0 and spec.has_branch:
+        # Allocated ranks: the activation ranges first (they do not depend on the split: the model is
+        # still FP), then each layer's error at every candidate rank with them, then the program.
+        obs = observe(model, layers, data, cfg, transformed=True, desc="activation ranges")
+        method = act_range_method(cfg.act_bits, spec.scale_init)
+        act = {n: act_qparams(_act_sample(obs, n, method), cfg.act_bits, method) for n in layers}
+        allocation = allocate_ranks(model, layers, data.lq[:cfg.mp_sweep_images], act, cfg, spec)
+        ranks = allocation.ranks
+        if sections is not None:
+            sections["rank_allocation"] = allocation.meta
+    else:
+        ranks = {n: uniform_rank(spec, cfg, layer) for n, layer in layers.items()}
+    for name, layer in layers.items():
+        svd_rank = split_rank(spec, ranks[name])[0]
+        if svd_rank:
+            layer.split_lowrank(svd_rank)
         bits = cfg.weight_code_bits(cfg.weight_bits)
         layer.set_weight_quant(bits, weight_scale(layer.weight, bits, spec.scale_init))
-    obs = observe(model, layers, data, cfg, transformed=True, desc="activation ranges")
+    if obs is None:
+        obs = observe(model, layers, data, cfg, transformed=True, desc="activation ranges")
     for name, layer in layers.items():
-        sample = torch.cat(obs.samples[name])
         method = act_range_method(cfg.act_bits, spec.scale_init)
-        if method == "minmax":
-            sample = torch.cat([sample, obs.lo[name].reshape(1), obs.hi[name].reshape(1)])
+        sample = _act_sample(obs, name, method)
         if samples is not None:
             samples[name] = sample
         scale, zp = act_qparams(sample, cfg.act_bits, method)
         layer.set_act_quant(cfg.act_bits, scale, zp)
     if spec.lora_rank:
         gen = torch.Generator().manual_seed(cfg.seed)
-        for layer in layers.values():
-            layer.add_lora(spec.lora_rank * cfg.rank, gen)
+        for name, layer in layers.items():
+            lora_rank = split_rank(spec, ranks[name])[1]
+            if lora_rank:
+                layer.add_lora(lora_rank, gen)
     return layers
+
+
+def _act_sample(obs: _InputObserver, name: str, method: str) -> torch.Tensor:
+    """The values a layer's activation range is computed from (for a ``minmax`` range, the extremes too)."""
+    sample = torch.cat(obs.samples[name])
+    if method == "minmax":
+        sample = torch.cat([sample, obs.lo[name].reshape(1), obs.hi[name].reshape(1)])
+    return sample
 
 
 @dataclass
@@ -291,6 +320,8 @@ def calibrate(cfg: CalibConfig) -> CalibrationResult:
     """Run ``cfg.method`` on ``cfg.model`` and write the recipe to ``cfg.out``; under ``torchrun``
     data-parallel on every rank (the module docstring), the recipe written by rank 0."""
     spec = get_method(cfg.method)
+    if cfg.rank_budget != 1.0 and not spec.has_branch:
+        raise ConfigError(f"--rank-budget allocates low-rank branch ranks; method {cfg.method} has no branch")
     try:
         device, device_error = resolve_device(cfg.device), None
     except QuantFaceError as exc:  # raised on every rank below, once the ranks have compared notes
@@ -322,7 +353,8 @@ def _calibrate(cfg: CalibConfig, spec: MethodSpec, device: torch.device) -> Cali
     dist.log(f"{cfg.method} {cfg.bits}: {len(data)} calibration images at {size}px on {describe_device(device)}{ranks}")
     qmodel = copy.deepcopy(fp_model)
     samples: dict[str, torch.Tensor] | None = {} if cfg.mp_budget is not None else None
-    layers = prepare(qmodel, data, cfg, spec, samples)
+    sections: dict = {}
+    layers = prepare(qmodel, data, cfg, spec, samples, sections)
     # Every rank computed the same prepared model from the same reduced statistics; rank 0's values are
     # sent anyway, so no kernel's nondeterminism on some device can make the ranks train different models.
     dist.broadcast_module(qmodel)
@@ -361,7 +393,7 @@ def _calibrate(cfg: CalibConfig, spec: MethodSpec, device: torch.device) -> Cali
         out = save_recipe(qmodel, fp_model, cfg, spec, {"calibration_seconds": round(seconds, 1), "steps": steps,
                                                         "images": len(data), "size": size,
                                                         "world_size": dist.world_size(), **stats},
-                          sections={"allocation": allocation.meta} if allocation else None,
+                          sections={**sections, **({"allocation": allocation.meta} if allocation else {})} or None,
                           files=allocation.files if allocation else None)
         if allocation:
             allocation.cleanup()

@@ -151,7 +151,7 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
                       fold_lowrank=a.fold_lowrank, reduce_range=a.reduce_range,
                       lpips_backbone=a.lpips_backbone, lpips_lin=a.lpips_lin, lpips_net=a.lpips_net,
                       fp_layers=tuple(a.fp_layers), resume=not a.no_resume, threads=a.threads, device=a.device,
-                      **_mp_args(a))
+                      rank_budget=a.rank_budget, rank_cost=a.rank_cost, **_mp_args(a))
     calibrate(cfg)
     return 0
 
@@ -352,6 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="ignore an interrupted run's checkpoint")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default=d.device, help=f"where calibration runs: {DEVICE_HELP} (default: %(default)s)")
+    g = p.add_argument_group("per-layer low-rank branch ranks (calibration.ranks)")
+    g.add_argument("--rank-budget", type=float, default=d.rank_budget,
+                   help="fraction of the uniform branches' cost (--rank-cost) shared among the layers by an integer "
+                        "program, each layer's rank one of 0,2,4,8,16,32 below its size (default %(default)s: the "
+                        "uniform rank, capped below each layer's size)")
+    g.add_argument("--rank-cost", default=d.rank_cost, choices=["params", "macs", "both"],
+                   help="branch cost: its parameters, its multiply-accumulates per image, or both (each within the "
+                        "budget; default: %(default)s)")
     g = p.add_argument_group("adaptive bit widths (QuantFace-MP, calibration.mixed)")
     g.add_argument("--mp-budget", type=float, default=None,
                    help="allocate activation bits per layer: mean activation bits (e.g. 4.0), or with "
