@@ -120,7 +120,7 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in [
 # Distillation: steps of batch 4 (why 600: docs/calibration_notes.md). Module-wise (PassionSR): optimiser
 # steps per layer. Block-wise (Q-Diffusion): optimiser steps per block. QArtSR: steps per module of its
 # reversed per-module stage (its TRQ and end-to-end stages: CalibConfig.trq_steps / e2e_steps).
-DEFAULT_STEPS = {"distill": 600, "modulewise": 60, "blockwise": 60, "qartsr": 20}
+DEFAULT_STEPS = {"distill": 600, "modulewise": 60, "blockwise": 200, "qartsr": 20}
 TRQ_STEPS, E2E_STEPS = 40, 80
 
 
