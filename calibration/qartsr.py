@@ -156,9 +156,10 @@ def _reversed_per_module(fp_model: nn.Module, qmodel: nn.Module, layers: dict[st
 
 
 def qartsr_calibrate(fp_model: nn.Module, qmodel: nn.Module, layers: dict[str, QuantLayer], data,
-                     cfg: CalibConfig, spec: MethodSpec, steps: int) -> float:
+                     cfg: CalibConfig, spec: MethodSpec, steps: int) -> tuple[float, dict[str, int]]:
     """The three stages (module docstring) on ``qmodel``; returns the tuned timestep, at which ``qmodel``
-    is left running. Weights (``QuantLayer.weight``) are only read; ``fp_model`` is only read."""
+    is left running, and the steps of the TRQ and end-to-end stages. Weights (``QuantLayer.weight``) and
+    ``fp_model`` are only read."""
     for p in qmodel.parameters():
         p.requires_grad_(False)
     trq_steps = cfg.trq_steps if cfg.trq_steps is not None else TRQ_STEPS
@@ -185,4 +186,4 @@ def qartsr_calibrate(fp_model: nn.Module, qmodel: nn.Module, layers: dict[str, Q
         for p in scales:
             p.requires_grad_(False)
     print(f"qartsr: timestep {model_timestep(fp_model):g} -> {tuned:.4f}")
-    return model_timestep(qmodel)
+    return model_timestep(qmodel), {"trq_steps": trq_steps, "e2e_steps": e2e_steps}

@@ -234,11 +234,11 @@ def calibrate(cfg: CalibConfig) -> CalibrationResult:
         from quantface.calibration.blockwise import reconstruct_blocks
 
         reconstruct_blocks(fp_model, qmodel, layers, data, cfg, steps)
-    timestep = None  # the tuned timestep (QArtSR's TRQ), recorded in the recipe
+    timestep, stage_steps = None, {}  # QArtSR: the tuned timestep (TRQ) and its stages' steps, in the recipe
     if spec.refine == "qartsr":
         from quantface.calibration.qartsr import qartsr_calibrate
 
-        timestep = qartsr_calibrate(fp_model, qmodel, layers, data, cfg, spec, steps)
+        timestep, stage_steps = qartsr_calibrate(fp_model, qmodel, layers, data, cfg, spec, steps)
     for layer in layers.values():
         if cfg.folds_lowrank(layer.weight_bits):
             layer.fold_lowrank(spec.scale_init)
@@ -254,7 +254,8 @@ def calibrate(cfg: CalibConfig) -> CalibrationResult:
     observe_output_ranges(qmodel, layers, data.lq.cpu(), cfg.stat_images)
     seconds = time.time() - t0
     out = save_recipe(qmodel, fp_model, cfg, spec, {"calibration_seconds": round(seconds, 1), "steps": steps,
-                                                    "images": len(data), "size": size},
+                                                    "images": len(data), "size": size,
+                                                    **stage_steps},
                       sections={"allocation": allocation.meta} if allocation else None,
                       files=allocation.files if allocation else None, timestep=timestep)
     if allocation:

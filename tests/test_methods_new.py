@@ -126,6 +126,7 @@ def test_trq_timestep_round_trips_through_the_recipe(qartsr_case, tiny_model):
     assert abs(tuned - 399) > 20  # it was trained (8 Adam steps of up to 25)
     recipe = read_recipe(result.recipe)
     assert recipe.timestep == tuned  # float32 value, exactly
+    assert recipe.stats["trq_steps"] == 4 and recipe.stats["e2e_steps"] == 4 and recipe.stats["steps"] == 2
     assert json.loads((result.recipe / "recipe.json").read_text())["timestep"] == tuned
     reloaded = apply_recipe(tiny_model, recipe)
     assert model_timestep(reloaded) == tuned and model_timestep(tiny_model) == 399  # the FP model keeps its own
