@@ -66,6 +66,11 @@ class CalibConfig(JsonConfig):
     # activation range instead of balancing channels (docs/calibration_notes.md).
     rotate_min_channels: int = 4
     steps: int | None = None  # distillation steps; default per method
+    # QArtSR (calibration.qartsr): end-to-end steps of its timestep-retraining stage and of its extended
+    # end-to-end stage (None: that module's defaults), and the timestep's learning rate (timestep units).
+    trq_steps: int | None = None
+    e2e_steps: int | None = None
+    timestep_lr: float = 0.5
     batch_size: int = 4
     # lr: SVD-initialised branches (the paper's 1e-5); lora_lr: LoRA-initialised ones; scale_lr: quantizer
     # scales (None: lr). The measured best (docs/calibration_notes.md): a zero-init LoRA up factor barely moves at 1e-5.
@@ -115,8 +120,12 @@ class CalibConfig(JsonConfig):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} {value} must be positive")
-        if self.steps is not None and self.steps < 0:
-            raise ConfigError(f"--steps {self.steps} must be non-negative")
+        for name in ("steps", "trq_steps", "e2e_steps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ConfigError(f"--{name.replace('_', '-')} {value!r} must be a non-negative integer")
+        if not (isinstance(self.timestep_lr, (int, float)) and 0 < self.timestep_lr < math.inf):
+            raise ConfigError(f"--timestep-lr {self.timestep_lr!r} must be a positive number")
         if self.batch_size < 1 or self.stat_images < 1:
             raise ConfigError("batch size and statistics images must be positive")
         check_int(self.seed, "--seed", 0)

@@ -27,8 +27,9 @@ from torch import nn
 
 from quantface.errors import ConfigError
 from quantface.hadamard import fold_into_weight, rotate_channels
-from quantface.quant import (EPS, REQUANT_BITS, act_qparams_from_range, bias_codes, dequantize, fake_quantize,
-                             qrange, quantize, requantizable, requantize, weight_scale)
+from quantface.quant import (EPS, REQUANT_BITS, act_qparams_from_range, adaround_codes, adaround_fake_quantize,
+                             adaround_init, bias_codes, dequantize, fake_quantize, qrange, quantize, requantizable,
+                             requantize, weight_scale)
 from quantface.recipe import HadamardSpec
 
 
@@ -84,6 +85,8 @@ class QuantLayer(nn.Module):
         self.act_bits: int | None = None
         self.w_scale: nn.Parameter | None = None  # (out,)
         self.a_scale: nn.Parameter | None = None  # ()
+        # AdaRound's V (quantface.quant.adaround_*) while block reconstruction learns this layer's rounding.
+        self.rounding: nn.Parameter | None = None
         self.register_buffer("a_zero_point", None)  # (), integer-valued
         self.register_buffer("weight_codes", None)  # int8 codes once frozen
         self.register_buffer("weight_dq", None)  # dequantized codes once frozen
@@ -197,6 +200,8 @@ class QuantLayer(nn.Module):
         if self.weight_bits is None:
             return self.weight
         qmin, qmax = qrange(self.weight_bits, signed=True)
+        if self.rounding is not None:
+            return adaround_fake_quantize(self.weight, self._w_scale_view().clamp_min(EPS), self.rounding, qmin, qmax)
         return fake_quantize(self.weight, self._w_scale_view().clamp_min(EPS), 0.0, qmin, qmax)
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -204,6 +209,23 @@ class QuantLayer(nn.Module):
             return x
         qmin, qmax = qrange(self.act_bits, signed=False)
         return fake_quantize(x, self.a_scale.clamp_min(EPS), self.a_zero_point, qmin, qmax)
+
+    def init_rounding(self) -> None:
+        """Start learning this layer's weight rounding (AdaRound) at its current weight scales."""
+        if self.frozen or self.weight_bits is None:
+            raise ConfigError(f"layer {self.name}: only an unfrozen layer with quantized weights can learn its rounding")
+        self.rounding = nn.Parameter(adaround_init(self.weight, self._w_scale_view().clamp_min(EPS)))
+
+    def harden_rounding(self) -> torch.Tensor:
+        """Fix the learned rounding (V ≥ 0 rounds up) and return its integer codes. The weight becomes
+        codes · s, so ``freeze``'s round to nearest gives back exactly these codes."""
+        qmin, qmax = qrange(self.weight_bits, signed=True)
+        with torch.no_grad():
+            scale = self._w_scale_view().clamp_min(EPS)
+            codes = adaround_codes(self.weight, scale, self.rounding, qmin, qmax)
+            self.weight = dequantize(codes, scale.detach(), 0.0)
+        self.rounding = None
+        return codes
 
     def fold_lowrank(self, scale_method: str = "mse") -> None:
         """Fold the branches into the quantized weight: W = R + L1·L2 + A·B (float32), fresh per-output-
@@ -229,6 +251,8 @@ class QuantLayer(nn.Module):
         nearest float16 and the fake-quant model computes with exactly those values (in float32),
         so the recipe and the exported graph can store them at half the size with no difference.
         """
+        if self.rounding is not None:
+            self.harden_rounding()
         self.merge_branches()
         if self.lowrank is not None:
             with torch.no_grad():

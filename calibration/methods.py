@@ -26,7 +26,7 @@ class MethodSpec:
     hadamard: bool = False  # randomized Hadamard rotation over input channels
     svd_rank: int = 0  # SVD branch rank, in units of r
     lora_rank: int = 0  # LoRA branch rank, in units of r
-    refine: str | None = None  # None | "distill" | "modulewise"
+    refine: str | None = None  # None | "distill" | "modulewise" | "blockwise" | "qartsr"
     learn_scales: bool = False  # quantizer scales trained with the refinement
     # Smoothing and the Hadamard rotation only where the run's weight or activation bits are below this
     # (None: whatever the bits): their online nodes are what a lean W8A8 graph cannot carry
@@ -89,6 +89,28 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in [
         smoothing=True, refine="modulewise", learn_scales=True,
     ),
     MethodSpec(
+        "qdiffusion",
+        "Q-Diffusion-style PTQ (Li et al. 2023) for one step: BRECQ block reconstruction (ResNet blocks, "
+        "transformer blocks and the layers between them, in execution order; each block's output MSE "
+        "against the FP block on the quantized model's inputs) with AdaRound weight rounding (rectified-sigmoid "
+        "rounding variables, annealed regulariser, hardened to integer codes) and per-tensor activation "
+        "quantizers with LSQ step sizes; no transform, no low-rank branch. Its timestep-aware calibration "
+        "collapses to the one fixed timestep t = 399. Departs from the paper: one joint pass per block "
+        "(weights and activation steps together) of few iterations, 16 cached images.",
+        refine="blockwise", learn_scales=True,
+    ),
+    MethodSpec(
+        "qartsr",
+        "QArtSR-style (Zhu et al. 2025): timestep retraining (TRQ: the UNet's fixed timestep a trained "
+        "parameter, stored in the recipe and folded by the exporter), reversed per-module quantization "
+        "(RPQ: groups of layers calibrated from the output end backwards, upstream kept in full precision, "
+        "with module + image losses), then an extended end-to-end stage; only quantization parameters "
+        "(weight and activation step sizes) and the timestep are trained, never the weights. Departs from "
+        "the paper: SmoothQuant scales folded before calibration, modules are execution-order groups of "
+        "layers, the x0 conversion keeps the schedule's ᾱ at t = 399.",
+        smoothing=True, refine="qartsr", learn_scales=True,
+    ),
+    MethodSpec(
         "quantface",
         "QuantFace (this paper): rotation-scaling channel balancing (smoothing then randomized Hadamard, "
         "folded into the weights), QD-LoRA (SVD branch of rank r plus LoRA branch of rank r, residual "
@@ -101,8 +123,10 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in [
 ]}
 
 # Distillation: steps of batch 4 (why 600: docs/calibration_notes.md). Module-wise (PassionSR): optimiser
-# steps per layer.
-DEFAULT_STEPS = {"distill": 600, "modulewise": 60}
+# steps per layer. Block-wise (Q-Diffusion): optimiser steps per block. QArtSR: steps per module of its
+# reversed per-module stage (its TRQ and end-to-end stages: CalibConfig.trq_steps / e2e_steps).
+DEFAULT_STEPS = {"distill": 600, "modulewise": 60, "blockwise": 200, "qartsr": 20}
+TRQ_STEPS, E2E_STEPS = 40, 80
 
 
 def get_method(name: str) -> MethodSpec:

@@ -2,7 +2,8 @@
 frozen fake-quant model, and the fake-quant model back from a ``Recipe``.
 
 ``apply_recipe`` rebuilds the calibrated fake-quant model from the FP model bit for bit: weights from
-codes × scales, rotations from their stored signs, the merged low-rank branch from its factors.
+codes × scales, rotations from their stored signs, the merged low-rank branch from its factors, the
+tuned timestep (TRQ) where the recipe has one.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from quantface.calibration.layers import LowRank, QuantLayer, quant_layers, wrap_layers
+from quantface.models.timesteps import set_timestep
 from quantface.recipe import LayerRecipe, Recipe, RecipeError, read_recipe, weights_fingerprint, write_recipe
 
 
@@ -42,10 +44,11 @@ def layer_recipe(layer: QuantLayer) -> LayerRecipe:
 
 
 def save_recipe(qmodel: torch.nn.Module, fp_model: torch.nn.Module, cfg, spec, stats: dict,
-                sections: dict | None = None, files: dict[str, bytes] | None = None) -> Path:
+                sections: dict | None = None, files: dict[str, bytes] | None = None,
+                timestep: float | None = None) -> Path:
     """Write the frozen ``qmodel`` as the recipe folder ``cfg.out`` (``quantface.recipe.write_recipe``).
     ``sections`` are extra top-level entries of recipe.json (e.g. "allocation"); ``files`` extra
-    files written into the folder with it (e.g. plots)."""
+    files written into the folder with it (e.g. plots); ``timestep`` the tuned timestep (TRQ), if any."""
     layers = quant_layers(qmodel)
     if any(l.lora is not None or (l.weight_bits is not None and not l.frozen) for l in layers.values()):
         raise RuntimeError("save_recipe needs frozen layers (QuantLayer.freeze) with merged branches")
@@ -55,7 +58,7 @@ def save_recipe(qmodel: torch.nn.Module, fp_model: torch.nn.Module, cfg, spec, s
                            "weights_sha256": weights_fingerprint(fp_model)},
                     method=spec.name, method_summary=spec.summary, bits=cfg.bits,
                     layers={name: layer_recipe(layer) for name, layer in layers.items()},
-                    calibration=cfg.to_dict(), stats=stats, sections=sections or {})
+                    calibration=cfg.to_dict(), stats=stats, sections=sections or {}, timestep=timestep)
     return write_recipe(recipe, cfg.out, files)
 
 
@@ -89,6 +92,8 @@ def apply_recipe(fp_model: torch.nn.Module, recipe: Recipe | str | Path, requant
         if e.act_bits is not None:
             layer.set_act_quant(e.act_bits, torch.tensor(e.act_scale, dtype=torch.float32),
                                 torch.tensor(float(e.act_zero_point)))
+    if recipe.timestep is not None:
+        set_timestep(model, recipe.timestep)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()

@@ -12,7 +12,8 @@ Stages (each method's ``MethodSpec`` switches them on or off):
    from the *transformed* inputs; LoRA branches added;
    (with ``mp_budget``) adaptive bit widths: sensitivity sweep, integer program, each layer's
    activation (and for ``target='qnn'`` weight) bits set to its choice (``calibration.mixed``);
-6. refinement: distillation (QD-LoRA / EfficientDM) or module-wise MSE (PassionSR);
+6. refinement: distillation (QD-LoRA / EfficientDM), module-wise MSE (PassionSR), block reconstruction
+   with AdaRound (Q-Diffusion), or QArtSR's timestep retraining + reversed per-module + end-to-end stages;
 7. freeze (merge branches; where ``fold_lowrank`` says so, fold them into the weight; fix integer codes);
 8. output ranges: per layer, the (min, max) of its frozen quantized product on the ``stat_images``
    images (where the ``ort-cpu`` export requantizes convolution outputs to 8 bits), and write the recipe.
@@ -322,6 +323,8 @@ def calibrate(cfg: CalibConfig) -> CalibrationResult:
     spec = get_method(cfg.method)
     if cfg.rank_budget != 1.0 and not spec.has_branch:
         raise ConfigError(f"--rank-budget allocates low-rank branch ranks; method {cfg.method} has no branch")
+    if dist.active() and spec.refine in ("blockwise", "qartsr"):
+        raise ConfigError(f"method {cfg.method} does not run data-parallel yet: run it without torchrun")
     try:
         device, device_error = resolve_device(cfg.device), None
     except QuantFaceError as exc:  # raised on every rank below, once the ranks have compared notes
@@ -374,6 +377,15 @@ def _calibrate(cfg: CalibConfig, spec: MethodSpec, device: torch.device) -> Cali
         from quantface.calibration.modulewise import modulewise_calibrate
 
         modulewise_calibrate(fp_model, qmodel, layers, data, cfg, steps)
+    elif spec.refine == "blockwise" and steps:
+        from quantface.calibration.blockwise import reconstruct_blocks
+
+        reconstruct_blocks(fp_model, qmodel, layers, data, cfg, steps)
+    timestep, stage_steps = None, {}  # QArtSR: the tuned timestep (TRQ) and its stages' steps, in the recipe
+    if spec.refine == "qartsr":
+        from quantface.calibration.qartsr import qartsr_calibrate
+
+        timestep, stage_steps = qartsr_calibrate(fp_model, qmodel, layers, data, cfg, spec, steps)
     for layer in layers.values():
         if cfg.folds_lowrank(layer.weight_bits):
             layer.fold_lowrank(spec.scale_init)
@@ -392,9 +404,9 @@ def _calibrate(cfg: CalibConfig, spec: MethodSpec, device: torch.device) -> Cali
     if dist.is_main():  # the one rank that writes
         out = save_recipe(qmodel, fp_model, cfg, spec, {"calibration_seconds": round(seconds, 1), "steps": steps,
                                                         "images": len(data), "size": size,
-                                                        "world_size": dist.world_size(), **stats},
+                                                        "world_size": dist.world_size(), **stats, **stage_steps},
                           sections={**sections, **({"allocation": allocation.meta} if allocation else {})} or None,
-                          files=allocation.files if allocation else None)
+                          files=allocation.files if allocation else None, timestep=timestep)
         if allocation:
             allocation.cleanup()
         print(f"recipe written to {out} ({seconds:.0f}s)")

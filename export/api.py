@@ -44,6 +44,7 @@ from quantface.export.trace import INPUT_NAME, trace_to_onnx
 from quantface import __version__
 from quantface.errors import ConfigError
 from quantface.models import load_model
+from quantface.models.timesteps import model_timestep, set_timestep
 from quantface.onnx_runtime import cpu_session
 from quantface.recipe import read_recipe
 
@@ -73,6 +74,11 @@ def build_onnx(cfg: ExportConfig, work: Path | None = None) -> tuple[onnx.ModelP
         raise ConfigError(f"--size {size} is not a multiple of {config.size_multiple}, which the model needs")
     recipe = read_recipe(cfg.recipe) if cfg.recipe else None
     layers = export_layers(recipe, fp_model) if recipe else {}  # RecipeError if it does not fit
+    if recipe is not None and recipe.timestep is not None:
+        # A tuned timestep (TRQ): the traced model runs at it, and fold_constants turns the timestep path
+        # (embedding, time MLP, its quantized layers) into constants computed from it.
+        set_timestep(fp_model, recipe.timestep)
+    tuned = {} if recipe is None or recipe.timestep is None else {"timestep": model_timestep(fp_model)}
     passes = [
         group_norm_to_instance_norm,
         remove_identities,
@@ -101,6 +107,7 @@ def build_onnx(cfg: ExportConfig, work: Path | None = None) -> tuple[onnx.ModelP
         # Layers whose conv output this graph requantizes to 8 bits (QLinearConv): what a PyTorch
         # model compared with it simulates (``apply_recipe(..., requant_outputs=True)``).
         "requantized_layers": sorted(n for n, l in layers.items() if n not in constant and requantized(l, profile)),
+        **tuned,  # the tuned timestep the graph's constant timestep path was computed from
     }
     model = add_metadata(model, entries)
     model.producer_name, model.producer_version = "quantface", __version__

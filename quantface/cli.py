@@ -147,7 +147,8 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
     cfg = CalibConfig(method=a.method, bits=a.bits, data=a.data, out=a.out, model=a.model, weights=_weights(a),
                       seed=a.seed, size=a.size, limit=a.limit, stat_images=a.stat_images, rank=a.rank, alpha=a.alpha,
                       rotate_min_channels=a.rotate_min_channels,
-                      steps=a.steps, batch_size=a.batch_size, lr=a.lr, scale_lr=a.scale_lr, lora_lr=a.lora_lr,
+                      steps=a.steps, trq_steps=a.trq_steps, e2e_steps=a.e2e_steps, timestep_lr=a.timestep_lr,
+                      batch_size=a.batch_size, lr=a.lr, scale_lr=a.scale_lr, lora_lr=a.lora_lr,
                       fold_lowrank=a.fold_lowrank, reduce_range=a.reduce_range,
                       lpips_backbone=a.lpips_backbone, lpips_lin=a.lpips_lin, lpips_net=a.lpips_net,
                       fp_layers=tuple(a.fp_layers), resume=not a.no_resume, threads=a.threads, device=a.device,
@@ -319,6 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="recipe folder to write")
     p.add_argument("--steps", type=int, default=None,
                    help=f"refinement steps (default per method: {steps_help}; the others do not train)")
+    from quantface.calibration.methods import E2E_STEPS, TRQ_STEPS
+
+    p.add_argument("--trq-steps", type=int, default=None,
+                   help=f"qartsr: end-to-end steps of timestep retraining (default: {TRQ_STEPS})")
+    p.add_argument("--e2e-steps", type=int, default=None,
+                   help=f"qartsr: steps of the extended end-to-end stage (default: {E2E_STEPS})")
+    p.add_argument("--timestep-lr", type=float, default=d.timestep_lr,
+                   help="qartsr: learning rate of the tuned timestep, in timestep units (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="degradation and initialisation seed (default: %(default)s)")
     p.add_argument("--size", type=int, default=None, help="working size (default: the model's)")
     p.add_argument("--limit", type=int, default=None, help="use the first N calibration images (default: all)")

@@ -251,3 +251,40 @@ def unpack_int4(packed: torch.Tensor, numel: int) -> torch.Tensor:
     hi = (packed >> 4).to(torch.int16)
     both = torch.stack([lo, hi], 1).flatten()[:numel]
     return torch.where(both > 7, both - 16, both).to(torch.int8)
+
+
+# --------------------------------------------------------------------------------------------
+# AdaRound: learned rounding of weights (Nagel et al. 2020), as BRECQ / Q-Diffusion use it
+# --------------------------------------------------------------------------------------------
+
+# The rectified sigmoid's stretch: h(V) = clamp(σ(V)·(ζ − γ) + γ, 0, 1) reaches 0 and 1 exactly.
+ADAROUND_ZETA, ADAROUND_GAMMA = 1.1, -0.1
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """AdaRound's h(V) in [0, 1]: the soft choice between rounding down (0) and up (1)."""
+    return torch.clamp(torch.sigmoid(v) * (ADAROUND_ZETA - ADAROUND_GAMMA) + ADAROUND_GAMMA, 0.0, 1.0)
+
+
+def adaround_init(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """V with h(V) = w/s − ⌊w/s⌋, so the soft weight starts at w itself (inside the grid)."""
+    v = w.detach() / scale.detach()
+    rest = (v - torch.floor(v)).clamp(1e-6, 1 - 1e-6)  # keep the logit finite
+    return -torch.log((ADAROUND_ZETA - ADAROUND_GAMMA) / (rest - ADAROUND_GAMMA) - 1.0)
+
+
+def adaround_fake_quantize(w: torch.Tensor, scale: torch.Tensor, v: torch.Tensor, qmin: int, qmax: int
+                           ) -> torch.Tensor:
+    """The soft-rounded weight (⌊w/s⌋ + h(V)) · s, clamped to the grid; differentiable in V only."""
+    s = scale.detach()
+    return torch.clamp(torch.floor(w.detach() / s) + rectified_sigmoid(v), qmin, qmax) * s
+
+
+def adaround_codes(w: torch.Tensor, scale: torch.Tensor, v: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """The hardened rounding: ⌊w/s⌋ + [h(V) ≥ ½] (i.e. V ≥ 0), clamped: integer codes as a float tensor."""
+    return torch.clamp(torch.floor(w.detach() / scale.detach()) + (v.detach() >= 0).to(w.dtype), qmin, qmax)
+
+
+def adaround_regularizer(v: torch.Tensor, beta: float) -> torch.Tensor:
+    """Σ 1 − |2h(V) − 1|^β: zero only where every h(V) is 0 or 1; β is annealed from large to small."""
+    return (1.0 - (2.0 * rectified_sigmoid(v) - 1.0).abs().pow(beta)).sum()

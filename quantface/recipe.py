@@ -51,7 +51,7 @@ KINDS = ("conv", "linear")
 WEIGHT_LAYOUT = {"weight_granularity": "per_channel", "weight_axis": 0, "weight_symmetric": True}
 ACT_LAYOUT = {"act_granularity": "per_tensor", "act_symmetric": False}
 _TOP_LEVEL = ("format", "version", "tool_version", "model", "method", "method_summary", "bits", "calibration",
-              "stats", "tensors_file", "tensors_sha256", "layers")
+              "stats", "tensors_file", "tensors_sha256", "layers", "timestep")
 
 
 class RecipeError(QuantFaceError):
@@ -121,6 +121,9 @@ class Recipe:
     calibration: dict = field(default_factory=dict)  # the CalibConfig that made it (as JSON)
     stats: dict = field(default_factory=dict)
     sections: dict = field(default_factory=dict)  # extra top-level entries, e.g. "allocation"
+    # The UNet's timestep where calibration tuned it (QArtSR's TRQ; float32 value), else None: the
+    # model's own. ``apply_recipe`` and the exporter run the model at it (models.timesteps.set_timestep).
+    timestep: float | None = None
     tool_version: str = __version__
     version: int = VERSION  # the format version it was read from
     tensors_sha256: str = ""
@@ -185,7 +188,8 @@ def _meta(recipe: Recipe, entries: dict) -> dict:
     return {"format": FORMAT, "version": VERSION, "tool_version": recipe.tool_version, "model": recipe.model,
             "method": recipe.method, "method_summary": recipe.method_summary, "bits": recipe.bits,
             "calibration": recipe.calibration, "stats": recipe.stats, "tensors_file": TENSORS_NAME,
-            "tensors_sha256": recipe.tensors_sha256, **recipe.sections, "layers": entries}
+            "tensors_sha256": recipe.tensors_sha256, **recipe.sections,
+            **({} if recipe.timestep is None else {"timestep": float(recipe.timestep)}), "layers": entries}
 
 
 def _meta_text(meta: dict) -> str:
@@ -384,13 +388,19 @@ def read_recipe(path: str | Path) -> Recipe:
     except (SafetensorError, OSError) as exc:
         raise RecipeError(f"recipe tensors {st} are unreadable ({exc})") from None
     layers = {name: _read_layer(name, e, tensors, js, version) for name, e in layers_meta.items()}
+    timestep = top.get("timestep", (int, float), optional=True)
+    steps = (model.obj.get("config") or {}).get("num_train_timesteps")
+    if timestep is not None and not (math.isfinite(timestep) and 0 <= timestep
+                                     and (not isinstance(steps, int) or timestep < steps)):
+        raise RecipeError(f"recipe file {js} has timestep {timestep!r}, outside the model's schedule")
     return Recipe(
         model=model.obj, method=top.get("method", str), bits=top.get("bits", str), layers=layers,
         method_summary=top.get("method_summary", str, optional=True) or "",
         calibration=top.get("calibration", dict, optional=True) or {},
         stats=top.get("stats", dict, optional=True) or {},
         sections={k: v for k, v in meta.items() if k not in _TOP_LEVEL},
-        tool_version=str(meta.get("tool_version", "")), version=version, tensors_sha256=digest, path=path)
+        tool_version=str(meta.get("tool_version", "")), version=version, tensors_sha256=digest, path=path,
+        timestep=None if timestep is None else float(timestep))
 
 
 def upgrade_recipe(path: str | Path) -> bool:

@@ -23,7 +23,7 @@ from quantface.data import atomic_write_bytes
 from quantface.errors import exit_status
 from quantface.jobs import EvalConfig, ModelSpec, evaluate, fp_restorations
 
-ORDER = ["minmax", "smoothquant", "hadamard", "svdquant", "efficientdm", "passionsr", "quantface"]
+ORDER = ["minmax", "smoothquant", "hadamard", "svdquant", "efficientdm", "passionsr", "qdiffusion", "qartsr", "quantface"]
 BITS_ORDER = ["W8A8", "W6A6", "W4A6", "W4A4"]
 
 
@@ -147,7 +147,9 @@ def to_markdown(t: dict) -> str:
                      f"{f(r['landmark_distance'], 4)} | {f(r.get('landmark_distance_to_fp'), 4)} |")
         lines.append(line + f" {r['steps'] or '–'} | {f(r['calib_seconds'], 0)} | {r.get('recipe', '–')} |")
     lines += ["", "Training steps: distillation steps on batches of calibration images (QuantFace, EfficientDM); "
-              "PassionSR's are optimiser steps per layer (module-wise); 0 or – means no training."]
+              "PassionSR's are optimiser steps per layer (module-wise), Q-Diffusion's per block (block "
+              "reconstruction), QArtSR's per module of its reversed per-module stage (plus its timestep-retraining "
+              "and end-to-end steps, in the recipe); 0 or – means no training."]
     if "lq_real" in t:
         q = t["lq_real"]
         lines += ["", f"## Real low-quality faces (`{q['data']}`, {q['n']} faces, no GT)", "",

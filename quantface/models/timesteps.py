@@ -59,3 +59,23 @@ class DiffusersTimesteps(nn.Module):
         if self.num_channels % 2 == 1:
             emb = nn.functional.pad(emb, (0, 1, 0, 0))
         return emb
+
+
+def set_timestep(model: nn.Module, t: float | torch.Tensor) -> None:
+    """Run ``model``'s UNet at timestep ``t`` (a float: TRQ tunes it, ``quantface.calibration.qartsr``)
+    instead of its configured integer one. Only the timestep embedding sees ``t``; the x0 conversion
+    keeps ᾱ of the configured timestep. A tensor ``t`` (one element, float32) is used as it is, so a
+    trained tensor carries its gradient; a float becomes a float32 constant."""
+    from quantface.errors import ConfigError
+
+    current = getattr(model, "timestep", None)
+    if not isinstance(current, torch.Tensor):
+        raise ConfigError(f"{type(model).__name__} has no fixed timestep to tune")
+    if not isinstance(t, torch.Tensor):
+        t = torch.tensor([float(t)], dtype=torch.float32, device=current.device)
+    model.timestep = t.reshape(current.shape)
+
+
+def model_timestep(model: nn.Module) -> float:
+    """The timestep ``model`` runs its UNet at (``set_timestep``'s value, else the configured one)."""
+    return float(model.timestep.detach().reshape(-1)[0])
