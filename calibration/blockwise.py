@@ -35,7 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from quantface.calibration.config import CalibConfig
-from quantface.calibration.layers import QuantLayer
+from quantface.calibration.layers import QuantLayer, call_order
 from quantface.quant import adaround_regularizer
 
 BLOCK_TYPES = ("ResBlock", "TransformerBlock")  # the reference model's ResNet and transformer blocks
@@ -60,16 +60,7 @@ def _blocks(model: nn.Module, layers: dict[str, QuantLayer], probe: torch.Tensor
     for name, layer in layers.items():
         if not any(name.startswith(f"{u}.") for u in units):
             units[name] = layer
-    order: list[str] = []
-    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name) if name not in order
-                                           else None) for name, m in units.items()]
-    try:
-        with torch.no_grad():
-            model(probe)
-    finally:
-        for h in handles:
-            h.remove()
-    return [(name, units[name]) for name in order]
+    return [(name, units[name]) for name in call_order(model, units, probe)]
 
 
 def _run_until(model: nn.Module, module: nn.Module, lq: torch.Tensor, output: bool) -> list:

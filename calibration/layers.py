@@ -329,3 +329,18 @@ def wrap_layers(model: nn.Module, include: callable = lambda name: True) -> dict
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, QuantLayer(layer, name))
     return quant_layers(model)
+
+
+def call_order(model: nn.Module, modules: dict[str, nn.Module], probe: torch.Tensor) -> list[str]:
+    """Names of ``modules`` in the order a forward pass of ``model`` on ``probe`` first calls them
+    (modules the probe does not reach are left out)."""
+    order: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name) if name not in order
+                                           else None) for name, m in modules.items()]
+    try:
+        with torch.no_grad():
+            model(probe)
+    finally:
+        for h in handles:
+            h.remove()
+    return order

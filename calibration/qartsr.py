@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from quantface.calibration.config import CalibConfig
 from quantface.calibration.distill import perceptual_loss
-from quantface.calibration.layers import QuantLayer
+from quantface.calibration.layers import QuantLayer, call_order
 from quantface.calibration.methods import E2E_STEPS, TRQ_STEPS, MethodSpec
 from quantface.models.timesteps import model_timestep, set_timestep
 
@@ -46,15 +46,7 @@ STAGE_SEEDS = {"trq": 1, "rpq": 2, "e2e": 3}
 
 def execution_order(model: nn.Module, layers: dict[str, QuantLayer], probe: torch.Tensor) -> list[str]:
     """Quantized layer names in the order a forward pass on ``probe`` first calls them."""
-    order: list[str] = []
-    handles = [layer.register_forward_pre_hook(lambda m, a, name=name: order.append(name) if name not in order
-                                               else None) for name, layer in layers.items()]
-    try:
-        with torch.no_grad():
-            model(probe)
-    finally:
-        for h in handles:
-            h.remove()
+    order = call_order(model, dict(layers), probe)
     return order + [n for n in layers if n not in order]  # layers the probe did not reach, last
 
 
