@@ -24,7 +24,7 @@ At the end of a block its rounding is hardened (V ≥ 0 rounds up) to integer co
 those codes times its scale, so freezing and the recipe are exactly the other methods'.
 
 Departs from BRECQ / Q-Diffusion: weights and activation step sizes are learned in one joint pass per
-block (they run a weight pass, then an activation pass), over a few tens of iterations (they use 20k)
+block (they run a weight pass, then an activation pass), over 200 iterations by default (``--steps``; they use 20k)
 and 16 images, so that the whole model calibrates in minutes on a CPU.
 """
 
