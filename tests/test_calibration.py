@@ -267,15 +267,17 @@ def _snr_db(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float(10 * torch.log10((ref**2).mean() / ((y - ref) ** 2).mean()))
 
 
-@pytest.mark.parametrize("layer, shape", [(nn.Conv2d(16, 12, 3, padding=1), (2, 16, 12, 12)),
-                                          (nn.Linear(24, 20), (2, 9, 24))])
-def test_fold_lowrank_drops_the_branch_and_keeps_the_output_close(layer, shape):
+@pytest.mark.parametrize("make_layer, shape", [(lambda: nn.Conv2d(16, 12, 3, padding=1), (2, 16, 12, 12)),
+                                               (lambda: nn.Linear(24, 20), (2, 9, 24))], ids=["conv", "linear"])
+def test_fold_lowrank_drops_the_branch_and_keeps_the_output_close(make_layer, shape):
     """At W8A8 the folded layer's output is within 1.5 % (of its max) of the unfolded frozen layer's,
     and its SNR against the float layer (same branches, no quantizers) is at least 38 dB and at most
-    2 dB below the unfolded one's (measured: 39.8 vs 40.7 dB conv, 40.7 vs 42.5 linear): the branch
+    2 dB below the unfolded one's (measured: 41.1 vs 41.9 dB conv, 41.9 vs 43.2 linear): the branch
     now sees the 8-bit input, and the whole weight, whose range the branch no longer takes, is
-    re-rounded on a coarser grid. The folded layer is a plain 8-bit layer."""
+    re-rounded on a coarser grid. The folded layer is a plain 8-bit layer. (The layer is built here,
+    seeded: built at collection, its weights depended on what other test modules drew first.)"""
     torch.manual_seed(0)
+    layer = make_layer()
     x = torch.randn(shape)
     with torch.no_grad():
         exact = _branchy_layer(layer, 8, x)
