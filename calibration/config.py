@@ -123,7 +123,7 @@ class CalibConfig(JsonConfig):
         for name in ("steps", "trq_steps", "e2e_steps"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ConfigError(f"--{name.replace('_', '-')} {value!r} must be a non-negative integer")
+                raise ConfigError(f"--{name.replace('_', '-')} {value!r} must be non-negative")
         if not (isinstance(self.timestep_lr, (int, float)) and 0 < self.timestep_lr < math.inf):
             raise ConfigError(f"--timestep-lr {self.timestep_lr!r} must be a positive number")
         if self.batch_size < 1 or self.stat_images < 1:
