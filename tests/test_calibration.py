@@ -88,9 +88,8 @@ def test_every_method_calibrates_and_its_recipe_reproduces_it_bit_for_bit(method
         assert (entry["hadamard"] is not None) == (spec.hadamard and not rgb_input)
         assert (entry["smoothing"] is not None) == spec.smoothing
         out_ch, fan_in = entry["weight_shape"][0], int(torch.tensor(entry["weight_shape"][1:]).prod())
-        # r = 2; merged into one branch of rank (svd_rank + lora_rank)·r, capped below the layer's size
-        # min(out, in·kh·kw) (a branch of that rank would hold the whole weight: calibration.ranks)
-        assert entry["lowrank_rank"] == min(2 * (spec.svd_rank + spec.lora_rank), min(out_ch, fan_in) - 1)
+        svd = min(2 * spec.svd_rank, out_ch, fan_in)  # r = 2; the SVD rank is capped by the matrix
+        assert entry["lowrank_rank"] == svd + 2 * spec.lora_rank  # merged into one branch
         assert 0 <= entry["act_zero_point"] <= 15
     # Nothing but the recipe is left in the output's parent (no temp folder, no checkpoint).
     assert sorted(p.name for p in result.recipe.parent.iterdir()) == [method]

@@ -83,13 +83,14 @@ def test_two_dimensional_rank_program_returns_the_brute_force_optimum_within_bud
     assert sol.objective == pytest.approx(_brute_force(options, budget), rel=1e-9, abs=1e-9)
 
 
-def test_uniform_ranks_are_capped_below_the_layer_size():
+def test_allocated_ranks_are_capped_below_the_layer_size_and_uniform_ones_are_as_before():
     spec = get_method("quantface")
     cfg = CalibConfig(rank=8)
     out3 = QuantLayer(nn.Conv2d(32, 3, 3))  # the RGB output conv: n = 3
     out8 = QuantLayer(nn.Conv2d(96, 8, 3))  # the latent output convs: n = 8
     wide = QuantLayer(nn.Conv2d(96, 96, 3))
-    assert [uniform_rank(spec, cfg, l) for l in (out3, out8, wide)] == [2, 7, 16]
+    # without --rank-budget: (svd + lora)·r as before (split_lowrank caps the SVD part at the matrix)
+    assert [uniform_rank(spec, cfg, l) for l in (out3, out8, wide)] == [16, 16, 16]
     assert [split_rank(spec, r) for r in (2, 7, 16, 0)] == [(1, 1), (3, 4), (8, 8), (0, 0)]
     assert split_rank(get_method("svdquant"), 6) == (6, 0) and split_rank(get_method("efficientdm"), 6) == (0, 6)
     assert candidates(out3) == [0, 2] and candidates(out8) == [0, 2, 4] and rank_cap(wide) == 95
