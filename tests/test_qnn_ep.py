@@ -189,13 +189,15 @@ def test_tiny_qnn_export_runs_wholly_on_the_htp_and_qnn_report_agrees(tiny_expor
     qnn = placement(tiny_exports["qnn"])
     assert qnn.nodes_on_cpu == 0 and qnn.qnn_partitions == 1 and qnn.nodes_on_qnn == qnn.nodes_total > 100
     assert qnn_report(tiny_exports["qnn"]) == []
-    # The ort-cpu graph of the same recipe (per-channel Linear weights, no Q on the product): partly
-    # on the CPU, and the static check must say so, naming the same nodes.
+    # The ort-cpu graph of the same recipe (its Linear layers as ONNX Runtime's contrib
+    # MatMulIntegerToFloat, which QNN does not know): partly on the CPU, and the static check must say
+    # so, naming the same nodes.
     cpu = placement(tiny_exports["ort-cpu"])
     assert cpu.nodes_on_cpu > 0
     report = qnn_report(tiny_exports["ort-cpu"])
-    flagged = {line.split(":")[0].removeprefix("node ") for line in report if "QDQ node unit" in line}
-    assert flagged and flagged == {n.name for n in cpu.cpu_nodes if "per-channel" in n.reason}
+    flagged = {line.split(":")[0].removeprefix("node ") for line in report}
+    assert all("com.microsoft::MatMulIntegerToFloat" in line for line in report)
+    assert flagged and flagged == {n.name for n in cpu.cpu_nodes}
 
 
 @needs_qnn
