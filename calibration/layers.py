@@ -21,9 +21,13 @@ layer with fine enough weight bits may have its merged branch folded back into t
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from quantface.errors import ConfigError
 from quantface.hadamard import fold_into_weight, rotate_channels
@@ -331,16 +335,23 @@ def wrap_layers(model: nn.Module, include: callable = lambda name: True) -> dict
     return quant_layers(model)
 
 
+@contextmanager
+def hooks_removed(handles: Iterable[RemovableHandle]):
+    """Runs the block with the given (already registered) hooks, and removes them however it ends."""
+    handles = list(handles)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def call_order(model: nn.Module, modules: dict[str, nn.Module], probe: torch.Tensor) -> list[str]:
     """Names of ``modules`` in the order a forward pass of ``model`` on ``probe`` first calls them
     (modules the probe does not reach are left out)."""
     order: list[str] = []
-    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name) if name not in order
-                                           else None) for name, m in modules.items()]
-    try:
+    with hooks_removed(m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name)
+                                                   if name not in order else None) for name, m in modules.items()):
         with torch.no_grad():
             model(probe)
-    finally:
-        for h in handles:
-            h.remove()
     return order

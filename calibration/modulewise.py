@@ -19,7 +19,7 @@ import torch
 
 from quantface import distributed as dist
 from quantface.calibration.config import CalibConfig
-from quantface.calibration.layers import QuantLayer
+from quantface.calibration.layers import QuantLayer, hooks_removed
 from quantface.quant import EPS, act_qparams_from_range, boundary_qparams, fake_quantize, qrange
 
 IMAGES = 4  # calibration images whose layer inputs are cached
@@ -32,17 +32,15 @@ def _capture(fp_model: torch.nn.Module, layers: dict[str, QuantLayer], lq: torch
     """Inputs and outputs of every FP layer named like a quant layer, on ``lq``."""
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     modules = dict(fp_model.named_modules())
-    handles = []
-    for name in layers:
-        def hook(mod, args, out, name=name):
+
+    def hook(name: str):
+        def record(mod, args, out):
             captured[name] = (args[0].detach(), out.detach())
-        handles.append(modules[name].register_forward_hook(hook))
-    try:
+        return record
+
+    with hooks_removed(modules[name].register_forward_hook(hook(name)) for name in layers):
         with torch.inference_mode():
             fp_model(lq)
-    finally:
-        for h in handles:
-            h.remove()
     return captured
 
 

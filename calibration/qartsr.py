@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from quantface.calibration.config import CalibConfig
 from quantface.calibration.distill import perceptual_loss
-from quantface.calibration.layers import QuantLayer, call_order
+from quantface.calibration.layers import QuantLayer, call_order, hooks_removed
 from quantface.calibration.methods import E2E_STEPS, TRQ_STEPS, MethodSpec
 from quantface.models.timesteps import model_timestep, set_timestep
 
@@ -111,13 +111,9 @@ def _layer_outputs(model: nn.Module, names: list[str], x: torch.Tensor, grad: bo
     """``model(x)`` and the outputs of its modules ``names`` in that pass."""
     modules = dict(model.named_modules())
     outs: dict[str, torch.Tensor] = {}
-    handles = [modules[n].register_forward_hook(lambda m, a, y, n=n: outs.__setitem__(n, y)) for n in names]
-    try:
+    with hooks_removed(modules[n].register_forward_hook(lambda m, a, y, n=n: outs.__setitem__(n, y)) for n in names):
         with torch.set_grad_enabled(grad):
             y = model(x)
-    finally:
-        for h in handles:
-            h.remove()
     return y, outs
 
 

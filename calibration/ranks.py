@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from quantface.calibration.allocation import Option, allocate
-from quantface.calibration.layers import QuantLayer
+from quantface.calibration.layers import QuantLayer, hooks_removed
 from quantface.quant import EPS, act_qparams, dequantize, qrange, quantize, weight_scale
 
 if TYPE_CHECKING:
@@ -132,14 +132,10 @@ def rank_errors(model: torch.nn.Module, layers: dict[str, QuantLayer], x: torch.
                 st.positions = diff[0].numel() // module.out_channels
         return run
 
-    handles = [l.register_forward_pre_hook(hook(n)) for n, l in layers.items()]
-    try:
+    with hooks_removed(l.register_forward_pre_hook(hook(n)) for n, l in layers.items()):
         with torch.no_grad():
             for i in range(0, len(x), ERROR_BATCH):
                 model(x[i:i + ERROR_BATCH])
-    finally:
-        for h in handles:
-            h.remove()
     for st in stats.values():
         st.sq_error = {r: v / len(x) for r, v in st.sq_error.items()}
     return stats

@@ -41,7 +41,7 @@ import torch
 
 from quantface import distributed as dist
 from quantface.calibration.config import B_MAX, B_MIN, epsilon
-from quantface.calibration.layers import QuantLayer
+from quantface.calibration.layers import QuantLayer, hooks_removed
 from quantface.calibration.methods import get_method
 from quantface.data import atomic_write_bytes
 from quantface.metrics import ssim_map
@@ -216,12 +216,8 @@ def layer_errors(model: torch.nn.Module, layers: dict[str, QuantLayer], x: torch
         return run
 
     with quantizers_off(layers):
-        handles = [l.register_forward_pre_hook(hook(n)) for n, l in layers.items()]
-        try:
+        with hooks_removed(l.register_forward_pre_hook(hook(n)) for n, l in layers.items()):
             _forward(model, x)
-        finally:
-            for h in handles:
-                h.remove()
     for st in stats.values():
         st.sq_error = {k: v / len(x) for k, v in st.sq_error.items()}
     return stats
