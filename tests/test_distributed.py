@@ -124,8 +124,14 @@ def test_a_user_error_under_torchrun_is_one_line_and_exit_2_on_every_rank(tmp_pa
     assert lines == [f"error: input path {tmp_path / 'missing'} does not exist; calibration needs face photos: "
                      f"give --data DIR (the data set's faces_hq/calib or any folder of face images), or --data "
                      f"skimage:lfw for the 200 LFW faces scikit-image ships (what quantface demo calibrates on)"]
-    # torchrun's own report names each failed rank with its exit code.
-    assert run.returncode != 0 and run.stderr.count("exitcode  : 2") == 2, run.stderr[-3000:]
+    # torchrun's own report names each failed rank with its exit code: 2 (the user error) for the rank that
+    # ended first, and for the other either 2 too or torchrun's own SIGTERM — torchrun ends the remaining
+    # ranks as soon as one fails, so which rank's exit it sees first is a race (measured: 2 of 5 runs on
+    # this machine saw rank 0 ended by SIGTERM). No rank may end any other way.
+    codes = [line.split(":", 1)[1].split()[0] for line in run.stderr.splitlines()
+             if line.strip().startswith("exitcode")]
+    assert run.returncode != 0 and len(codes) == 2 and "2" in codes, run.stderr[-3000:]
+    assert set(codes) <= {"2", "-15"}, run.stderr[-3000:]
     assert not (tmp_path / "r").exists()
 
 
