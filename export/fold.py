@@ -10,7 +10,8 @@ whose nodes therefore disappear from the exported graph (``constant_layers`` lis
 
 Kept although input-independent: ``DequantizeLinear`` of stored weight codes — the point of a QDQ
 graph is to ship integer codes, not their float values — and ``Cast`` of a float16 initializer to
-float (the ``reference`` profile's low-rank factors: stored at half the bytes, exactly).
+float or of an INT4 initializer to INT8 (low-rank factors and 4-bit codes stored at half the bytes,
+exactly; ``export.profiles``), with the weight DQ behind such a cast.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from quantface.export.errors import ExportError
 from quantface.onnx_runtime import cpu_session
 from quantface.export.graph import consumers, make_initializer, producers, remove_dead, shape_view
 from quantface.export.save import read_external
+
+# Initializer types a profile stores values in behind a ``Cast`` to the type its kernels read.
+NARROW_STORAGE = (onnx.TensorProto.FLOAT16, onnx.TensorProto.INT4)
 
 
 def remove_identities(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -93,12 +97,13 @@ def _fold_known_shapes(model: onnx.ModelProto) -> int:
     return folded
 
 
-def _is_weight_dq(node: onnx.NodeProto, initializers: set[str]) -> bool:
-    return node.op_type == "DequantizeLinear" and all(i in initializers for i in node.input if i)
+def _is_weight_dq(node: onnx.NodeProto, stored: set[str]) -> bool:
+    return node.op_type == "DequantizeLinear" and all(i in stored for i in node.input if i)
 
 
-def _is_half_cast(node: onnx.NodeProto, half_initializers: set[str]) -> bool:
-    return node.op_type == "Cast" and len(node.input) == 1 and node.input[0] in half_initializers
+def _is_storage_cast(node: onnx.NodeProto, narrow_initializers: set[str]) -> bool:
+    """A ``Cast`` of a float16 or INT4 initializer: a value stored narrower than the kernel reads it."""
+    return node.op_type == "Cast" and len(node.input) == 1 and node.input[0] in narrow_initializers
 
 
 def _fold_static_values(model: onnx.ModelProto, base_dir: str | None) -> int:
@@ -118,8 +123,9 @@ def _fold_static_values(model: onnx.ModelProto, base_dir: str | None) -> int:
     outputs = {o.name for o in graph.output}
     frontier = sorted({v for n in static_nodes for v in n.output
                        if v in outputs or any(u.output[0] in dynamic for u in users.get(v, []))})
-    half = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
-    frontier = [v for v in frontier if not (_is_weight_dq(made_by[v], inits) or _is_half_cast(made_by[v], half))]
+    narrow = {i.name for i in graph.initializer if i.data_type in NARROW_STORAGE}
+    stored = inits | {n.output[0] for n in graph.node if _is_storage_cast(n, narrow)}
+    frontier = [v for v in frontier if not (_is_weight_dq(made_by[v], stored) or _is_storage_cast(made_by[v], narrow))]
     if not frontier:
         return 0
     values = _evaluate(model, static_nodes, frontier, base_dir)
@@ -135,7 +141,7 @@ def fold_constants(model: onnx.ModelProto, base_dir: str | None = None) -> onnx.
     """Requires: static graph input shapes; no ``Constant`` node (``constants_to_initializers``);
     initializers stored as external data (``export.trace``) found relative to ``base_dir``.
     Ensures: no ``Shape`` node; every node depends on the graph input's values, except
-    ``DequantizeLinear`` of initializers (stored weight codes) and ``Cast`` of float16 initializers; folded values are initializers; dead
+    ``DequantizeLinear`` of stored weight codes and ``Cast`` of float16 / INT4 initializers; folded values are initializers; dead
     nodes and initializers removed; the exporter's ``value_info`` (partly symbolic, stale where nodes
     were rewritten) dropped. Shapes and values are folded alternately until nothing changes, since
     each can unlock the other (a shape behind an ``Expand`` of the timestep, say)."""
@@ -184,3 +190,41 @@ def annotate_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
                 raise ExportError(f"node {node.name}: the shape of {v} is not static")
     model.graph.value_info.extend(inferred.graph.value_info)
     return model
+
+
+def int4_storage(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """The INT4 initializers that only store codes for a ``Cast`` to INT8 (``Profile.int4_storage``),
+    each with that Cast."""
+    graph = model.graph
+    int4 = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.INT4}
+    users = consumers(graph)
+    found = {}
+    for name in int4:
+        readers = users.get(name, [])
+        if len(readers) == 1 and readers[0].op_type == "Cast" and \
+                helper.get_attribute_value(readers[0].attribute[0]) == onnx.TensorProto.INT8:
+            found[name] = readers[0]
+    return found
+
+
+def unpack_int4_storage(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose INT4-stored codes (``int4_storage``) are INT8 initializers again, named as
+    their Casts' outputs, the Casts gone: the same values, for formats without a 4-bit type (the ORT
+    format; ONNX Runtime makes the same INT8 initializers when a session starts)."""
+    stored = int4_storage(model)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    if not stored:
+        return out
+    graph = out.graph
+    casts = {c.name for c in stored.values()}
+    inits = {i.name: i for i in graph.initializer}
+    kept = [i for i in graph.initializer if i.name not in stored]
+    kept += [make_initializer(cast.output[0], numpy_helper.to_array(inits[name]).astype(np.int8))
+             for name, cast in stored.items()]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = [n for n in graph.node if n.name not in casts]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return out

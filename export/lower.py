@@ -105,11 +105,22 @@ def _weight(b: GraphBuilder, p: str, layer: ExportLayer, profile: Profile, conv:
         raise ExportError(f"layer {p}: weight codes exceed the {layer.weight_bits}-bit range")
     container = profile.weight_type(layer.weight_bits)
     scale = _np(layer.w_scale).astype(np.float32).reshape(-1)
-    codes_name = b.initializer(f"{p}.weight_codes", codes if conv else codes.T, container)
+    codes_name, cast = _codes(b, f"{p}.weight_codes", codes if conv else codes.T, layer.weight_bits, container, profile)
     s = b.initializer(f"{p}.weight_scale", scale)
     z = b.initializer(f"{p}.weight_zero_point", np.zeros(scale.shape, np.int64), container)
     dq = b.node("DequantizeLinear", [codes_name, s, z], f"{p}_weight_DequantizeLinear", axis=0 if conv else 1)
-    return dq.output[0], [dq]
+    return dq.output[0], [*cast, dq]
+
+
+def _codes(b: GraphBuilder, name: str, codes: np.ndarray, bits: int, container: int, profile: Profile
+           ) -> tuple[str, list[onnx.NodeProto]]:
+    """Weight codes in ``container``: as an initializer of that type, or (``Profile.int4_storage``,
+    ≤ 4-bit codes in an INT8 container) an INT4 initializer and a ``Cast`` to INT8."""
+    if profile.int4_storage and bits <= 4 and container == TensorProto.INT8:
+        cast = b.node("Cast", [b.initializer(f"{name}_int4", codes, TensorProto.INT4)], f"{name}_Cast",
+                      to=TensorProto.INT8)
+        return cast.output[0], [cast]
+    return b.initializer(name, codes, container), []
 
 
 def _weight_scales_after(b: GraphBuilder, p: str, layer: ExportLayer, conv: bool) -> tuple[str, list, str]:

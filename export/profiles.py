@@ -6,7 +6,7 @@ Every mapping (``w`` = weight bits in 2..8, ``a`` = activation bits in 2..8 or 1
     profile    weight container            activation container            Hadamard rotation
     ---------  --------------------------  ------------------------------  ---------------------------------
     reference  INT4 if w ≤ 4, else INT8    UINT4 if a ≤ 4, UINT8 if a ≤ 8  quantface::Hadamard function node
-    ort-cpu    INT8                        UINT8 if a ≤ 8                  quantface::Hadamard function node
+    ort-cpu    INT8 (stored INT4 if w ≤ 4)  UINT8 if a ≤ 8                  quantface::Hadamard function node
     qnn        INT8                        UINT8 if a ≤ 8, else UINT16     plain Mul + Conv 1×1 / MatMul
 
 * ``reference`` is the exact, most compact graph (opset 21 4-bit types), for checking and archiving.
@@ -15,7 +15,11 @@ Every mapping (``w`` = weight bits in 2..8, ``a`` = activation bits in 2..8 or 1
   requantizes each quantized convolution's output to 8 bits (``UINT8``, per tensor, over the
   recipe's ``output_range``; bias as ``INT32`` codes on the accumulator grid s_x·s_w): ONNX Runtime
   fuses DQ → Conv → Q into ``QLinearConv`` only when a QuantizeLinear follows the Conv, and
-  otherwise dequantizes the weights and runs the convolution in float on every call. This is the
+  otherwise dequantizes the weights and runs the convolution in float on every call. Codes of ≤ 4
+  bits are stored as INT4 initializers behind a ``Cast`` to INT8, and float16-exact low-rank factors as
+  float16 behind a ``Cast`` to float (``int4_storage``, ``half_lowrank``): ONNX Runtime folds both
+  casts into initializers when the session starts, so the file holds 4-bit codes and the kernels
+  are the INT8 / float ones, values bit for bit the same. This is the
   one place a profile departs from the calibrated values: an 8-bit rounding of the product, before
   the float low-rank branch is added (its effect is what ``quantface validate`` reports as parity).
   Recipes without output ranges (written before they were recorded; see
@@ -70,6 +74,10 @@ class Profile:
     scales_after_product: bool = False
     # Quantized Linear layers as com.microsoft.MatMulIntegerToFloat (u8 codes × s8 codes → float + bias).
     integer_linears: bool = False
+    # Weight codes of ≤ 4 bits stored as INT4 initializers and Cast to the INT8 container: half the
+    # bytes on disk, the same INT8 kernels (ONNX Runtime's constant folding turns Cast(initializer)
+    # into an INT8 initializer when the session starts, before its QDQ fusions).
+    int4_storage: bool = False
 
     def weight_type(self, bits: int) -> int:
         return TensorProto.INT4 if self.int4_weights and bits <= 4 else TensorProto.INT8
@@ -85,8 +93,8 @@ CONTAINER_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.INT8: 8
 
 PROFILES: dict[str, Profile] = {p.name: p for p in [
     Profile("reference", int4_weights=True, uint4_acts=True, inline_rotation=False, half_lowrank=True),
-    Profile("ort-cpu", int4_weights=False, uint4_acts=False, inline_rotation=False, requant_conv_outputs=True,
-            integer_linears=True),
+    Profile("ort-cpu", int4_weights=False, uint4_acts=False, inline_rotation=False, half_lowrank=True,
+            requant_conv_outputs=True, integer_linears=True, int4_storage=True),
     Profile("qnn", int4_weights=False, uint4_acts=False, inline_rotation=True, requant_conv_outputs=True,
             scales_after_product=True),
 ]}

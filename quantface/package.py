@@ -249,13 +249,20 @@ def _session(path: Path):
     return cpu_session(path, 1)
 
 
-def _convert(source: Path, work: Path, style: str) -> tuple[Path, Path]:
-    """ONNX Runtime's own converter on a copy of ``source``: (the .ort, its operator config)."""
+def _convert(source: Path, model: onnx.ModelProto, work: Path, style: str) -> tuple[Path, Path]:
+    """ONNX Runtime's own converter on a copy of ``source`` (``model``, its INT4-stored codes unpacked to
+    the INT8 initializers ONNX Runtime makes of them: the ORT format has no 4-bit type):
+    (the .ort, its operator config)."""
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    from quantface.export.fold import int4_storage, unpack_int4_storage
 
     src = work / "src" / f"{MODEL_STEM}.onnx"
     src.parent.mkdir(parents=True)
-    shutil.copyfile(source, src)
+    if int4_storage(model):
+        onnx.save(unpack_int4_storage(model), str(src))
+    else:
+        shutil.copyfile(source, src)
     quiet = logging.getLogger("ort_format_model.utils")
     level = quiet.level
     quiet.setLevel(logging.WARNING)
@@ -351,7 +358,10 @@ def _read_source(cfg: PackageConfig) -> _Source:
         raise PackageError(f"{foreign}; only quantface's own exports are packaged for the apps")
     inp, outp = _io(model, src)
     meta = _metadata(model)
-    fmt, reason = _decide(cfg, src, four_bit_tensors(model))
+    from quantface.export.fold import int4_storage
+
+    stored = int4_storage(model)  # INT4-stored INT8 codes: unpacked for the ORT format (``_convert``)
+    fmt, reason = _decide(cfg, src, [n for n in four_bit_tensors(model) if n not in stored])
     return _Source(src, model, inp, outp, meta, str(meta.get("profile", "unknown")), fmt, reason)
 
 
@@ -376,7 +386,7 @@ def _convert_and_check(cfg: PackageConfig, source: _Source, work: Path) -> _Conv
     style = OPTIMIZATION_STYLE.get(source.profile, "Fixed")
     src, fmt, reason = source.path, source.fmt, source.reason
     try:
-        converted, tool_config = _convert(src, work, style)
+        converted, tool_config = _convert(src, source.model, work, style)
         convert_error = ""
     except Exception as exc:  # the converter's own exceptions (ORT pybind errors, RuntimeError)
         converted = tool_config = None

@@ -164,16 +164,31 @@ def test_graph_structure_follows_the_recipe(cache, method, bits, exporter, profi
     assert any(o.domain == "com.microsoft" for o in model.opset_import) == bool(int_linear)
     assert ops.count("QuantizeLinear") == n_act + len(requant)
     assert ops.count("DequantizeLinear") == n_act + n_w + len(requant) + len(biased) - 2 * len(int_linear)
+    # ort-cpu stores codes of <= 4 bits as INT4 behind a Cast to INT8 (export.profiles: int4_storage).
+    int4_stored = profile == "ort-cpu" and w_bits <= 4
+
+    def code_init(name: str) -> str:
+        return f"{name}.weight_codes_int4" if int4_stored else f"{name}.weight_codes"
+
+    def stored_codes(name: str) -> str:
+        """The value the weight DQ / MatMulIntegerToFloat reads its codes from; checks the Cast."""
+        if not int4_stored:
+            return f"{name}.weight_codes"
+        cast = nodes[f"{name}.weight_codes_Cast"]
+        assert cast.input[:] == [f"{name}.weight_codes_int4"]
+        assert {a.name: a.i for a in cast.attribute}["to"] == TensorProto.INT8
+        assert f"{name}.weight_codes" not in types
+        return cast.output[0]
+
     for name, e in live.items():
         assert nodes[f"{name}_QuantizeLinear"].op_type == "QuantizeLinear"
         if name in int_linear:
             mm, q = nodes[f"{name}_MatMulIntegerToFloat"], nodes[f"{name}_QuantizeLinear"]
             assert mm.domain == "com.microsoft"
-            assert mm.input[:6] == [q.output[0], f"{name}.weight_codes", q.input[1], f"{name}.weight_scale",
+            assert mm.input[:6] == [q.output[0], stored_codes(name), q.input[1], f"{name}.weight_scale",
                                     q.input[2], f"{name}.weight_zero_point"]
             assert mm.input[6:] == ([f"{name}.bias"] if cache.fp.get_submodule(name).bias is not None else [])
-            assert types[f"{name}.weight_codes"] == TensorProto.INT8
-            codes = numpy_helper.to_array(initializers[f"{name}.weight_codes"])
+            codes = numpy_helper.to_array(initializers[code_init(name)])
             assert codes.shape == tuple(cache.fp.get_submodule(name).weight.shape[::-1])  # (in, out)
             assert not any(f"{name}_{op}" in nodes for op in ("DequantizeLinear", "weight_DequantizeLinear",
                                                                "MatMul", "BiasAdd"))
@@ -195,14 +210,15 @@ def test_graph_structure_follows_the_recipe(cache, method, bits, exporter, profi
         else:
             assert {a.name: a.i for a in wdq.attribute}["axis"] == (0 if conv else 1)  # the output channel
             assert f"{name}_WeightScale" not in nodes
-        w_type = TensorProto.INT4 if (profile == "reference" and w_bits <= 4) else TensorProto.INT8
+        w_type = TensorProto.INT4 if (profile == "reference" and w_bits <= 4) or int4_stored else TensorProto.INT8
         a_type = TensorProto.UINT4 if (profile == "reference" and a_bits <= 4) else TensorProto.UINT8
-        assert types[f"{name}.weight_codes"] == w_type
+        assert wdq.input[0] == stored_codes(name)
+        assert types[code_init(name)] == w_type
         assert types[f"{name}.act_zero_point"] == a_type
         assert (f"{name}_Clip" in nodes) == (a_type == TensorProto.UINT8 and a_bits < 8)
         assert (f"{name}_LowRankAdd" in nodes) == bool(e["lowrank_rank"])
-        if e["lowrank_rank"]:  # one merged branch; float16-stored (+ Cast) only in the reference profile
-            half = profile == "reference"
+        if e["lowrank_rank"]:  # one merged branch; float16-stored (+ Cast) except in the qnn profile
+            half = profile != "qnn"
             for factor in ("down", "up"):
                 assert types.get(f"{name}.lowrank_{factor}{'_fp16' if half else ''}") == \
                     (TensorProto.FLOAT16 if half else TensorProto.FLOAT)
@@ -277,6 +293,39 @@ def test_onnx_runtime_fuses_each_requantized_convolution(cache, tmp_path):
     path = cache.export("quantface", "W4A4", "ort-cpu")
     requant = [n for n in onnx.load(str(path)).graph.node if n.name.endswith("_OutputQuantizeLinear")]
     assert requant and fused_qlinearconvs(path, tmp_path) == len(requant)
+
+
+def test_int4_stored_codes_are_folded_by_onnx_runtime_into_the_same_graph(cache, tmp_path, monkeypatch):
+    """ort-cpu's INT4-stored codes (``Profile.int4_storage``): the file holds 4-bit codes (smaller than the
+    INT8-stored export of the same recipe), ONNX Runtime folds each Cast at session start (the optimized
+    graph has no Cast left on them, the same QLinearConv / MatMulIntegerToFloat count) and the outputs are
+    bit for bit the INT8-stored graph's."""
+    import dataclasses
+
+    from quantface.export import profiles
+
+    stored = cache.export("quantface", "W4A4", "ort-cpu")
+    profile = profiles.PROFILES["ort-cpu"]
+    monkeypatch.setitem(profiles.PROFILES, "ort-cpu", dataclasses.replace(profile, int4_storage=False))
+    plain = tmp_path / "int8_stored.onnx"
+    export_onnx(ExportConfig(weights=str(cache.weights), recipe=str(cache.recipe("quantface", "W4A4")),
+                             profile="ort-cpu", out=str(plain)))
+    casts = [n for n in onnx.load(str(stored)).graph.node if n.name.endswith(".weight_codes_Cast")]
+    assert casts and not [n for n in onnx.load(str(plain)).graph.node if n.name.endswith(".weight_codes_Cast")]
+    assert stored.stat().st_size < plain.stat().st_size
+    x = _input(batch=1)
+    outs = []
+    for path in (stored, plain):
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / f"{path.stem}.opt.onnx")
+        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        outs.append(session.run(None, {session.get_inputs()[0].name: x})[0])
+        opt = onnx.load(so.optimized_model_filepath)
+        assert not [n for n in opt.graph.node if n.op_type == "Cast" and "weight_codes" in n.input[0]]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert fused_qlinearconvs(stored, tmp_path / "a") == fused_qlinearconvs(plain, tmp_path / "b") > 0
 
 
 def test_quantface_w8a8_ort_cpu_graph_is_lean(cache, tmp_path):

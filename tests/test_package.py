@@ -136,13 +136,37 @@ def test_int4_graph_converts_to_an_ort_file_onnx_runtime_rejects(exports, tmp_pa
     """Why ``auto`` keeps .onnx for INT4 models (measured, not assumed): ORT's converter writes a .ort
     for the reference profile, but ONNX Runtime cannot load it. If this starts passing, revisit
     quantface/package.py's format table."""
+    from quantface.export.fold import int4_storage
     from quantface.package import _convert
 
-    assert four_bit_tensors(onnx.load(str(exports["reference"])))
-    assert not four_bit_tensors(onnx.load(str(exports["ort-cpu"])))
-    converted, _ = _convert(exports["reference"], tmp_path, "Fixed")
+    reference = onnx.load(str(exports["reference"]))
+    assert four_bit_tensors(reference) and not int4_storage(reference)
+    # ort-cpu's only 4-bit tensors store INT8 codes behind a Cast, which the packager unpacks (test below).
+    cpu = onnx.load(str(exports["ort-cpu"]))
+    assert set(four_bit_tensors(cpu)) == set(int4_storage(cpu))
+    converted, _ = _convert(exports["reference"], reference, tmp_path, "Fixed")
     with pytest.raises(Exception, match="Invalid ORT format model|Unsupported tensor data type"):
         ort.InferenceSession(str(converted), providers=["CPUExecutionProvider"])
+
+
+def test_ort_cpu_int4_stored_codes_are_unpacked_for_the_ort_format(exports, tmp_path):
+    """The ort-cpu export stores its 4-bit codes as INT4 behind Casts to INT8; the package's .ort holds them
+    as the INT8 initializers ONNX Runtime makes at session start, and runs bit for bit like the .onnx."""
+    from quantface.export.fold import int4_storage, unpack_int4_storage
+
+    model = onnx.load(str(exports["ort-cpu"]))
+    stored = int4_storage(model)
+    assert stored
+    unpacked = unpack_int4_storage(model)
+    assert not four_bit_tensors(unpacked) and not int4_storage(unpacked)
+    assert len(unpacked.graph.node) == len(model.graph.node) - len(stored)
+    result = package(PackageConfig(onnx=str(exports["ort-cpu"]), out=str(tmp_path / "p")))
+    m = _manifest(tmp_path / "p")
+    assert m["format"] == "ort"
+    x = np.random.default_rng(0).uniform(-1, 1, m["input"]["shape"]).astype(np.float32)
+    outs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {m["input"]["name"]: x})[0]
+            for p in (exports["ort-cpu"], result.out / "model.ort")]
+    np.testing.assert_allclose(outs[0], outs[1], rtol=0, atol=1e-5)  # float order of the saved optimizations
 
 
 def test_format_ort_on_int4_model_is_one_sentence_error(exports, tmp_path, capsys):

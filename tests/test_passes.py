@@ -152,9 +152,10 @@ def test_lowering_a_conv_placeholder(profile):
     names = [n.name for n in model.graph.node]
     requant = profile == "ort-cpu"
     # reference: UINT4 / INT4 containers, no output Q/DQ; ort-cpu: UINT8 / INT8 (Clip keeps 4-bit
-    # codes), an INT32 bias and the output Q/DQ ONNX Runtime fuses into QLinearConv.
-    want = (["conv_Clip"] if requant else []) + ["conv_QuantizeLinear", "conv_DequantizeLinear",
-                                                 "conv_weight_DequantizeLinear"]
+    # codes; the 4-bit weight codes stored as INT4 behind a Cast to INT8), an INT32 bias and the output
+    # Q/DQ ONNX Runtime fuses into QLinearConv.
+    want = (["conv_Clip", "conv.weight_codes_Cast"] if requant else []) + [
+        "conv_QuantizeLinear", "conv_DequantizeLinear", "conv_weight_DequantizeLinear"]
     want += ["conv_bias_DequantizeLinear", "conv_Conv", "conv_OutputQuantizeLinear",
              "conv_OutputDequantizeLinear"] if requant else ["conv_Conv"]
     assert sorted(names) == sorted(want), names
@@ -165,8 +166,14 @@ def test_lowering_a_conv_placeholder(profile):
     conv = nodes["conv_Conv"]
     assert conv.input[:2] == [nodes["conv_DequantizeLinear"].output[0], nodes["conv_weight_DequantizeLinear"].output[0]]
     inits = {i.name: i for i in model.graph.initializer}
-    codes = inits[nodes["conv_weight_DequantizeLinear"].input[0]]
-    assert codes.data_type == (TensorProto.INT8 if requant else TensorProto.INT4)
+    if requant:
+        cast = nodes["conv.weight_codes_Cast"]
+        assert nodes["conv_weight_DequantizeLinear"].input[0] == cast.output[0]
+        assert [a.i for a in cast.attribute if a.name == "to"] == [TensorProto.INT8]
+        codes = inits[cast.input[0]]
+    else:
+        codes = inits[nodes["conv_weight_DequantizeLinear"].input[0]]
+    assert codes.data_type == TensorProto.INT4
     if requant:
         assert inits[nodes["conv_bias_DequantizeLinear"].input[0]].data_type == TensorProto.INT32
         assert nodes["conv_OutputQuantizeLinear"].input[0] == conv.output[0]
