@@ -99,7 +99,9 @@ class CalibConfig(JsonConfig):
     mp_metric: str = "ssim"  # sweep deviation: ssim (1 − SSIM) | psnr (MSE) | lpips
     mp_sweep_images: int = 16  # calibration images of the sweep and of the layer errors
     mp_cost: str = "elements"  # elements (bits × input elements) | bops (bits × weight bits × MACs)
-    target: str | None = None  # None | 'qnn': hardware-aware options (W4/W8) × (A8/A16), byte cost
+    # None | 'qnn': hardware-aware options (W4/W8) × (A8/A16), byte cost | 'cpu': W4/W8 weights, no online
+    # node, weight bytes (calibration.targets)
+    target: str | None = None
     # Per-layer branch ranks (calibration.ranks): 1.0 = uniform rank (capped below each layer's size); else
     # a fraction F of the uniform branches' cost (rank_cost: parameters, MACs, or both, each within F) shared
     # by an integer program.
@@ -145,6 +147,8 @@ class CalibConfig(JsonConfig):
         refusal = TARGET_CLASSES[self.target].reduce_range_refusal if self.target in TARGET_CLASSES else ""
         if self.reduce_range and refusal:
             raise ConfigError(refusal)
+        if self.mp_budget is None and self.target in TARGET_CLASSES:
+            self.mp_budget = TARGET_CLASSES[self.target].default_budget
         check_mixed_precision(self)
         budget = self.rank_budget
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < math.inf:

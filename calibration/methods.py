@@ -12,7 +12,7 @@ the table isolates what each method's transform or training contributes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from quantface.errors import ConfigError
 
@@ -37,6 +37,11 @@ class MethodSpec:
     def has_branch(self) -> bool:
         """Whether the method adds a low-rank branch (what ``rank_budget`` allocates)."""
         return bool(self.svd_rank or self.lora_rank)
+
+    def lean(self) -> "MethodSpec":
+        """This method without online transforms or low-rank branch (``--target cpu``: nodes ONNX Runtime's
+        CPU kernels would run in float); its ranges and refinement kept."""
+        return replace(self, smoothing=False, hadamard=False, svd_rank=0, lora_rank=0)
 
     def balances(self, weight_bits: int, act_bits: int) -> bool:
         """Whether a run with these bits folds this method's smoothing and rotation."""

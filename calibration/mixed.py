@@ -37,7 +37,8 @@ from quantface.calibration.allocation import Option, allocate, check_budget
 from quantface.calibration.config import B_MAX, B_MIN, epsilon
 from quantface.calibration.layers import QuantLayer
 from quantface.calibration.plots import bits_plot
-from quantface.calibration.sensitivity import LayerStats, QParams, cache_dir, layer_errors, sensitivity_sweep
+from quantface.calibration.sensitivity import (LayerStats, QParams, cache_dir, layer_errors, sensitivity_sweep,
+                                               weight_bit_errors)
 from quantface.calibration.targets import get_target
 from quantface.errors import QuantFaceError
 from quantface.quant import weight_scale
@@ -104,6 +105,8 @@ def allocate_bits(model: torch.nn.Module, layers: dict[str, QuantLayer], data, c
     t0 = time.time()
     target = get_target(cfg.target)
     x = data.lq[:cfg.mp_sweep_images]
+    if target.lean:
+        return allocate_weight_bits(model, layers, x, cfg, spec, t0)
     qparams = QParams(samples)
     weight_bits = cfg.weight_code_bits(cfg.weight_bits)
     choices = candidate_choices(cfg, weight_bits)
@@ -159,4 +162,63 @@ def allocate_bits(model: torch.nn.Module, layers: dict[str, QuantLayer], data, c
         "allocation.png": bits_plot(panels, f"bit allocation {meta['label']} (budget {describe(budget)})",
                                     target.plot_max),
     }
+    return AllocationResult(meta, files, cache_dir(cfg))
+
+
+def allocate_weight_bits(model: torch.nn.Module, layers: dict[str, QuantLayer], x: torch.Tensor, cfg: "CalibConfig",
+                         spec: "MethodSpec", t0: float) -> AllocationResult:
+    """``--target cpu`` (``calibration.targets.CpuTarget``): the program over each layer's weight bits with
+    errors measured on the image (``weight_bit_errors``: the layer alone at the lower width, the rest as
+    prepared) and costs in weight bytes; leaves every layer at its chosen weight bits (scales searched for
+    them). The higher width's error is 0: the prepared model is the baseline."""
+    target = get_target(cfg.target)
+    choices = target.choices(cfg, cfg.weight_bits)
+    low, high = min(w for w, _ in choices), max(w for w, _ in choices)
+    stats = {n: LayerStats(weights=l.weight.numel()) for n, l in layers.items()}
+    cost = target.cost(cfg)
+    reference = cost.reference(list(stats.values()), high)
+    budget = cfg.mp_budget * reference
+
+    def describe(c: float) -> str:
+        return f"{c / reference:.4g} {cost.unit}"
+
+    check_budget({n: [Option(target.option(c), 0.0, cost.of(stats[n], *c)) for c in choices] for n in stats},
+                 budget, describe)
+    with torch.no_grad():
+        for layer in layers.values():  # the baseline: every layer at the higher width
+            layer.set_weight_quant(high, weight_scale(layer.weight, high, spec.scale_init))
+        errors = weight_bit_errors(model, layers, x, low, spec)
+    options = {n: [Option(target.option(c), errors[n] if c[0] == low else 0.0, cost.of(stats[n], *c))
+                   for c in choices] for n in stats}
+    sweep_seconds = time.time() - t0
+    sol = _solve(options, budget, describe)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            w_bits = choices[sol.choice[name]][0]
+            if w_bits != layer.weight_bits:
+                layer.set_weight_quant(w_bits, weight_scale(layer.weight, w_bits, spec.scale_init))
+    total = sum(st.weights for st in stats.values())
+    low_share = sum(stats[n].weights for n in layers if choices[sol.choice[n]][0] == low) / total
+    meta: dict[str, Any] = {
+        "mode": target.mode, "target": cfg.target, "metric": "image MSE increase (outputs in [0, 1])",
+        "sweep_images": len(x), "cost": cost.name, **cost.notes(reference),
+        "candidates": [target.option(c) for c in choices],
+        "budget": cfg.mp_budget, "budget_cost": budget,
+        "achieved_cost": sol.cost, "achieved_budget": sol.cost / reference,
+        "weights_at_low_bits": low_share,
+        "label": target.label(cfg.weight_bits, cfg.act_bits, sol.cost / reference),
+        "objective": sol.objective, "solve_seconds": sol.seconds, "solver": "pulp CBC",
+        "sweep_and_error_seconds": round(sweep_seconds, 1),
+        "layers": {n: {"index": i, "weight_params": stats[n].weights, "error_at_low_bits": errors[n],
+                       "errors": [o.error for o in options[n]], "costs": [o.cost for o in options[n]],
+                       "choice": sol.choice[n], "weight_bits": choices[sol.choice[n]][0],
+                       "act_bits": choices[sol.choice[n]][1]}
+                   for i, n in enumerate(layers)},
+    }
+    dist.log(f"bit allocation: {meta['label']}, {100 * low_share:.1f}% of the weights at W{low} (budget "
+             f"{describe(budget)}, achieved {describe(sol.cost)}), solved in {sol.seconds:.2f}s")
+    names = list(layers)
+    files = {"allocation.png": bits_plot(target.panels([choices[sol.choice[n]] for n in names]),
+                                         f"bit allocation {meta['label']} (budget {describe(budget)})",
+                                         target.plot_max)}
     return AllocationResult(meta, files, cache_dir(cfg))

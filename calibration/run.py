@@ -43,6 +43,7 @@ from quantface.calibration.config import CalibConfig
 from quantface.calibration.layers import QuantLayer, quant_layers, wrap_layers
 from quantface.calibration.methods import DEFAULT_STEPS, MethodSpec, get_method
 from quantface.calibration.ranks import allocate_ranks, split_rank, uniform_rank
+from quantface.calibration.targets import get_target
 from quantface.calibration.recipe import apply_recipe, save_recipe
 from quantface.degradation import degraded_inputs
 from quantface.device import describe as describe_device
@@ -325,6 +326,8 @@ def calibrate(cfg: CalibConfig) -> CalibrationResult:
         raise ConfigError(f"--rank-budget allocates low-rank branch ranks; method {cfg.method} has no branch")
     if dist.active() and spec.refine in ("blockwise", "qartsr"):
         raise ConfigError(f"method {cfg.method} does not run data-parallel yet: run it without torchrun")
+    if get_target(cfg.target).lean:  # --target cpu: no smoothing, rotation or branch (calibration.targets)
+        spec = spec.lean()
     try:
         device, device_error = resolve_device(cfg.device), None
     except QuantFaceError as exc:  # raised on every rank below, once the ranks have compared notes

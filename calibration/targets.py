@@ -11,6 +11,13 @@ target adds a class here, not branches there. No torch: the CLI and the config c
 * ``QnnTarget`` (``--target qnn``, hardware-aware): (weight bits ∈ {4, 8}) × (activation bits ∈
   {8, 16}), the widths Qualcomm's HTP runs; the cost is the layer's bytes (``QNN_BYTE_TABLE``);
   ``mp_budget`` is a fraction (0, 1] of the all-A16/W8 cost Σ (2 E_i + P_i).
+* ``CpuTarget`` (``--target cpu``, ONNX Runtime's CPU kernels, the ``ort-cpu`` profile): weight bits
+  ∈ {4, 8} per layer under 8-bit activations. Every CPU integer kernel reads 8-bit
+  codes, so a 4-bit layer buys bytes on disk (INT4-stored codes, ``export.profiles``), not speed; and
+  what keeps the graph fast is no online node: no smoothing, no rotation, no low-rank branch
+  (``lean``). The cost is the weight codes' bytes P_i·w/8; ``mp_budget`` is a fraction (0, 1] of the
+  all-W8 bytes Σ P_i (default ``CPU_DEFAULT_BUDGET``). Each layer's error is measured on the image
+  (``calibration.mixed.weight_bit_errors``), not on the layer's product.
 """
 
 from __future__ import annotations
@@ -25,6 +32,12 @@ if TYPE_CHECKING:
     from quantface.calibration.config import CalibConfig
 
 QNN_WEIGHT_BITS, QNN_ACT_BITS = (4, 8), (8, 16)
+CPU_WEIGHT_BITS = (4, 8)
+# --target cpu's default budget: 0.55 of the all-W8 weight bytes (about 90 % of the weights at 4 bits).
+# Measured on the reference model (W8A8 baseline, 20 test faces): 47.9 / 47.5 / 46.7 dB PSNR to FP with
+# 26 / 62 / 90 % of the weights at W4 (greedy by measured image error per byte), 39.4 dB with all of them
+# (docs/deploy_bench.md, run 4).
+CPU_DEFAULT_BUDGET = 0.55
 QNN_BYTE_TABLE = ("bytes of option (w, a) of layer i = E_i·a/8 (input activation elements per image at a bits) "
                   "+ P_i·w/8 (quantized residual weight parameters at w bits); low-rank branches excluded "
                   "(FP, identical for every option)")
@@ -86,12 +99,22 @@ class QnnByteCost(Cost):
         return {**super().notes(reference), "byte_table": QNN_BYTE_TABLE}
 
 
+class CpuByteCost(Cost):
+    def of(self, layer: LayerSize, w: int, a: int) -> float:
+        return layer.weights * w / 8
+
+    def reference(self, layers: Sequence[LayerSize], weight_bits: int) -> float:
+        return float(sum(s.weights for s in layers))
+
+
 COSTS = {
     "elements": ElementCost("elements", "mean activation bits", "activation bits per image (act bits × input elements)"),
     "bops": BopsCost("bops", "mean activation bits (MAC-weighted)",
                      "bit operations per image (act bits × weight bits × MACs)"),
 }
 QNN_BYTES = QnnByteCost("qnn_bytes", "of the all-A16/W8 bytes", "bytes")
+CPU_BYTES = CpuByteCost("cpu_weight_bytes", "of the all-W8 weight bytes",
+                        "bytes of the weight codes (P_i · w / 8: 4-bit codes stored as INT4)")
 
 
 # ----------------------------------------------------------------------------------------- targets
@@ -100,6 +123,8 @@ class UniformWeights:
 
     name: str | None = None
     mode = "activation_bits"
+    lean = False  # whether the target takes no online transform and no low-rank branch (CpuTarget)
+    default_budget: float | None = None  # mp_budget when none is given (None: uniform bits)
     plot_max = ACT_PLOT_MAX
     reduce_range_refusal = ""  # why --reduce-range is refused with this target ("": it is not)
     candidates_refusal = ""  # why --mp-candidates is (its own options instead of mp_candidates)
@@ -163,8 +188,47 @@ class QnnTarget(UniformWeights):
         return [*super().panels(chosen), ("chosen weight bits", [w for w, _ in chosen])]
 
 
+class CpuTarget(UniformWeights):
+    """``--target cpu``: W4/W8 per layer at the run's activation bits, no online node, cost in weight
+    bytes, budget a fraction of all-W8; errors measured on the image."""
+
+    name = "cpu"
+    mode = "cpu_weight_bits"
+    lean = True
+    default_budget = CPU_DEFAULT_BUDGET
+    candidates_refusal = "--mp-candidates does not apply with --target cpu, whose options are W4/W8 weights"
+
+    def check(self, cfg: "CalibConfig") -> None:
+        if cfg.weight_bits != 4 or cfg.act_bits != 8:
+            raise ConfigError(f"--target cpu chooses 4- or 8-bit weights per layer under 8-bit activations (the CPU "
+                              f"kernels' container); use --bits W4A8 (not {cfg.bits})")
+        if cfg.mp_budget is not None and not 0 < cfg.mp_budget <= 1:
+            raise ConfigError(f"--mp-budget {cfg.mp_budget} must be a fraction in (0, 1] of the all-W8 weight bytes "
+                              f"with --target cpu")
+        if cfg.mp_budget is not None and cfg.mp_budget < 0.5:
+            raise ConfigError(f"--mp-budget {cfg.mp_budget} is infeasible with --target cpu: every layer at W4 is "
+                              f"0.5 of the all-W8 weight bytes")
+        if cfg.mp_cost != "elements":
+            raise ConfigError("--mp-cost does not apply with --target cpu, whose cost is the weights' bytes")
+
+    def choices(self, cfg: "CalibConfig", weight_bits: int) -> list[tuple[int, int]]:
+        return [(cfg.weight_code_bits(w), cfg.act_bits) for w in CPU_WEIGHT_BITS]
+
+    def cost(self, cfg: "CalibConfig") -> Cost:
+        return CPU_BYTES
+
+    def option(self, choice: tuple[int, int]) -> Any:
+        return choice[0]
+
+    def label(self, weight_bits: int, mean_act_bits: float, budget_fraction: float) -> str:
+        return f"cpu {budget_fraction:.3f} of W8 weight bytes"
+
+    def panels(self, chosen: Sequence[tuple[int, int]]) -> list[tuple[str, list[int]]]:
+        return [("chosen weight bits", [w for w, _ in chosen])]
+
+
 UNIFORM = UniformWeights()
-TARGETS: Mapping[str, UniformWeights] = {"qnn": QnnTarget()}
+TARGETS: Mapping[str, UniformWeights] = {"qnn": QnnTarget(), "cpu": CpuTarget()}
 
 
 def get_target(name: str | None) -> UniformWeights:

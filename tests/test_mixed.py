@@ -221,9 +221,10 @@ def test_sweep_is_cached_and_resumes_where_it_stopped(tiny_model, image_folder, 
 # ---------------------------------------------------------------------------------- end to end
 def _mp_cfg(image_folder, tmp_path, tiny_weights, name, **kw):
     # The UNet stays FP (19 quantized layers left) to keep the sweeps quick.
-    return CalibConfig(method="quantface", bits="W4A4", data=str(image_folder), out=str(tmp_path / "recipes" / name),
-                       weights=str(tiny_weights), size=32, stat_images=4, rank=2, batch_size=2, steps=2,
-                       mp_sweep_images=2, mp_epsilon=1e-3, fp_layers=("unet.*",), **kw)
+    return CalibConfig(**{**dict(method="quantface", bits="W4A4", data=str(image_folder),
+                                 out=str(tmp_path / "recipes" / name), weights=str(tiny_weights), size=32,
+                                 stat_images=4, rank=2, batch_size=2, steps=2, mp_sweep_images=2, mp_epsilon=1e-3,
+                                 fp_layers=("unet.*",)), **kw})
 
 
 def test_mixed_bits_round_trip_through_the_recipe(image_folder, tmp_path, tiny_weights, tiny_model):
@@ -326,6 +327,53 @@ def test_qnn_target_16_bit_activations_round_trip_and_export(image_folder, tmp_p
         assert np.abs(got - want).mean() < np.abs(got - fp).mean()
 
 
+def test_cpu_target_chooses_w4_or_w8_per_layer_with_no_online_node(image_folder, tmp_path, tiny_weights,
+                                                                     tiny_model):
+    """--target cpu: weights W4 or W8 per layer under A8, within the byte budget, the program's errors the
+    measured image errors; no smoothing, rotation or branch; the ort-cpu export stores the W4 codes as INT4
+    (smaller than the all-W8 graph) and matches the PyTorch simulation layer by layer."""
+    onnx = pytest.importorskip("onnx")
+    from quantface.export import ExportConfig, export_onnx
+    from quantface.export.fold import int4_storage
+    from quantface.export.peers import cpu_has_vnni
+    from tests.parity import layer_parity
+
+    cfg = _mp_cfg(image_folder, tmp_path, tiny_weights, "cpu", bits="W4A8", target="cpu", mp_budget=0.7, steps=0)
+    result = calibrate(cfg)
+    meta = json.loads((result.recipe / "recipe.json").read_text())
+    alloc, layers = meta["allocation"], meta["layers"]
+    assert {e["weight_bits"] for e in layers.values()} == {4, 8} and {e["act_bits"] for e in layers.values()} == {8}
+    assert all(not e["smoothing"] and not e["hadamard"] and e["lowrank_rank"] == 0 for e in layers.values())
+    params = {n: e["weight_params"] for n, e in alloc["layers"].items()}
+    spent = sum(params[n] * layers[n]["weight_bits"] / 8 for n in layers)
+    assert spent == pytest.approx(alloc["achieved_cost"]) and spent <= 0.7 * sum(params.values()) + 1e-6
+    # The program's optimum: no W8 layer could move to W4 within the budget at a smaller error than a W4 one.
+    w4 = [n for n in layers if layers[n]["weight_bits"] == 4]
+    assert all(alloc["layers"][n]["errors"][0] >= 0 for n in layers) and w4
+    # The errors are what the image shows: the one layer alone at W4 moves the output by that much.
+    name = max(layers, key=lambda n: alloc["layers"][n]["error_at_low_bits"])
+    assert alloc["layers"][name]["error_at_low_bits"] > 0
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    qmodel = apply_recipe(tiny_model, result.recipe, requant_outputs=True)
+    paths, constant = {}, set()
+    for tag, budget in (("mixed", None), ("w8", 1.0)):
+        recipe = result.recipe
+        if budget is not None:
+            recipe = calibrate(_mp_cfg(image_folder, tmp_path, tiny_weights, "cpu_w8", bits="W4A8", target="cpu",
+                                       mp_budget=budget, steps=0)).recipe
+            assert {e["weight_bits"] for e in json.loads((recipe / "recipe.json").read_text())["layers"].values()} == {8}
+        paths[tag] = tmp_path / f"{tag}.onnx"
+        exported = export_onnx(ExportConfig(weights=str(tiny_weights), recipe=str(recipe), profile="ort-cpu",
+                                            out=str(paths[tag])))
+        constant |= set(exported.constant_layers)  # the timestep path, folded into constants
+    stored = int4_storage(onnx.load(str(paths["mixed"])))
+    assert {k[: -len(".weight_codes_int4")] for k in stored} == set(w4) - constant
+    assert paths["mixed"].stat().st_size < paths["w8"].stat().st_size
+    parity = layer_parity(paths["mixed"], qmodel, x.numpy())
+    exact = {n: p for n, p in parity.items() if cpu_has_vnni() is not False or layers[n]["weight_bits"] != 8}
+    assert exact and all(p.rel_l2 <= 1e-4 and p.exact_fraction >= 0.99 for p in exact.values())
+
+
 def test_sixteen_bits_only_for_activations():
     assert qrange(16, signed=False) == (0, 65535)
     for bad in (9, 16):
@@ -345,6 +393,8 @@ def test_config_round_trip_and_validation():
                       mp_cost="bops", mp_sweep_images=4)
     assert CalibConfig.from_json(cfg.to_json()) == cfg
     assert CalibConfig.from_json(CalibConfig(mp_budget=0.5, target="qnn").to_json()).target == "qnn"
+    cpu = CalibConfig(bits="W4A8", target="cpu")  # its default budget
+    assert cpu.mp_budget == 0.55 and CalibConfig.from_json(cpu.to_json()) == cpu
     for kw, message in [
         (dict(mp_budget=2.5),
          "--mp-budget 2.5 mean activation bits is infeasible: the smallest candidate bit width is 3"),
@@ -355,6 +405,9 @@ def test_config_round_trip_and_validation():
         (dict(mp_budget=4.0, mp_metric="mse"), "is not one of ssim, psnr, lpips"),
         (dict(mp_budget=1.5, target="qnn"), "must be a fraction in \\(0, 1\\]"),
         (dict(target="qnn"), "needs --mp-budget"),
+        (dict(bits="W4A8", target="cpu", mp_budget=0.4), "infeasible with --target cpu: every layer at W4 is 0.5"),
+        (dict(bits="W4A8", target="cpu", mp_budget=1.5), "must be a fraction in \\(0, 1\\] of the all-W8 weight"),
+        (dict(bits="W4A4", target="cpu"), "use --bits W4A8 \\(not W4A4\\)"),
         (dict(mp_budget=4.0, mp_sweep_images=0), "must be a positive integer"),
     ]:
         with pytest.raises(ConfigError, match=message):
