@@ -14,14 +14,18 @@ Here, in this framework's stages (``calibration.run``):
        C_i = mean over images n and input channels c of std_p(x[n, c, p]),
 
    the standard deviation over the spatial positions p of a convolution's input (H·W) or the tokens of
-   a Linear's (N; a Linear on one vector, the timestep MLP, has no spatial extent: C = 0) — QuantVSR's
+   a Linear's (N; a Linear on one vector, the timestep MLP, has no spatial extent and no C) — QuantVSR's
    spatial complexity, as its observer computes it (unbiased std). The ranks R_i come from
    ``calibration.allocation.allocate`` (the bit and branch-rank allocations' integer program): one
    candidate rank per layer from ``calibration.ranks.candidates`` ({0, 2, 4, 8, 16, 32} below the
-   layer's size), cost = the branch's parameters (``--rank-cost``: or MACs, or both, as
-   ``calibration.ranks``), budget = F (``--rank-budget``, default 1.0) × the uniform rank-2r branches'
-   cost (each uniform rank capped at the layer's size, as ``split_lowrank`` caps it: the parameters
-   the uniform branches really have), minimising
+   layer's size) plus the layer's uniform rank U_i = min(2r, size) — as ``split_lowrank`` caps it, so
+   for the 3- and 8-channel output convs the whole weight in the FP branch, what the uniform branches
+   give them (without that option they are forced to be quantized: on the reference model W4A4, 16
+   test faces, no training, 35.6 dB PSNR to FP against 41.0 for uniform rank 16 and 41.7 with it) —;
+   a layer without a statistic (C undefined: the timestep MLP's one vector per image) keeps U_i, as
+   QuantVSR keeps its base rank for layers it does not observe. Cost = the branch's parameters
+   (``--rank-cost``: or MACs, or both, as ``calibration.ranks``), budget = F (``--rank-budget``,
+   default 1.0) × the uniform branches' cost Σ cost(U_i) (the parameters they really have), minimising
 
        Σ_i (C_i / mean_j C_j) · E_i(R_i),   E_i(R) = Σ_{k>R} σ_k² / Σ_k σ_k²,
 
@@ -69,7 +73,8 @@ STAT_BATCH = 8  # images per pass of the statistics
 STATISTIC = ("spatial complexity C_i: mean over images and input channels of the (unbiased) standard deviation "
              "of the layer's input over spatial positions (conv: H·W, linear: tokens), FP model, before the "
              "layer's rotation; objective Σ (C_i / mean C) · E_i(R_i), E_i(R) the share of the weight's squared "
-             "singular values beyond the first R")
+             "singular values beyond the first R; candidates {0,2,4,8,16,32} below the layer's size plus its "
+             "uniform rank; layers without spatial extent keep the uniform rank")
 
 
 # ------------------------------------------------------------------------------------------------ STCA
@@ -77,6 +82,7 @@ STATISTIC = ("spatial complexity C_i: mean over images and input channels of the
 class LayerComplexity:
     complexity: float  # C_i
     positions: int  # output positions per image (for the MACs cost)
+    spatial: bool = True  # False: the layer's input has no spatial extent (one vector per image), no statistic
 
 
 def spatial_complexity(model: nn.Module, layers: dict[str, QuantLayer], x: torch.Tensor) -> dict[str, LayerComplexity]:
@@ -84,6 +90,7 @@ def spatial_complexity(model: nn.Module, layers: dict[str, QuantLayer], x: torch
     sums = {n: 0.0 for n in layers}
     images = {n: 0 for n in layers}
     positions = {n: 0 for n in layers}
+    spatial = {n: False for n in layers}
 
     def hook(name: str):
         def record(module: QuantLayer, args, out):
@@ -95,6 +102,7 @@ def spatial_complexity(model: nn.Module, layers: dict[str, QuantLayer], x: torch
             n = per_channel.shape[0]
             if per_channel.shape[-1] > 1:
                 sums[name] += float(per_channel.double().std(dim=-1).mean(dim=1).sum())
+                spatial[name] = True
             images[name] += n
             positions[name] = out[0].numel() // module.out_channels
         return record
@@ -103,7 +111,7 @@ def spatial_complexity(model: nn.Module, layers: dict[str, QuantLayer], x: torch
         with torch.no_grad():
             for i in range(0, len(x), STAT_BATCH):
                 model(x[i:i + STAT_BATCH])
-    return {n: LayerComplexity(sums[n] / images[n] if images[n] else 0.0, positions[n]) for n in layers}
+    return {n: LayerComplexity(sums[n] / images[n] if images[n] else 0.0, positions[n], spatial[n]) for n in layers}
 
 
 def energy_beyond(weight: torch.Tensor, ranks: list[int]) -> list[float]:
@@ -123,16 +131,20 @@ def allocate_stca(complexity: dict[str, LayerComplexity], layers: dict[str, Quan
                   spec: "MethodSpec") -> StcaAllocation:
     """R_i per layer by the integer program (module docstring, stage 1) from measured complexities."""
     uniform_unit = (spec.svd_rank + spec.lora_rank) * cfg.rank
-    mean_c = sum(c.complexity for c in complexity.values()) / max(len(complexity), 1)
+    measured = [c.complexity for c in complexity.values() if c.spatial]
+    mean_c = sum(measured) / max(len(measured), 1)
     weight = {n: (c.complexity / mean_c if mean_c > 0 else 1.0) for n, c in complexity.items()}
+    # The uniform reference: rank 2r, capped at the layer's size as split_lowrank caps the SVD branch.
+    uniform = {n: min(uniform_unit, layer_size(l)) for n, l in layers.items()}
     options: dict[str, list[Option]] = {}
     for name, layer in layers.items():
-        ranks = candidates(layer)
+        if not complexity[name].spatial:  # no statistic (the timestep MLP): the uniform rank, as QuantVSR keeps
+            ranks = [uniform[name]]
+        else:  # the uniform rank too: for the 3- and 8-channel output convs, their whole weight
+            ranks = sorted(set(candidates(layer)) | {uniform[name]})
         energies = energy_beyond(layer.weight, ranks)
         options[name] = [Option(r, weight[name] * e, rank_cost(layer, r, complexity[name].positions, cfg.rank_cost))
                          for r, e in zip(ranks, energies)]
-    # The uniform reference: rank 2r, capped at the layer's size as split_lowrank caps the SVD branch.
-    uniform = {n: min(uniform_unit, layer_size(l)) for n, l in layers.items()}
     ref_params = float(sum(branch_params(l, uniform[n]) for n, l in layers.items()))
     ref_macs = float(sum(branch_params(l, uniform[n]) * complexity[n].positions for n, l in layers.items()))
     reference = {"params": ref_params, "macs": ref_macs, "both": (ref_params, ref_macs)}[cfg.rank_cost]

@@ -198,9 +198,14 @@ def test_calibrated_recipe_records_each_layers_rank_within_the_uniform_total(qua
     assert alloc["budget"] == 1.0 and alloc["branch_params"] <= alloc["uniform_branch_params"]
     for name, entry in meta["layers"].items():
         assert entry["lowrank_rank"] == alloc["layers"][name]["rank"], name
+        assert entry["lowrank_rank"] <= alloc["layers"][name]["size"]
     assert len({e["rank"] for e in alloc["layers"].values()}) > 1
-    # The timestep MLP's inputs have no spatial extent (C = 0): no branch is spent on them.
-    assert alloc["layers"]["unet.time_in"]["rank"] == 0
+    # The timestep MLP's inputs have no spatial extent (no statistic): it keeps the uniform rank.
+    time_in = alloc["layers"]["unet.time_in"]
+    assert time_in["candidates"] == [time_in["uniform_rank"]] == [time_in["rank"]] == [4]
+    # The output convs may keep their whole weight in the branch, as the uniform branches do (rank = size).
+    conv_out = alloc["layers"]["decoder.conv_out"]
+    assert conv_out["size"] == 3 and conv_out["uniform_rank"] == 3 and 3 in conv_out["candidates"]
     # Round trip: the ranks and the calibrated biases bit for bit.
     first = read_recipe(result.recipe)
     second = read_recipe(write_recipe(first, tmp_path / "copy"))
