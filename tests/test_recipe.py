@@ -75,9 +75,10 @@ def test_committed_recipes_are_version_2_with_the_signs_their_seeds_drew(folder)
     from quantface.calibration import parse_bits
     from quantface.calibration.methods import get_method
 
-    # rotating methods rotate, except QuantFace where weights and activations both have >= 8 bits
-    assert bool(rotated) == (recipe.method in ("quantface", "hadamard")
-                             and get_method(recipe.method).balances(*parse_bits(recipe.bits)))
+    # rotating methods (quantface, hadamard, quantvsr) rotate, except QuantFace where weights and
+    # activations both have >= 8 bits
+    spec = get_method(recipe.method)
+    assert bool(rotated) == (spec.hadamard and spec.balances(*parse_bits(recipe.bits)))
     for name, h in rotated:  # upgraded from version 1 exactly: the signs are the seed's draw
         assert torch.equal(h.signs, torch.from_numpy(random_signs(h.order, h.seed))), name
 
