@@ -71,6 +71,10 @@ class CalibConfig(JsonConfig):
     trq_steps: int | None = None
     e2e_steps: int | None = None
     timestep_lr: float = 0.5
+    # QuantVSR (calibration.quantvsr): steps of its bias-alignment stage (None: LBA_STEPS) and the learning
+    # rate of the aligned biases.
+    lba_steps: int | None = None
+    lba_lr: float = 1e-4
     batch_size: int = 4
     # lr: SVD-initialised branches (the paper's 1e-5); lora_lr: LoRA-initialised ones; scale_lr: quantizer
     # scales (None: lr). The measured best (docs/calibration_notes.md): a zero-init LoRA up factor barely moves at 1e-5.
@@ -104,7 +108,7 @@ class CalibConfig(JsonConfig):
     target: str | None = None
     # Per-layer branch ranks (calibration.ranks): 1.0 = uniform rank (capped below each layer's size); else
     # a fraction F of the uniform branches' cost (rank_cost: parameters, MACs, or both, each within F) shared
-    # by an integer program.
+    # by an integer program. QuantVSR always allocates (its STCA ranks), F = 1.0 being the uniform total.
     rank_budget: float = 1.0
     rank_cost: str = "params"
 
@@ -118,11 +122,11 @@ class CalibConfig(JsonConfig):
             raise ConfigError(f"--rotate-min-channels {self.rotate_min_channels} must be at least 1")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"--alpha {self.alpha} must be in [0, 1]")
-        for name in ("lr", "scale_lr", "lora_lr"):
+        for name in ("lr", "scale_lr", "lora_lr", "lba_lr"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} {value} must be positive")
-        for name in ("steps", "trq_steps", "e2e_steps"):
+        for name in ("steps", "trq_steps", "e2e_steps", "lba_steps"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ConfigError(f"--{name.replace('_', '-')} {value!r} must be non-negative")

@@ -31,9 +31,20 @@ from quantface.metrics import ssim_map
 CHECKPOINT_NAME = "distill_checkpoint.safetensors"
 
 
-def checkpoint_path(cfg: CalibConfig) -> Path:
-    """Where distillation checkpoints beside the recipe folder ``cfg.out`` (and resumes from)."""
-    return Path(cfg.out).parent / f".{Path(cfg.out).name}.{CHECKPOINT_NAME}"
+def checkpoint_path(cfg: CalibConfig, stage: str | None = None) -> Path:
+    """Where distillation checkpoints beside the recipe folder ``cfg.out`` (and resumes from); a later
+    stage of the same run (``stage``, e.g. QuantVSR's bias alignment) has its own file."""
+    prefix = f"{stage}_" if stage else ""
+    return Path(cfg.out).parent / f".{Path(cfg.out).name}.{prefix}{CHECKPOINT_NAME}"
+
+
+def batch_generator(cfg: CalibConfig, step: int, stage: str | None = None) -> torch.Generator:
+    """The generator that draws step ``step``'s batch: a function of (seed, step), and of ``stage`` for
+    a later stage (so it does not replay the first stage's batches)."""
+    seed = cfg.seed * 1_000_003 + step
+    if stage:
+        seed = seed * 7 + 1 + sum(stage.encode())  # the first stage's seeds are kept as they were
+    return torch.Generator().manual_seed(seed)
 
 
 def perceptual_loss(cfg: CalibConfig, device: torch.device | str = "cpu"):
@@ -82,19 +93,23 @@ def _resume_step(cfg: CalibConfig, ckpt: Path) -> int:
 
 
 def distill(qmodel: torch.nn.Module, layers: dict[str, QuantLayer], data, cfg: CalibConfig, spec: MethodSpec,
-            steps: int) -> list[float]:
+            steps: int, groups: dict[str, list[torch.nn.Parameter]] | None = None,
+            lrs: dict[str, float] | None = None, stage: str | None = None) -> list[float]:
     """Train the branches (and scales) for ``steps`` steps; returns the loss of each step run (from the
-    resumed step on), the global batch's under ``torchrun``."""
-    groups = trainable_parameters(layers, spec)
+    resumed step on), the global batch's under ``torchrun``. ``groups`` and ``lrs`` replace what is
+    trained (``trainable_parameters``, ``learning_rates``) for a later ``stage`` of a run, which has
+    its own checkpoint and batches (``checkpoint_path``, ``batch_generator``)."""
+    if groups is None:
+        groups = trainable_parameters(layers, spec)
     for p in qmodel.parameters():
         p.requires_grad_(False)
     trained = [p for params in groups.values() for p in params]
     for p in trained:
         p.requires_grad_(True)
-    lrs = learning_rates(cfg)
+    lrs = lrs if lrs is not None else learning_rates(cfg)
     opt = torch.optim.Adam([{"params": params, "lr": lrs[name]} for name, params in groups.items()])
     named = _named(qmodel, trained)
-    ckpt = checkpoint_path(cfg)
+    ckpt = checkpoint_path(cfg, stage)
     if dist.is_main():
         ckpt.parent.mkdir(parents=True, exist_ok=True)
     start = _resume_step(cfg, ckpt)
@@ -105,9 +120,10 @@ def distill(qmodel: torch.nn.Module, layers: dict[str, QuantLayer], data, cfg: C
     world, rank = dist.world_size(), dist.rank()
     losses: list[float] = []
     qmodel.train()
-    bar = dist.progress(range(start, steps), initial=start, total=steps, desc=f"distill {spec.name}")
+    bar = dist.progress(range(start, steps), initial=start, total=steps,
+                        desc=f"distill {spec.name}" + (f" ({stage})" if stage else ""))
     for step in bar:
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        g = batch_generator(cfg, step, stage)
         idx = torch.randint(0, len(data), (cfg.batch_size,), generator=g, device="cpu").to(data.lq.device)
         opt.zero_grad(set_to_none=True)
         if not dist.active():

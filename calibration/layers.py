@@ -17,6 +17,14 @@ dequantized values, and the two branches are merged into one of rank 2r; a recip
 frozen state, so loading a recipe reproduces the calibrated model bit for bit. Before freezing, a
 layer with fine enough weight bits may have its merged branch folded back into the weight
 (``fold_lowrank``): W = R + L1·L2 + A·B, re-scaled and later quantized as one, no branch left.
+
+Two pieces QuantVSR (``calibration.quantvsr``) adds, both off by default:
+
+* a *joint residual* (``set_joint_residual``): the layer keeps the whole transformed weight W′ and its
+  quantized product uses Q_w(W′ − L1·L2) with the branch's *current* factors, so training the branch
+  moves the low-bit branch with it; ``freeze`` fixes R = W′ − L1·L2 from the float16-rounded factors;
+* a learned per-output-channel bias ``lba`` added to the output (learnable bias alignment), which
+  ``fold_lba`` (called by ``freeze``) adds into the layer's bias: y = … + bias + lba = … + (bias + lba).
 """
 
 from __future__ import annotations
@@ -100,6 +108,12 @@ class QuantLayer(nn.Module):
         # Simulate that requantization (``apply_recipe(..., requant_outputs=True)``), so the PyTorch
         # model computes what the ``ort-cpu`` graph computes.
         self.requant_output = False
+        # QuantVSR: W′ while the residual follows the trained branch (``set_joint_residual``), and the
+        # learned bias alignment (``add_lba``); ``bias_calibrated`` once ``fold_lba`` changed the bias, so
+        # the recipe stores this bias rather than the FP model's.
+        self.register_buffer("full_weight", None)
+        self.lba: nn.Parameter | None = None
+        self.bias_calibrated = False
 
     # ---- geometry -------------------------------------------------------------------------
     @property
@@ -185,6 +199,45 @@ class QuantLayer(nn.Module):
         up = torch.cat([b.up.detach() for b in branches], 1)
         self.lowrank, self.lora = LowRank(down, up, self.conv_args), None
 
+    def set_joint_residual(self) -> None:
+        """From now on the quantized weight is Q_w(W′ − L1·L2) with the SVD branch's current factors
+        (QuantVSR's joint refinement): W′ = R + L1·L2 is kept; ``weight`` stays the residual at the
+        factors' last fixed value (``fix_residual``)."""
+        if self.lowrank is None or self.lora is not None or self.frozen:
+            raise ConfigError(f"layer {self.name}: a joint residual needs one unfrozen SVD branch and no LoRA branch")
+        self.full_weight = (self.weight + self.lowrank.product().detach()).clone()
+
+    def _residual(self) -> torch.Tensor:
+        """The weight the quantized product quantizes: R, or W′ − L1·L2 under a joint residual."""
+        if self.full_weight is None:
+            return self.weight
+        return self.full_weight - self.lowrank.product()
+
+    def fix_residual(self) -> None:
+        """End the joint residual: R = W′ − L1·L2 at the branch's current factors."""
+        if self.full_weight is not None:
+            with torch.no_grad():
+                self.weight = (self.full_weight - self.lowrank.product()).detach().clone()
+            self.full_weight = None
+
+    def add_lba(self, init: torch.Tensor | None = None) -> None:
+        """Learnable bias alignment: a per-output-channel bias added to the layer's output (zeros, or
+        ``init``, e.g. the mean of the layer's quantization error: ``calibration.quantvsr``)."""
+        value = torch.zeros(self.out_channels, dtype=self.weight.dtype, device=self.weight.device) if init is None \
+            else init.detach().to(self.weight).reshape(self.out_channels)
+        self.lba = nn.Parameter(value.clone())
+
+    def fold_lba(self) -> None:
+        """bias ← bias + lba (a layer without a bias gets lba as its bias); the output is unchanged up
+        to float rounding, and the bias is then the recipe's (``bias_calibrated``)."""
+        if self.lba is None:
+            return
+        with torch.no_grad():
+            lba = self.lba.detach().clone()
+            self.bias = lba if self.bias is None else self.bias + lba
+        self.lba = None
+        self.bias_calibrated = True
+
     # ---- quantizers -------------------------------------------------------------------------
     def set_weight_quant(self, bits: int | None, scale: torch.Tensor | None) -> None:
         self.weight_bits = bits
@@ -202,11 +255,11 @@ class QuantLayer(nn.Module):
         if self.frozen:
             return self.weight_dq
         if self.weight_bits is None:
-            return self.weight
+            return self._residual()
         qmin, qmax = qrange(self.weight_bits, signed=True)
         if self.rounding is not None:
             return adaround_fake_quantize(self.weight, self._w_scale_view().clamp_min(EPS), self.rounding, qmin, qmax)
-        return fake_quantize(self.weight, self._w_scale_view().clamp_min(EPS), 0.0, qmin, qmax)
+        return fake_quantize(self._residual(), self._w_scale_view().clamp_min(EPS), 0.0, qmin, qmax)
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits is None:
@@ -238,6 +291,7 @@ class QuantLayer(nn.Module):
         by about (x' − Q_a(x'))·(L1·L2 + A·B) plus the re-rounding of W. Before ``freeze``; weights only."""
         if self.frozen or self.weight_bits is None:
             raise ConfigError(f"layer {self.name}: only an unfrozen layer with quantized weights can fold its branch")
+        self.fix_residual()
         self.merge_branches()
         if self.lowrank is None:
             return
@@ -257,11 +311,13 @@ class QuantLayer(nn.Module):
         """
         if self.rounding is not None:
             self.harden_rounding()
+        self.fold_lba()
         self.merge_branches()
         if self.lowrank is not None:
             with torch.no_grad():
                 for p in (self.lowrank.down, self.lowrank.up):
                     p.copy_(p.half().float())
+        self.fix_residual()  # a joint residual from the float16 factors the recipe stores
         if self.weight_bits is None:
             return
         qmin, qmax = qrange(self.weight_bits, signed=True)
@@ -306,6 +362,8 @@ class QuantLayer(nn.Module):
         for branch in (self.lowrank, self.lora):
             if branch is not None:
                 out = out + branch(x)
+        if self.lba is not None:
+            out = out + self._channel_view(self.lba)
         return out
 
     def extra_repr(self) -> str:
@@ -317,6 +375,10 @@ class QuantLayer(nn.Module):
         for label, b in (("svd", self.lowrank), ("lora", self.lora)):
             if b is not None:
                 parts.append(f"{label}_rank={b.rank}")
+        if self.full_weight is not None:
+            parts.append("joint_residual")
+        if self.lba is not None:
+            parts.append("lba")
         return ", ".join(parts)
 
 

@@ -26,12 +26,15 @@ class MethodSpec:
     hadamard: bool = False  # randomized Hadamard rotation over input channels
     svd_rank: int = 0  # SVD branch rank, in units of r
     lora_rank: int = 0  # LoRA branch rank, in units of r
-    refine: str | None = None  # None | "distill" | "modulewise" | "blockwise" | "qartsr"
+    refine: str | None = None  # None | "distill" | "modulewise" | "blockwise" | "qartsr" | "quantvsr"
     learn_scales: bool = False  # quantizer scales trained with the refinement
     # Smoothing and the Hadamard rotation only where the run's weight or activation bits are below this
     # (None: whatever the bits): their online nodes are what a lean W8A8 graph cannot carry
     # (docs/calibration_notes.md).
     balance_below_bits: int | None = None
+    # None: the branch ranks are uniform unless --rank-budget (calibration.ranks); "stca": always allocated
+    # from a per-layer activation complexity under the budget (QuantVSR's STCA, calibration.quantvsr).
+    rank_allocation: str | None = None
 
     @property
     def has_branch(self) -> bool:
@@ -116,6 +119,23 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in [
         smoothing=True, refine="qartsr", learn_scales=True,
     ),
     MethodSpec(
+        "quantvsr",
+        "QuantVSR-style (Chai et al. 2025) for images: randomized Hadamard rotation, a full-precision SVD "
+        "branch whose rank is layer-specific (STCA reduced to its spatial part: each layer's spatial "
+        "complexity, the mean over channels and images of its input's standard deviation over positions, "
+        "weighs the layer's unexplained weight energy in an integer program under a parameter budget, "
+        "by default the uniform rank-2r branches' total; the uniform rank is always a candidate, and layers "
+        "without spatial extent keep it), joint refinement of the FP and low-bit branches "
+        "(the low-bit branch quantizes W − L1·L2 with the trained factors; distilled with the quantizer "
+        "scales), then learnable bias alignment (a per-channel output bias initialised to the mean of each "
+        "layer's quantization error, trained, folded into the bias). Departs from the paper: no temporal "
+        "complexity (one image, no frames), ranks from an integer program under a budget instead of "
+        "percentile thresholds with ±1 steps rounded to multiples of 8, static per-tensor activations "
+        "instead of dynamic ones, QuantFace's perceptual + MSE loss instead of MSE alone, LBA initialised "
+        "to the mean error instead of zero.",
+        hadamard=True, svd_rank=2, refine="quantvsr", learn_scales=True, rank_allocation="stca",
+    ),
+    MethodSpec(
         "quantface",
         "QuantFace (this paper): rotation-scaling channel balancing (smoothing then randomized Hadamard, "
         "folded into the weights), QD-LoRA (SVD branch of rank r plus LoRA branch of rank r, residual "
@@ -129,9 +149,11 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in [
 
 # Distillation: steps of batch 4 (why 600: docs/calibration_notes.md). Module-wise (PassionSR): optimiser
 # steps per layer. Block-wise (Q-Diffusion): optimiser steps per block. QArtSR: steps per module of its
-# reversed per-module stage (its TRQ and end-to-end stages: CalibConfig.trq_steps / e2e_steps).
-DEFAULT_STEPS = {"distill": 600, "modulewise": 60, "blockwise": 200, "qartsr": 20}
+# reversed per-module stage (its TRQ and end-to-end stages: CalibConfig.trq_steps / e2e_steps). QuantVSR:
+# steps of its joint refinement (its bias-alignment stage: CalibConfig.lba_steps, default LBA_STEPS).
+DEFAULT_STEPS = {"distill": 600, "modulewise": 60, "blockwise": 200, "qartsr": 20, "quantvsr": 600}
 TRQ_STEPS, E2E_STEPS = 40, 80
+LBA_STEPS = 100
 
 
 def get_method(name: str) -> MethodSpec:

@@ -3,7 +3,7 @@ frozen fake-quant model, and the fake-quant model back from a ``Recipe``.
 
 ``apply_recipe`` rebuilds the calibrated fake-quant model from the FP model bit for bit: weights from
 codes × scales, rotations from their stored signs, the merged low-rank branch from its factors, the
-tuned timestep (TRQ) where the recipe has one.
+calibrated bias (QuantVSR's folded LBA) and the tuned timestep (TRQ) where the recipe has them.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ def layer_recipe(layer: QuantLayer) -> LayerRecipe:
     if layer.lowrank is not None:
         entry.lowrank_down = _compact_float(layer.lowrank.down)
         entry.lowrank_up = _compact_float(layer.lowrank.up)
+    if layer.bias_calibrated:
+        entry.bias = layer.bias.detach().float()
     return entry
 
 
@@ -50,8 +52,9 @@ def save_recipe(qmodel: torch.nn.Module, fp_model: torch.nn.Module, cfg, spec, s
     ``sections`` are extra top-level entries of recipe.json (e.g. "allocation"); ``files`` extra
     files written into the folder with it (e.g. plots); ``timestep`` the tuned timestep (TRQ), if any."""
     layers = quant_layers(qmodel)
-    if any(l.lora is not None or (l.weight_bits is not None and not l.frozen) for l in layers.values()):
-        raise RuntimeError("save_recipe needs frozen layers (QuantLayer.freeze) with merged branches")
+    if any(l.lora is not None or l.lba is not None or (l.weight_bits is not None and not l.frozen)
+           for l in layers.values()):
+        raise RuntimeError("save_recipe needs frozen layers (QuantLayer.freeze) with merged branches and folded biases")
     import json
 
     recipe = Recipe(model={"name": cfg.model, "config": json.loads(fp_model.config.to_json()),
@@ -84,6 +87,8 @@ def apply_recipe(fp_model: torch.nn.Module, recipe: Recipe | str | Path, requant
             layer.hadamard = e.hadamard
         if e.lowrank_down is not None:
             layer.lowrank = LowRank(e.lowrank_down.float(), e.lowrank_up.float(), layer.conv_args)
+        if e.bias is not None:
+            layer.bias, layer.bias_calibrated = e.bias.clone(), True
         if e.weight_bits is not None:
             layer.weight_bits = e.weight_bits
             layer.load_frozen(e.weight_codes, e.weight_scale)

@@ -7,14 +7,17 @@ Stages (each method's ``MethodSpec`` switches them on or off):
 3. statistics on ``stat_images`` images: per-input-channel max|X| of every layer;
 4. fold transforms: smoothing s = max|X|^α / max|W|^(1−α), randomized Hadamard, SVD split (each layer's
    branch rank uniform and capped below its size, or with ``rank_budget`` ≠ 1 chosen by an integer
-   program on measured layer errors: ``calibration.ranks``);
+   program on measured layer errors: ``calibration.ranks``; QuantVSR's from each layer's activation
+   complexity under the budget: ``calibration.quantvsr``);
 5. quantizers: per-channel weight scales on the (residual) weight, per-tensor activation ranges
    from the *transformed* inputs; LoRA branches added;
    (with ``mp_budget``) adaptive bit widths: sensitivity sweep, integer program, each layer's
    activation (and for ``target='qnn'`` weight) bits set to its choice (``calibration.mixed``);
 6. refinement: distillation (QD-LoRA / EfficientDM), module-wise MSE (PassionSR), block reconstruction
-   with AdaRound (Q-Diffusion), or QArtSR's timestep retraining + reversed per-module + end-to-end stages;
-7. freeze (merge branches; where ``fold_lowrank`` says so, fold them into the weight; fix integer codes);
+   with AdaRound (Q-Diffusion), QArtSR's timestep retraining + reversed per-module + end-to-end stages,
+   or QuantVSR's joint refinement of both branches + learnable bias alignment;
+7. freeze (merge branches; where ``fold_lowrank`` says so, fold them into the weight; fold a learned bias
+   alignment into the bias; fix integer codes);
 8. output ranges: per layer, the (min, max) of its frozen quantized product on the ``stat_images``
    images (where the ``ort-cpu`` export requantizes convolution outputs to 8 bits), and write the recipe.
 
@@ -267,7 +270,14 @@ def prepare(model: torch.nn.Module, data: CalibData, cfg: CalibConfig, spec: Met
         if spec.hadamard and balance and layer.in_channels >= cfg.rotate_min_channels:
             layer.fold_rotation(HadamardSpec.draw(layer.in_channels, cfg.seed * 100003 + index))
     obs = None
-    if cfg.rank_budget != 1.0 and spec.has_branch:
+    if spec.rank_allocation == "stca":  # QuantVSR: ranks from the layers' activation complexity, always
+        from quantface.calibration.quantvsr import stca_ranks
+
+        allocation = stca_ranks(model, layers, data.lq[:cfg.stat_images], cfg, spec)
+        ranks = allocation.ranks
+        if sections is not None:
+            sections["rank_allocation"] = allocation.meta
+    elif cfg.rank_budget != 1.0 and spec.has_branch:
         # Allocated ranks: the activation ranges first (they do not depend on the split: the model is
         # still FP), then each layer's error at every candidate rank with them, then the program.
         obs = observe(model, layers, data, cfg, transformed=True, desc="activation ranges")
@@ -324,7 +334,7 @@ def calibrate(cfg: CalibConfig) -> CalibrationResult:
     spec = get_method(cfg.method)
     if cfg.rank_budget != 1.0 and not spec.has_branch:
         raise ConfigError(f"--rank-budget allocates low-rank branch ranks; method {cfg.method} has no branch")
-    if dist.active() and spec.refine in ("blockwise", "qartsr"):
+    if dist.active() and spec.refine in ("blockwise", "qartsr", "quantvsr"):
         raise ConfigError(f"method {cfg.method} does not run data-parallel yet: run it without torchrun")
     if get_target(cfg.target).lean:  # --target cpu: no smoothing, rotation or branch (calibration.targets)
         spec = spec.lean()
@@ -389,6 +399,10 @@ def _calibrate(cfg: CalibConfig, spec: MethodSpec, device: torch.device) -> Cali
         from quantface.calibration.qartsr import qartsr_calibrate
 
         timestep, stage_steps = qartsr_calibrate(fp_model, qmodel, layers, data, cfg, spec, steps)
+    if spec.refine == "quantvsr":
+        from quantface.calibration.quantvsr import quantvsr_calibrate
+
+        stats.update(quantvsr_calibrate(qmodel, layers, data, cfg, spec, steps))
     for layer in layers.values():
         if cfg.folds_lowrank(layer.weight_bits):
             layer.fold_lowrank(spec.scale_init)

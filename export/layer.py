@@ -1,5 +1,5 @@
 """What the exporter lowers for one quantized layer: its ``LayerRecipe`` plus what only the FP model
-holds (the bias and the convolution's geometry). Export never sees calibration's fake-quant layers:
+holds (the bias, unless calibration changed it, and the convolution's geometry). Export never sees calibration's fake-quant layers:
 it reads the recipe and the FP model alone."""
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ class ExportLayer:
 
     @property
     def bias(self) -> torch.Tensor | None:
+        """The recipe's bias where calibration changed it (QuantVSR's folded LBA), else the FP model's."""
+        if self.recipe.bias is not None:
+            return self.recipe.bias
         return None if self.module.bias is None else self.module.bias.detach()
 
     @property

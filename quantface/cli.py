@@ -148,6 +148,7 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
                       seed=a.seed, size=a.size, limit=a.limit, stat_images=a.stat_images, rank=a.rank, alpha=a.alpha,
                       rotate_min_channels=a.rotate_min_channels,
                       steps=a.steps, trq_steps=a.trq_steps, e2e_steps=a.e2e_steps, timestep_lr=a.timestep_lr,
+                      lba_steps=a.lba_steps, lba_lr=a.lba_lr,
                       batch_size=a.batch_size, lr=a.lr, scale_lr=a.scale_lr, lora_lr=a.lora_lr,
                       fold_lowrank=a.fold_lowrank, reduce_range=a.reduce_range,
                       lpips_backbone=a.lpips_backbone, lpips_lin=a.lpips_lin, lpips_net=a.lpips_net,
@@ -321,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="recipe folder to write")
     p.add_argument("--steps", type=int, default=None,
                    help=f"refinement steps (default per method: {steps_help}; the others do not train)")
-    from quantface.calibration.methods import E2E_STEPS, TRQ_STEPS
+    from quantface.calibration.methods import E2E_STEPS, LBA_STEPS, TRQ_STEPS
 
     p.add_argument("--trq-steps", type=int, default=None,
                    help=f"qartsr: end-to-end steps of timestep retraining (default: {TRQ_STEPS})")
@@ -329,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"qartsr: steps of the extended end-to-end stage (default: {E2E_STEPS})")
     p.add_argument("--timestep-lr", type=float, default=d.timestep_lr,
                    help="qartsr: learning rate of the tuned timestep, in timestep units (default: %(default)s)")
+    p.add_argument("--lba-steps", type=int, default=None,
+                   help=f"quantvsr: steps of the learnable-bias-alignment stage (default: {LBA_STEPS})")
+    p.add_argument("--lba-lr", type=float, default=d.lba_lr,
+                   help="quantvsr: learning rate of the aligned biases (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="degradation and initialisation seed (default: %(default)s)")
     p.add_argument("--size", type=int, default=None, help="working size (default: the model's)")
     p.add_argument("--limit", type=int, default=None, help="use the first N calibration images (default: all)")
@@ -366,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rank-budget", type=float, default=d.rank_budget,
                    help="fraction of the uniform branches' cost (--rank-cost) shared among the layers by an integer "
                         "program, each layer's rank one of 0,2,4,8,16,32 below its size (default %(default)s: the "
-                        "uniform rank, capped below each layer's size)")
+                        "uniform rank, capped below each layer's size; quantvsr: its STCA ranks within the uniform "
+                        "branches' total)")
     g.add_argument("--rank-cost", default=d.rank_cost, choices=["params", "macs", "both"],
                    help="branch cost: its parameters, its multiply-accumulates per image, or both (each within the "
                         "budget; default: %(default)s)")

@@ -5,7 +5,9 @@ the calibration config and stats, and per layer its weight / activation bits, gr
 activation scale and zero point, the Hadamard order, seed and a reference to its stored signs, the
 smoothing and low-rank tensor references, and the range of the quantized product's output on
 calibration images) and ``recipe.safetensors`` (integer weight codes — 4-bit codes packed two per
-byte —, per-channel weight scales, Hadamard signs, smoothing vectors, merged low-rank factors).
+byte —, per-channel weight scales, Hadamard signs, smoothing vectors, merged low-rank factors, and
+the layer's bias where calibration changed it: QuantVSR's learned bias alignment folded in; a layer
+without a ``bias`` entry uses the FP model's).
 
 ``read_recipe`` returns a :class:`Recipe` of :class:`LayerRecipe` entries with every field checked
 once, here: a missing or mistyped field is one ``RecipeError`` naming the file, the layer and the
@@ -105,6 +107,8 @@ class LayerRecipe:
     lowrank_down: torch.Tensor | None = None  # (r, in, kh, kw) or (r, in); float16 or float32 as stored
     lowrank_up: torch.Tensor | None = None  # (out, r, 1, 1) or (out, r)
     output_range: tuple[float, float] | None = None  # of the quantized product, on calibration images
+    # float32, (out,): the bias calibration gave the layer (QuantVSR's LBA folded into it); None: the FP model's
+    bias: torch.Tensor | None = None
 
     @property
     def lowrank_rank(self) -> int:
@@ -178,6 +182,9 @@ def _layer_entry(name: str, layer: LayerRecipe, tensors: dict[str, torch.Tensor]
         tensors[f"{name}.lowrank_up"] = layer.lowrank_up.contiguous()
         entry["lowrank"] = {"down": f"{name}.lowrank_down", "up": f"{name}.lowrank_up"}
     entry["output_range"] = None if layer.output_range is None else [float(v) for v in layer.output_range]
+    if layer.bias is not None:  # only then: every other recipe's entries stay as they were
+        tensors[f"{name}.bias"] = layer.bias.float().contiguous()
+        entry["bias"] = f"{name}.bias"
     return entry
 
 
@@ -351,6 +358,9 @@ def _read_layer(name: str, e: dict, tensors: dict, js: Path, version: int) -> La
         if len(rng) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in rng):
             raise RecipeError(f"recipe file {js}: layer {name} has an invalid output_range {rng!r}")
         layer.output_range = (float(rng[0]), float(rng[1]))
+    bias = f.get("bias", str, optional=True)
+    if bias is not None:
+        layer.bias = _tensor(tensors, bias, f, torch.float32, (out_ch,))
     return layer
 
 

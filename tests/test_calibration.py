@@ -82,12 +82,16 @@ def test_every_method_calibrates_and_its_recipe_reproduces_it_bit_for_bit(method
     layers = meta["layers"]
     assert meta["method"] == method and meta["bits"] == "W4A4"
     assert len(layers) == len([m for m in tiny_model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))])
-    for entry in layers.values():
+    for name, entry in layers.items():
         assert entry["weight_bits"] == 4 and entry["act_bits"] == 4
         rgb_input = entry["weight_shape"][1] < 4  # not rotated by default (CalibConfig.rotate_min_channels)
         assert (entry["hadamard"] is not None) == (spec.hadamard and not rgb_input)
         assert (entry["smoothing"] is not None) == spec.smoothing
         out_ch, fan_in = entry["weight_shape"][0], int(torch.tensor(entry["weight_shape"][1:]).prod())
+        if spec.rank_allocation:  # QuantVSR's STCA: each layer's own rank, recorded with its allocation
+            assert entry["lowrank_rank"] == meta["rank_allocation"]["layers"][name]["rank"]
+            assert entry["lowrank_rank"] <= min(out_ch, fan_in)
+            continue
         svd = min(2 * spec.svd_rank, out_ch, fan_in)  # r = 2; the SVD rank is capped by the matrix
         assert entry["lowrank_rank"] == svd + 2 * spec.lora_rank  # merged into one branch
         assert 0 <= entry["act_zero_point"] <= 15

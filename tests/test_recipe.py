@@ -77,10 +77,10 @@ def test_committed_recipes_are_version_2_with_the_signs_their_seeds_drew(folder)
 
     from quantface.calibration.targets import get_target
 
-    # rotating methods rotate, except QuantFace where weights and activations both have >= 8 bits, and
-    # none for --target cpu (no online node)
-    assert bool(rotated) == (recipe.method in ("quantface", "hadamard")
-                             and get_method(recipe.method).balances(*parse_bits(recipe.bits))
+    # rotating methods (quantface, hadamard, quantvsr) rotate, except QuantFace where weights and
+    # activations both have >= 8 bits, and none for --target cpu (no online node)
+    spec = get_method(recipe.method)
+    assert bool(rotated) == (spec.hadamard and spec.balances(*parse_bits(recipe.bits))
                              and not get_target(recipe.calibration.get("target")).lean)
     for name, h in rotated:  # upgraded from version 1 exactly: the signs are the seed's draw
         assert torch.equal(h.signs, torch.from_numpy(random_signs(h.order, h.seed))), name

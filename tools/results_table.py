@@ -23,7 +23,7 @@ from quantface.data import atomic_write_bytes
 from quantface.errors import exit_status
 from quantface.jobs import EvalConfig, ModelSpec, evaluate, fp_restorations
 
-ORDER = ["minmax", "smoothquant", "hadamard", "svdquant", "efficientdm", "passionsr", "qdiffusion", "qartsr", "quantface"]
+ORDER = ["minmax", "smoothquant", "hadamard", "svdquant", "efficientdm", "passionsr", "qdiffusion", "qartsr", "quantvsr", "quantface"]
 BITS_ORDER = ["W8A8", "W6A6", "W4A6", "W4A4"]
 
 
