@@ -44,7 +44,7 @@ class MethodSpec:
     def lean(self) -> "MethodSpec":
         """This method without online transforms or low-rank branch (``--target cpu``: nodes ONNX Runtime's
         CPU kernels would run in float); its ranges and refinement kept."""
-        return replace(self, smoothing=False, hadamard=False, svd_rank=0, lora_rank=0)
+        return replace(self, smoothing=False, hadamard=False, svd_rank=0, lora_rank=0, rank_allocation=None)
 
     def balances(self, weight_bits: int, act_bits: int) -> bool:
         """Whether a run with these bits folds this method's smoothing and rotation."""

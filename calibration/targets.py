@@ -199,6 +199,9 @@ class CpuTarget(UniformWeights):
     candidates_refusal = "--mp-candidates does not apply with --target cpu, whose options are W4/W8 weights"
 
     def check(self, cfg: "CalibConfig") -> None:
+        if cfg.method == "quantvsr":
+            raise ConfigError("--target cpu keeps no low-rank branch, which is what --method quantvsr allocates and "
+                              "trains; use another method")
         if cfg.weight_bits != 4 or cfg.act_bits != 8:
             raise ConfigError(f"--target cpu chooses 4- or 8-bit weights per layer under 8-bit activations (the CPU "
                               f"kernels' container); use --bits W4A8 (not {cfg.bits})")
