@@ -423,6 +423,10 @@ def test_config_round_trip_and_validation():
      "--mp-budget 2.0 mean activation bits is infeasible: the smallest candidate bit width is 3"),
     (["--mp-budget", "0.5", "--target", "qnn", "--mp-candidates", "3,4"],
      "--mp-candidates does not apply with --target qnn, whose options are W4/W8 x A8/A16"),
+    (["--target", "cpu", "--bits", "W4A4"], "--target cpu chooses 4- or 8-bit weights per layer under 8-bit "
+     "activations (the CPU kernels' container); use --bits W4A8 (not W4A4)"),
+    (["--target", "cpu", "--bits", "W4A8", "--method", "quantvsr"], "--target cpu keeps no low-rank branch, which "
+     "is what --method quantvsr allocates and trains; use another method"),
 ])
 def test_cli_errors_are_one_line(extra, message, tmp_path, capsys):
     assert main(["calibrate", "--out", str(tmp_path / "r"), "--data", str(tmp_path)] + extra) == 2
