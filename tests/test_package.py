@@ -239,6 +239,8 @@ def test_into_app_and_web_copy_model_and_json(exports, tmp_path):
     app, web = tmp_path / "assets", tmp_path / "web_model"
     app.mkdir()
     (app / "model.onnx").write_bytes(b"stale")  # from an earlier --into-app of an INT4 model
+    for name in ("model_SM8750_ctx.onnx", "model_SM8750_ctx_qnn.bin"):  # and of one with --qnn-context SM8750
+        (app / name).write_bytes(b"stale")
     r = package(PackageConfig(onnx=str(exports["ort-cpu"]), out=str(tmp_path / "pkg"), into_app=True, into_web=True,
                               app_assets=str(app), web_model_dir=str(web)))
     assert r.copied_to == [app, web]
@@ -639,7 +641,8 @@ def _ignored(rel: str) -> bool:
 
 
 def test_generated_demo_models_are_gitignored():
-    for name in ("model.onnx", "model.ort", MODEL_JSON, OPS_CONFIG):
+    for name in ("model.onnx", "model.ort", MODEL_JSON, OPS_CONFIG,
+                 "model_SM8650_ctx.onnx", "model_SM8650_ctx_qnn.bin"):  # --qnn-context files, --into-app
         assert _ignored(f"{APP_ASSETS.as_posix()}/{name}"), name
         assert _ignored(f"{WEB_MODEL_DIR.as_posix()}/{name}"), name
     assert _ignored("android_demo/web/node_modules/onnxruntime-web/package.json")
