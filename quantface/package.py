@@ -517,7 +517,8 @@ def _demo_dir(given: str | None, default: Path, flag: str) -> Path:
 def _install(folder: Path, model_file: Path, ops: bytes | None, manifest: ModelManifest, extras: list[Path] = ()
              ) -> None:
     """Put the model, the ``extras`` (QNN contexts) and the operator config into ``folder``
-    atomically, model.json last; drop a model of the other format left there by an earlier run."""
+    atomically, model.json last; drop a model of the other format and QNN context files left there by
+    an earlier run (an app would otherwise ship contexts its model.json no longer lists)."""
     folder.mkdir(parents=True, exist_ok=True)
     name = manifest.model_file
     for extra in extras:
@@ -528,4 +529,8 @@ def _install(folder: Path, model_file: Path, ops: bytes | None, manifest: ModelM
     for stale in (f"{MODEL_STEM}.onnx", f"{MODEL_STEM}.ort"):
         if stale != name:
             (folder / stale).unlink(missing_ok=True)
+    listed = {f for c in manifest.qnn_contexts for f in (c.model_file, c.binary_file)}
+    for old in folder.iterdir():
+        if _is_context_file(old.name) and old.name not in listed and old.is_file():
+            old.unlink()
     atomic_write_bytes(folder / MODEL_JSON, manifest.dumps().encode())

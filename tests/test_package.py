@@ -6,6 +6,9 @@
 * the app contract (quantface/app_contract.py, mirrored by FaceContract.kt and contract.js) against
   ``quantface restore --onnx``: bit-identical on real photos (tolerance 0 levels); FaceContract.kt
   itself, compiled by kotlinc on the JVM, against app_contract.py (tolerance 0);
+* the app's QNN context choice (ModelManifest.kt + QnnContextPicker.kt on the JVM): the context for a listed
+  SoC, the plain graph with one sentence why otherwise (unlisted SoC, API < 31, hash mismatch, missing file,
+  no contexts, a model.json from before ``qnn_contexts``), on stand-in and on real ``--qnn-context`` packages;
 * every asset name and model.json key the Kotlin app and the web page read exists in a packaged folder;
 * no file of the committed demo is over 20 MB and generated models are gitignored.
 """
@@ -30,6 +33,7 @@ from skimage import data as skdata
 
 from quantface.calibration import CalibConfig, calibrate
 from quantface.export import ExportConfig, export_onnx
+from quantface.export.qnn_ep import qnn_available
 from quantface import __version__, app_contract
 from quantface.cli import main
 from quantface.data import center_crop_resize, read_image, write_image
@@ -235,6 +239,8 @@ def test_into_app_and_web_copy_model_and_json(exports, tmp_path):
     app, web = tmp_path / "assets", tmp_path / "web_model"
     app.mkdir()
     (app / "model.onnx").write_bytes(b"stale")  # from an earlier --into-app of an INT4 model
+    for name in ("model_SM8750_ctx.onnx", "model_SM8750_ctx_qnn.bin"):  # and of one with --qnn-context SM8750
+        (app / name).write_bytes(b"stale")
     r = package(PackageConfig(onnx=str(exports["ort-cpu"]), out=str(tmp_path / "pkg"), into_app=True, into_web=True,
                               app_assets=str(app), web_model_dir=str(web)))
     assert r.copied_to == [app, web]
@@ -381,7 +387,9 @@ def test_packaged_ort_against_its_onnx_on_a_real_face(exports, packaged):
 @pytest.fixture(scope="module")
 def kotlin_contract(tmp_path_factory) -> Path:
     """FaceContract.kt compiled by kotlinc (npm package kotlin-compiler in android_demo/jvm-check) with
-    a stand-in android.graphics.Bitmap and a small harness: a jar the JVM runs."""
+    a stand-in android.graphics.Bitmap and a small harness: a jar the JVM runs. It also holds the app's
+    model.json reader and QNN context picker (ModelManifest.kt, QnnContextPicker.kt, on stand-ins for
+    org.json and AssetManager) with their harness."""
     kotlinc = JVM_CHECK / "node_modules" / "kotlin-compiler" / "bin" / "kotlinc-jvm"
     missing = [what for ok, what in [(shutil.which("java") is not None, "java (apt-get install default-jre-headless)"),
                                      (kotlinc.is_file(), "kotlinc (npm ci in android_demo/jvm-check)")] if not ok]
@@ -391,8 +399,10 @@ def kotlin_contract(tmp_path_factory) -> Path:
             pytest.fail(message + "; CI must provide it (see .ci/run)")
         pytest.skip(message)
     jar = tmp_path_factory.mktemp("kotlin") / "contract.jar"
-    sources = [KOTLIN / "org/quantface/demo/FaceContract.kt", JVM_CHECK / "ContractHarness.kt",
-               JVM_CHECK / "stub/android/graphics/Bitmap.kt"]
+    app = KOTLIN / "org/quantface/demo"
+    sources = [app / "FaceContract.kt", app / "ModelManifest.kt", app / "QnnContextPicker.kt",
+               JVM_CHECK / "ContractHarness.kt", JVM_CHECK / "QnnPickHarness.kt",
+               *sorted((JVM_CHECK / "stub").rglob("*.kt"))]  # Bitmap, AssetManager, org.json
     run = subprocess.run([str(kotlinc), *map(str, sources), "-d", str(jar)], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0 and jar.is_file(), run.stderr
@@ -427,6 +437,123 @@ def test_kotlin_face_contract_matches_python_bit_for_bit(kotlin_contract, tmp_pa
             assert np.array_equal(x, app_contract.to_input(ref)), (name, size)
     out = np.fromfile(tmp_path / "out.argb", "<u4").reshape(16, 16)
     assert np.array_equal(out, app_contract.to_argb(app_contract.to_rgb(y)))
+
+
+# ------------------------------------------------------------- the app's QNN context choice (Kotlin)
+def _qnn_pick(jar: Path, folder: Path, *cases: str) -> tuple[list[str], dict[str, tuple[str, str, str]]]:
+    """The app's ModelManifest.parse + QnnContextPicker on ``folder``'s model.json, run on the JVM by
+    QnnPickHarness.kt: the contexts it parsed and, per ``SDK:SOC_MODEL[:fail]`` case, (label, context model
+    file or "-", fallback sentence or "-")."""
+    stdlib = JVM_CHECK / "node_modules" / "kotlin-compiler" / "lib" / "kotlin-stdlib.jar"
+    run = subprocess.run(["java", "-cp", f"{jar}{os.pathsep}{stdlib}", "QnnPickHarnessKt", str(folder), *cases],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    head, socs = lines[0].split("\t")
+    assert head == "contexts"
+    picks = {}
+    for line in lines[1:]:
+        case, label, file, reason = line.split("\t")
+        picks[case] = (label, file, reason)
+    assert list(picks) == list(cases)
+    for label, file, reason in picks.values():  # a fallback is one sentence, a context none
+        assert (reason == "-") == (file != "-") and label == ("QNN (plain graph)" if file == "-" else label)
+        assert reason == "-" or (reason.startswith("QNN runs the plain graph: ") and reason.endswith(".")
+                                 and ". " not in reason and "\n" not in reason), reason
+    return [s for s in socs.split(",") if s], picks
+
+
+def _with_contexts(packaged_qnn: Path, out: Path, socs: tuple[str, ...]) -> Path:
+    """A copy of the qnn package whose model.json lists a context per SoC, with stand-in files whose
+    sha256 it records (what ``--qnn-context`` writes, without needing onnxruntime-qnn)."""
+    import dataclasses
+
+    from quantface.export.qnn_ep import get_target
+    from quantface.model_json import QnnContextEntry, read_model_json
+
+    shutil.copytree(packaged_qnn, out)
+    entries = []
+    for soc in socs:
+        t = get_target(soc)
+        (out / f"model_{soc}_ctx.onnx").write_bytes(f"EPContext model for {soc}".encode())
+        (out / f"model_{soc}_ctx_qnn.bin").write_bytes(f"context binary for {soc}".encode() * 100)
+        entries.append(QnnContextEntry(soc, t.marketing, t.soc_model, t.htp_arch, f"model_{soc}_ctx.onnx",
+                                       sha256_file(out / f"model_{soc}_ctx.onnx"), f"model_{soc}_ctx_qnn.bin",
+                                       sha256_file(out / f"model_{soc}_ctx_qnn.bin"),
+                                       (out / f"model_{soc}_ctx_qnn.bin").stat().st_size, 1.0, 0.0))
+    manifest = dataclasses.replace(read_model_json(out), qnn_contexts=entries)
+    (out / MODEL_JSON).write_text(manifest.dumps())
+    assert read_model_json(out).qnn_contexts == entries  # schema-valid, as the packager writes it
+    return out
+
+
+def test_kotlin_qnn_picker_chooses_the_phones_context_and_falls_back_with_the_reason(kotlin_contract, packaged,
+                                                                                   tmp_path):
+    folder = _with_contexts(packaged["qnn"], tmp_path / "pkg", ("SM8650", "SM8550"))
+    socs, picks = _qnn_pick(kotlin_contract, folder, "34:SM8650", "33:SM8550", "31:sm8550-ac", "35:SM8750",
+                            "30:-", "24:-", "31:unknown", "31:", "34:SM8650:fail")
+    assert socs == ["SM8650", "SM8550"]
+    assert picks["34:SM8650"][:2] == ("QNN (context SM8650)", "model_SM8650_ctx.onnx")
+    assert picks["33:SM8550"][:2] == ("QNN (context SM8550)", "model_SM8550_ctx.onnx")
+    assert picks["31:sm8550-ac"][:2] == ("QNN (context SM8550)", "model_SM8550_ctx.onnx")  # bin suffix, case
+    assert "no context for this phone's SoC SM8750 (only for SM8650, SM8550)" in picks["35:SM8750"][2]
+    for case, api in (("30:-", 30), ("24:-", 24)):  # Build.SOC_MODEL is API 31+
+        assert f"Android API {api} cannot tell the SoC" in picks[case][2]
+    assert "does not report its SoC" in picks["31:unknown"][2] and "does not report its SoC" in picks["31:"][2]
+    assert "the context for SM8650 did not load (QNN_CONTEXT_ERROR: stand-in failure)" in picks["34:SM8650:fail"][2]
+    # A context file that does not match model.json's sha256, or is missing: the plain graph, and why.
+    binary = folder / "model_SM8650_ctx_qnn.bin"
+    binary.write_bytes(binary.read_bytes()[:-1] + b"!")
+    (folder / "model_SM8550_ctx.onnx").unlink()
+    _, picks = _qnn_pick(kotlin_contract, folder, "34:SM8650", "34:SM8550")
+    assert picks["34:SM8650"][1] == "-" and "model_SM8650_ctx_qnn.bin does not match model.json's sha256" \
+        in picks["34:SM8650"][2]
+    assert picks["34:SM8550"][1] == "-" and "names model_SM8550_ctx.onnx, which is not in the app's assets" \
+        in picks["34:SM8550"][2]
+
+
+def test_kotlin_qnn_picker_on_packages_without_contexts(kotlin_contract, packaged, tmp_path):
+    """A package made without --qnn-context (``qnn_contexts: []``) and one from before the field existed:
+    the app parses both and runs the plain graph on QNN, saying so."""
+    older = tmp_path / "older"
+    shutil.copytree(packaged["qnn"], older)
+    raw = _manifest(older)
+    assert raw.pop("qnn_contexts") == []
+    (older / MODEL_JSON).write_text(json.dumps(raw))
+    for folder in (packaged["qnn"], packaged["reference"], older):
+        socs, picks = _qnn_pick(kotlin_contract, folder, "34:SM8650", "30:-")
+        assert socs == []
+        for label, file, reason in picks.values():
+            assert (label, file) == ("QNN (plain graph)", "-") and "the package has no QNN context" in reason
+
+
+def test_the_qnn_context_keys_the_app_reads_are_model_json_fields():
+    """Every key ModelManifest.kt reads from a ``qnn_contexts`` entry is a QnnContextEntry field (the
+    model.json-key test above follows only named objects, not array entries)."""
+    import dataclasses
+
+    from quantface.model_json import QnnContextEntry
+
+    src = _without_comments((KOTLIN / "org/quantface/demo/ModelManifest.kt").read_text())
+    assert 'json.optJSONArray("qnn_contexts")' in src and "val entry = contexts.getJSONObject(i)" in src
+    reads = set(re.findall(r'\bentry\.get\w+\("(\w+)"\)', src))
+    assert reads == {"soc", "marketing", "soc_model", "htp_arch", "model_file", "model_sha256", "binary_file",
+                     "binary_sha256", "binary_bytes"}
+    assert reads <= {f.name for f in dataclasses.fields(QnnContextEntry)}
+
+
+@pytest.mark.skipif(not qnn_available(), reason="onnxruntime-qnn is not installed (pip install 'quantface[qnn]')")
+def test_kotlin_qnn_picker_on_a_real_qnn_context_package(kotlin_contract, exports, tmp_path):
+    """``quantface package --qnn-context SM8650,SM8550`` on the tiny qnn export: the model.json and files
+    it writes drive the app's picker (sha256s checked by the app's own rule)."""
+    r = package(PackageConfig(onnx=str(exports["qnn"]), out=str(tmp_path / "pkg"), qnn_context=("SM8650", "SM8550")))
+    socs, picks = _qnn_pick(kotlin_contract, r.out, "34:SM8650", "34:SM8550", "34:SM8750", "30:-")
+    assert socs == ["SM8650", "SM8550"]
+    for soc in ("SM8650", "SM8550"):
+        entry = next(c for c in r.manifest.qnn_contexts if c.soc == soc)
+        assert picks[f"34:{soc}"][:2] == (f"QNN (context {soc})", entry.model_file)
+        assert (r.out / entry.binary_file).stat().st_size == entry.binary_bytes
+    assert picks["34:SM8750"][1] == picks["30:-"][1] == "-"
 
 
 # ------------------------------------------------------------------------ what the demos read
@@ -514,7 +641,8 @@ def _ignored(rel: str) -> bool:
 
 
 def test_generated_demo_models_are_gitignored():
-    for name in ("model.onnx", "model.ort", MODEL_JSON, OPS_CONFIG):
+    for name in ("model.onnx", "model.ort", MODEL_JSON, OPS_CONFIG,
+                 "model_SM8650_ctx.onnx", "model_SM8650_ctx_qnn.bin"):  # --qnn-context files, --into-app
         assert _ignored(f"{APP_ASSETS.as_posix()}/{name}"), name
         assert _ignored(f"{WEB_MODEL_DIR.as_posix()}/{name}"), name
     assert _ignored("android_demo/web/node_modules/onnxruntime-web/package.json")

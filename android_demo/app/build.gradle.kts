@@ -49,8 +49,9 @@ android {
     }
 
     androidResources {
-        // The model is read whole into memory; storing it uncompressed avoids inflating it first.
-        noCompress += listOf("ort", "onnx")
+        // The model is read whole into memory (QNN context models and binaries are copied to storage);
+        // storing them uncompressed avoids inflating them first.
+        noCompress += listOf("ort", "onnx", "bin")
     }
 
     compileOptions {

@@ -27,6 +27,8 @@ data class ModelManifest(
     val outputName: String,
     val bitsSummary: String,
     val toolVersion: String,
+    /** model.json's `qnn_contexts` (`quantface package --qnn-context`); empty when it has none or predates them. */
+    val qnnContexts: List<QnnContext> = emptyList(),
 ) {
     companion object {
         /** The asset `quantface package --into-app` writes; it names the model file. */
@@ -66,9 +68,29 @@ data class ModelManifest(
                     outputName = output.getString("name"),
                     bitsSummary = quantization.getString("summary"),
                     toolVersion = json.getString("tool_version"),
+                    qnnContexts = qnnContexts(json),
                 )
             } catch (e: JSONException) {
                 throw ModelError("model.json is not what `quantface package` writes: ${e.message}")
+            }
+        }
+
+        /** The `qnn_contexts` entries; a model.json from before they existed has none. */
+        private fun qnnContexts(json: JSONObject): List<QnnContext> {
+            val contexts = json.optJSONArray("qnn_contexts") ?: return emptyList()
+            return List(contexts.length()) { i ->
+                val entry = contexts.getJSONObject(i)
+                QnnContext(
+                    soc = entry.getString("soc"),
+                    marketing = entry.getString("marketing"),
+                    socModel = entry.getInt("soc_model"),
+                    htpArch = entry.getInt("htp_arch"),
+                    modelFile = entry.getString("model_file"),
+                    modelSha256 = entry.getString("model_sha256"),
+                    binaryFile = entry.getString("binary_file"),
+                    binarySha256 = entry.getString("binary_sha256"),
+                    binaryBytes = entry.getLong("binary_bytes"),
+                )
             }
         }
 

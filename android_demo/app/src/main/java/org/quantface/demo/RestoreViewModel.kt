@@ -56,7 +56,7 @@ class RestoreViewModel(application: Application) : AndroidViewModel(application)
         restorer?.let { if (it.choice == wanted) return it }
         restorer?.close()
         restorer = null
-        return Restorer.load(getApplication<Application>().assets, wanted).also { restorer = it }
+        return Restorer.load(getApplication<Application>(), wanted).also { restorer = it }
     }
 
     /** Loads the model, or reloads it after a settings change, and shows what it is; nothing to do
@@ -67,7 +67,11 @@ class RestoreViewModel(application: Application) : AndroidViewModel(application)
         val app = getApplication<Application>()
         launchReporting(app.getString(R.string.loading_model, wanted.provider.label)) {
             val r = lock.withLock { withContext(Dispatchers.Default) { restorerForSettings() } }
-            _state.update { it.copy(busy = false, modelInfo = describe(r), message = app.getString(R.string.hint), isError = false) }
+            val hint = app.getString(R.string.hint)
+            _state.update {
+                it.copy(busy = false, modelInfo = describe(r), message = r.note?.let { note -> "$note\n$hint" } ?: hint,
+                        isError = false)
+            }
         }
     }
 
@@ -88,10 +92,10 @@ class RestoreViewModel(application: Application) : AndroidViewModel(application)
                 val t3 = SystemClock.elapsedRealtimeNanos()
                 val totalMillis = ((t1 - t0) + (t3 - t2)) / 1_000_000 + modelMillis
                 val ep = if (r.choice.provider == ExecutionProvider.CPU) "CPU, ${r.choice.threads} threads"
-                else app.getString(R.string.ep_note, r.choice.provider.label)
+                else app.getString(R.string.ep_note, r.providerLabel)
                 UiState(
                     modelInfo = describe(r),
-                    message = app.getString(R.string.done, photo.width, photo.height, size),
+                    message = app.getString(R.string.done, photo.width, photo.height, size) + (r.note?.let { "\n$it" } ?: ""),
                     before = FaceContract.toBitmap(before, size),
                     after = FaceContract.toBitmap(after, size),
                     latency = app.getString(R.string.latency, modelMillis, totalMillis, ep),
@@ -105,6 +109,7 @@ class RestoreViewModel(application: Application) : AndroidViewModel(application)
         val m = r.manifest
         return getApplication<Application>().getString(
             R.string.model_info, m.modelFile, "%.1f MB".format(m.bytes / 1e6), m.profile, m.bitsSummary, m.toolVersion,
+            r.providerLabel,
         )
     }
 
