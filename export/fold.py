@@ -207,10 +207,11 @@ def int4_storage(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return found
 
 
-def unpack_int4_storage(model: onnx.ModelProto) -> onnx.ModelProto:
+def unpack_int4_storage(model: onnx.ModelProto, base_dir: str = "") -> onnx.ModelProto:
     """A copy of ``model`` whose INT4-stored codes (``int4_storage``) are INT8 initializers again, named as
     their Casts' outputs, the Casts gone: the same values, for formats without a 4-bit type (the ORT
-    format; ONNX Runtime makes the same INT8 initializers when a session starts)."""
+    format; ONNX Runtime makes the same INT8 initializers when a session starts). ``base_dir``: where
+    external data is found."""
     stored = int4_storage(model)
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -220,7 +221,7 @@ def unpack_int4_storage(model: onnx.ModelProto) -> onnx.ModelProto:
     casts = {c.name for c in stored.values()}
     inits = {i.name: i for i in graph.initializer}
     kept = [i for i in graph.initializer if i.name not in stored]
-    kept += [make_initializer(cast.output[0], numpy_helper.to_array(inits[name]).astype(np.int8))
+    kept += [make_initializer(cast.output[0], numpy_helper.to_array(inits[name], base_dir).astype(np.int8))
              for name, cast in stored.items()]
     del graph.initializer[:]
     graph.initializer.extend(kept)

@@ -123,7 +123,8 @@ def _codes(b: GraphBuilder, name: str, codes: np.ndarray, bits: int, container: 
     return b.initializer(name, codes, container), []
 
 
-def _weight_scales_after(b: GraphBuilder, p: str, layer: ExportLayer, conv: bool) -> tuple[str, list, str]:
+def _weight_scales_after(b: GraphBuilder, p: str, layer: ExportLayer, conv: bool, profile: Profile
+                         ) -> tuple[str, list, str]:
     """``qnn`` profile, layers not requantized (see ``export.profiles``): the codes dequantized at unit
     per-tensor scale (a DQ the QNN EP takes standalone), and the per-channel scales for the ``Mul``
     after the product. Returns (dequantized codes, their nodes, the scales' initializer)."""
@@ -132,12 +133,13 @@ def _weight_scales_after(b: GraphBuilder, p: str, layer: ExportLayer, conv: bool
     if codes.min() < lo or codes.max() > hi:
         raise ExportError(f"layer {p}: weight codes exceed the {layer.weight_bits}-bit range")
     scale = _np(layer.w_scale).astype(np.float32).reshape(-1)
-    codes_name = b.initializer(f"{p}.weight_codes", codes if conv else codes.T, TensorProto.INT8)
+    codes_name, cast = _codes(b, f"{p}.weight_codes", codes if conv else codes.T, layer.weight_bits,
+                              TensorProto.INT8, profile)
     one = b.initializer(f"{p}.weight_unit_scale", np.array(1.0, np.float32))
     z = b.initializer(f"{p}.weight_zero_point", np.array(0), TensorProto.INT8)
     dq = b.node("DequantizeLinear", [codes_name, one, z], f"{p}_weight_DequantizeLinear")
     s = b.initializer(f"{p}.weight_scale", scale.reshape(-1, *[1] * (layer.weight.dim() - 2)) if conv else scale)
-    return dq.output[0], [dq], s
+    return dq.output[0], [*cast, dq], s
 
 
 def integer_linear(layer: ExportLayer, profile: Profile) -> bool:
@@ -247,7 +249,7 @@ def lower_layer(b: GraphBuilder, layer: ExportLayer, x: str, y: str, profile: Pr
     requant = requantized(layer, profile)
     scales_after = profile.scales_after_product and layer.weight_bits is not None and not requant
     if scales_after:
-        w, w_nodes, w_scale = _weight_scales_after(b, p, layer, conv)
+        w, w_nodes, w_scale = _weight_scales_after(b, p, layer, conv, profile)
     else:
         w, w_nodes = _weight(b, p, layer, profile, conv)
     nodes += w_nodes

@@ -7,7 +7,7 @@ Every mapping (``w`` = weight bits in 2..8, ``a`` = activation bits in 2..8 or 1
     ---------  --------------------------  ------------------------------  ---------------------------------
     reference  INT4 if w ≤ 4, else INT8    UINT4 if a ≤ 4, UINT8 if a ≤ 8  quantface::Hadamard function node
     ort-cpu    INT8 (stored INT4 if w ≤ 4)  UINT8 if a ≤ 8                  quantface::Hadamard function node
-    qnn        INT8                        UINT8 if a ≤ 8, else UINT16     plain Mul + Conv 1×1 / MatMul
+    qnn        INT8 (stored INT4 if w ≤ 4)  UINT8 if a ≤ 8, else UINT16     plain Mul + Conv 1×1 / MatMul
 
 * ``reference`` is the exact, most compact graph (opset 21 4-bit types), for checking and archiving.
   4-bit containers are used for 2- and 3-bit codes too: the narrowest container holding the codes.
@@ -45,6 +45,9 @@ Every mapping (``w`` = weight bits in 2..8, ``a`` = activation bits in 2..8 or 1
   per-channel weight DQ on the CPU unless it is inside a full QDQ node unit with a Q on the
   product, and the HTP rejects an integer Gemm/FullyConnected with a float output; a per-tensor DQ
   it takes standalone, so the layer runs on the HTP as a float (FP16) product of integer codes.
+  Codes of ≤ 4 bits are stored as INT4 behind a ``Cast`` to INT8, as in ``ort-cpu``: ONNX Runtime's
+  basic optimizations (constant folding) run before the graph is partitioned, so the QNN EP sees INT8
+  initializers (measured: ``recipes/quantface_w4a8_cpu``'s qnn graph wholly on the HTP).
 
 Exact b-bit grid: whenever the container is wider than the bits, a float ``Clip`` to
 ``[(0 − z)·s, (2^b − 1 − z)·s]`` precedes the activation's ``QuantizeLinear``, so its codes stay in
@@ -96,7 +99,7 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
     Profile("ort-cpu", int4_weights=False, uint4_acts=False, inline_rotation=False, half_lowrank=True,
             requant_conv_outputs=True, integer_linears=True, int4_storage=True),
     Profile("qnn", int4_weights=False, uint4_acts=False, inline_rotation=True, requant_conv_outputs=True,
-            scales_after_product=True),
+            scales_after_product=True, int4_storage=True),
 ]}
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper, shape_inference
 
+from quantface.export.fold import unpack_int4_storage
 from quantface.export.graph import consumers, producers, shape_view
 
 QNN_OPS = frozenset("""
@@ -66,6 +67,8 @@ def qnn_report(model: onnx.ModelProto | str | Path) -> list[str]:
     if not isinstance(model, onnx.ModelProto):
         base_dir = str(Path(model).parent)
         model = onnx.load(str(model), load_external_data=False)  # dims and types suffice, but zero points
+    # INT4-stored codes as the EP gets them: ONNX Runtime folds their Casts before partitioning.
+    model = unpack_int4_storage(model, base_dir or "")
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     problems: list[str] = []

@@ -164,8 +164,8 @@ def test_graph_structure_follows_the_recipe(cache, method, bits, exporter, profi
     assert any(o.domain == "com.microsoft" for o in model.opset_import) == bool(int_linear)
     assert ops.count("QuantizeLinear") == n_act + len(requant)
     assert ops.count("DequantizeLinear") == n_act + n_w + len(requant) + len(biased) - 2 * len(int_linear)
-    # ort-cpu stores codes of <= 4 bits as INT4 behind a Cast to INT8 (export.profiles: int4_storage).
-    int4_stored = profile == "ort-cpu" and w_bits <= 4
+    # ort-cpu and qnn store codes of <= 4 bits as INT4 behind a Cast to INT8 (export.profiles: int4_storage).
+    int4_stored = profile in ("ort-cpu", "qnn") and w_bits <= 4
 
     def code_init(name: str) -> str:
         return f"{name}.weight_codes_int4" if int4_stored else f"{name}.weight_codes"
