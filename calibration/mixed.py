@@ -99,6 +99,19 @@ def _solve(options: dict[str, list[Option]], budget: float, describe: Callable):
     return sol
 
 
+def _solution_meta(sol, options: dict[str, list[Option]], choices: list[tuple[int, int]], budget: float,
+                   reference: float, seconds: float) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The recipe's "allocation" entries both allocations share: the program's solution, and per layer its
+    options' errors and costs and the choice."""
+    top = {"budget_cost": budget, "achieved_cost": sol.cost, "achieved_budget": sol.cost / reference,
+           "objective": sol.objective, "solve_seconds": sol.seconds, "solver": "pulp CBC",
+           "sweep_and_error_seconds": round(seconds, 1)}
+    per_layer = {n: {"errors": [o.error for o in opts], "costs": [o.cost for o in opts], "choice": sol.choice[n],
+                     "weight_bits": choices[sol.choice[n]][0], "act_bits": choices[sol.choice[n]][1]}
+                 for n, opts in options.items()}
+    return top, per_layer
+
+
 def allocate_bits(model: torch.nn.Module, layers: dict[str, QuantLayer], data, cfg: "CalibConfig",
                   spec: "MethodSpec", samples: dict[str, torch.Tensor], weights_sha256: str) -> AllocationResult:
     """Steps 1–4 of the module docstring on the prepared ``model``; leaves every layer at its chosen bits."""
@@ -125,6 +138,7 @@ def allocate_bits(model: torch.nn.Module, layers: dict[str, QuantLayer], data, c
             if w_bits != layer.weight_bits:
                 layer.set_weight_quant(w_bits, weight_scale(layer.weight, w_bits, spec.scale_init))
             layer.set_act_quant(a_bits, *qparams(name, a_bits, spec.scale_init))
+    top, per_layer = _solution_meta(sol, options, choices, budget, notes["reference_cost"], sweep_seconds)
     total_e = sum(s.elements for s in stats.values())
     mean_bits = sum(choices[sol.choice[n]][1] * stats[n].elements for n in layers) / total_e
     meta: dict[str, Any] = {
@@ -134,19 +148,13 @@ def allocate_bits(model: torch.nn.Module, layers: dict[str, QuantLayer], data, c
         "cost": target.cost(cfg).name,
         **notes,
         "candidates": [target.option(c) for c in choices],
-        "budget": cfg.mp_budget, "budget_cost": budget,
-        "achieved_cost": sol.cost, "achieved_budget": sol.cost / notes["reference_cost"],
+        "budget": cfg.mp_budget, **top,
         "achieved_mean_act_bits": mean_bits,
         "label": target.label(weight_bits, mean_bits, sol.cost / notes["reference_cost"]),
-        "objective": sol.objective, "solve_seconds": sol.seconds, "solver": "pulp CBC",
-        "sweep_and_error_seconds": round(sweep_seconds, 1),
         "layers": {n: {"index": i, "sensitivity_bits": sens[n], "weight": 2 ** sens[n] - 1,
                        "deviation": sweep[n]["deviation"], "input_elements": stats[n].elements,
                        "macs": stats[n].macs, "weight_params": stats[n].weights,
-                       "sq_error": [stats[n].sq_error[c] for c in choices],
-                       "errors": [o.error for o in options[n]], "costs": [o.cost for o in options[n]],
-                       "choice": sol.choice[n], "weight_bits": choices[sol.choice[n]][0],
-                       "act_bits": choices[sol.choice[n]][1]}
+                       "sq_error": [stats[n].sq_error[c] for c in choices], **per_layer[n]}
                    for i, n in enumerate(layers)},
     }
     dist.log(f"bit allocation: {meta['label']} (budget {describe(budget)}, achieved {describe(sol.cost)}), "
@@ -199,20 +207,15 @@ def allocate_weight_bits(model: torch.nn.Module, layers: dict[str, QuantLayer], 
                 layer.set_weight_quant(w_bits, weight_scale(layer.weight, w_bits, spec.scale_init))
     total = sum(st.weights for st in stats.values())
     low_share = sum(stats[n].weights for n in layers if choices[sol.choice[n]][0] == low) / total
+    top, per_layer = _solution_meta(sol, options, choices, budget, reference, sweep_seconds)
     meta: dict[str, Any] = {
         "mode": target.mode, "target": cfg.target, "metric": "image MSE increase (outputs in [0, 1])",
         "sweep_images": len(x), "cost": cost.name, **cost.notes(reference),
         "candidates": [target.option(c) for c in choices],
-        "budget": cfg.mp_budget, "budget_cost": budget,
-        "achieved_cost": sol.cost, "achieved_budget": sol.cost / reference,
+        "budget": cfg.mp_budget, **top,
         "weights_at_low_bits": low_share,
         "label": target.label(cfg.weight_bits, cfg.act_bits, sol.cost / reference),
-        "objective": sol.objective, "solve_seconds": sol.seconds, "solver": "pulp CBC",
-        "sweep_and_error_seconds": round(sweep_seconds, 1),
-        "layers": {n: {"index": i, "weight_params": stats[n].weights, "error_at_low_bits": errors[n],
-                       "errors": [o.error for o in options[n]], "costs": [o.cost for o in options[n]],
-                       "choice": sol.choice[n], "weight_bits": choices[sol.choice[n]][0],
-                       "act_bits": choices[sol.choice[n]][1]}
+        "layers": {n: {"index": i, "weight_params": stats[n].weights, "error_at_low_bits": errors[n], **per_layer[n]}
                    for i, n in enumerate(layers)},
     }
     dist.log(f"bit allocation: {meta['label']}, {100 * low_share:.1f}% of the weights at W{low} (budget "
