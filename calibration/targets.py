@@ -17,7 +17,7 @@ target adds a class here, not branches there. No torch: the CLI and the config c
   what keeps the graph fast is no online node: no smoothing, no rotation, no low-rank branch
   (``lean``). The cost is the weight codes' bytes P_i·w/8; ``mp_budget`` is a fraction (0, 1] of the
   all-W8 bytes Σ P_i (default ``CPU_DEFAULT_BUDGET``). Each layer's error is measured on the image
-  (``calibration.mixed.weight_bit_errors``), not on the layer's product.
+  (``calibration.sensitivity.weight_bit_errors``), not on the layer's product.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ CPU_WEIGHT_BITS = (4, 8)
 # --target cpu's default budget: 0.55 of the all-W8 weight bytes (about 90 % of the weights at 4 bits).
 # Measured on the reference model (W8A8 baseline, 20 test faces): 47.9 / 47.5 / 46.7 dB PSNR to FP with
 # 26 / 62 / 90 % of the weights at W4 (greedy by measured image error per byte), 39.4 dB with all of them
-# (docs/deploy_bench.md, run 4).
+# (docs/calibration_notes.md, "W4A8 for the CPU").
 CPU_DEFAULT_BUDGET = 0.55
 QNN_BYTE_TABLE = ("bytes of option (w, a) of layer i = E_i·a/8 (input activation elements per image at a bits) "
                   "+ P_i·w/8 (quantized residual weight parameters at w bits); low-rank branches excluded "
@@ -189,7 +189,7 @@ class QnnTarget(UniformWeights):
 
 
 class CpuTarget(UniformWeights):
-    """``--target cpu``: W4/W8 per layer at the run's activation bits, no online node, cost in weight
+    """``--target cpu``: W4/W8 per layer under 8-bit activations, no online node, cost in weight
     bytes, budget a fraction of all-W8; errors measured on the image."""
 
     name = "cpu"

@@ -201,8 +201,8 @@ def int4_storage(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     found = {}
     for name in int4:
         readers = users.get(name, [])
-        if len(readers) == 1 and readers[0].op_type == "Cast" and \
-                helper.get_attribute_value(readers[0].attribute[0]) == onnx.TensorProto.INT8:
+        to = {a.name: a.i for a in readers[0].attribute} if len(readers) == 1 else {}
+        if len(readers) == 1 and readers[0].op_type == "Cast" and to.get("to") == onnx.TensorProto.INT8:
             found[name] = readers[0]
     return found
 
