@@ -97,14 +97,17 @@ class CalibConfig(JsonConfig):
     threads: int | None = None
     device: str = "auto"  # auto (CUDA when torch sees a GPU, else CPU) | cpu | cuda | cuda:N
     # Adaptive bit-width allocation (calibration.mixed); mp_budget None keeps uniform bits.
-    mp_budget: float | None = None  # mean activation bits, or with target 'qnn' a fraction of the A16/W8 bytes
+    # mean activation bits, or with target 'qnn' / 'cpu' a fraction of the all-W8 weight bytes
+    mp_budget: float | None = None
+    # target 'qnn': the latency proxy's budget, a multiple of its all-A8 value (calibration.targets)
+    mp_latency_budget: float | None = None
     mp_candidates: tuple[int, ...] = (3, 4, 5, 6)  # activation bit widths to choose from
     mp_epsilon: float | None = None  # sweep deviation threshold ε; default per metric (DEFAULT_EPSILON)
     mp_metric: str = "ssim"  # sweep deviation: ssim (1 − SSIM) | psnr (MSE) | lpips
     mp_sweep_images: int = 16  # calibration images of the sweep and of the layer errors
     mp_cost: str = "elements"  # elements (bits × input elements) | bops (bits × weight bits × MACs)
-    # None | 'qnn': hardware-aware options (W4/W8) × (A8/A16), byte cost | 'cpu': W4/W8 weights, no online
-    # node, weight bytes (calibration.targets)
+    # None | 'qnn': hardware-aware options (W4/W8) × (A8/A16), no online node, weight bytes + latency proxy |
+    # 'cpu': W4/W8 weights, no online node, weight bytes (calibration.targets)
     target: str | None = None
     # Per-layer branch ranks (calibration.ranks): 1.0 = uniform rank (capped below each layer's size); else
     # a fraction F of the uniform branches' cost (rank_cost: parameters, MACs, or both, each within F) shared
@@ -151,8 +154,10 @@ class CalibConfig(JsonConfig):
         refusal = TARGET_CLASSES[self.target].reduce_range_refusal if self.target in TARGET_CLASSES else ""
         if self.reduce_range and refusal:
             raise ConfigError(refusal)
-        if self.mp_budget is None and self.target in TARGET_CLASSES:
-            self.mp_budget = TARGET_CLASSES[self.target].default_budget
+        if self.target in TARGET_CLASSES:
+            budget, latency = TARGET_CLASSES[self.target].defaults(self)
+            self.mp_budget = budget if self.mp_budget is None else self.mp_budget
+            self.mp_latency_budget = latency if self.mp_latency_budget is None else self.mp_latency_budget
         check_mixed_precision(self)
         budget = self.rank_budget
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < math.inf:
@@ -245,4 +250,8 @@ def check_mixed_precision(cfg: CalibConfig) -> None:
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
                                or not 0 < budget < math.inf):
         raise ConfigError(f"--mp-budget {budget!r} must be a positive number")
+    latency = cfg.mp_latency_budget
+    if latency is not None and (isinstance(latency, bool) or not isinstance(latency, (int, float))
+                                or not 0 < latency < math.inf):
+        raise ConfigError(f"--mp-latency-budget {latency!r} must be a positive number")
     target.check(cfg)

@@ -9,13 +9,17 @@ while its quantizers are switched off). Four steps, each in its own module:
 3. **Integer program** (``calibration.allocation.allocate``, pulp + its bundled CBC; under ``torchrun``
    solved on rank 0 and its solution sent to the others): exactly one
    option per layer, Σ M_{i,o} ≤ budget, least Σ L_{i,o}. The options and the cost M are the
-   target's (``calibration.targets``: uniform weight bits with ``mp_cost`` elements / bops, or
-   ``--target qnn``'s W4/W8 × A8/A16 in bytes).
+   target's (``calibration.targets``: uniform weight bits with ``mp_cost`` elements / bops).
 4. **Apply**: each layer's activation scale / zero point is recomputed for its chosen b from the same
    observed sample (and where the weight bits change, its weight scales); the caller then runs the
    usual refinement with those bits. ``AllocationResult.meta`` is the recipe's "allocation" section
    (every input of the program: w_i, B_i, L, M, budget, achieved mean bits, solve seconds),
    ``files`` the per-layer JSON and the two plots (``calibration.plots``) written into the recipe folder.
+
+The lean targets (``--target cpu`` / ``qnn``: no online node, ``allocate_lean``) replace steps 1–2 by
+errors measured on the image (``calibration.sensitivity.option_errors``: each layer alone at each option,
+the rest at the target's baseline option) and take their own costs and budgets (weight bytes; for ``qnn``
+also a latency proxy, a second dimension of the same program).
 
 Measurements behind the defaults (ε, the B_i histograms) are in docs/calibration_notes.md.
 """
@@ -37,11 +41,11 @@ from quantface.calibration.allocation import Option, allocate, check_budget
 from quantface.calibration.config import B_MAX, B_MIN, epsilon
 from quantface.calibration.layers import QuantLayer
 from quantface.calibration.plots import bits_plot
-from quantface.calibration.sensitivity import (LayerStats, QParams, cache_dir, layer_errors, sensitivity_sweep,
-                                               weight_bit_errors)
+from quantface.calibration.sensitivity import (LayerStats, QParams, cache_dir, layer_errors, layer_sizes, option_errors,
+                                               option_key, sensitivity_sweep)
 from quantface.calibration.targets import get_target
 from quantface.errors import QuantFaceError
-from quantface.quant import weight_scale
+from quantface.quant import act_range_method, weight_scale
 
 if TYPE_CHECKING:
     from quantface.calibration.config import CalibConfig
@@ -103,7 +107,9 @@ def _solution_meta(sol, options: dict[str, list[Option]], choices: list[tuple[in
                    reference: float, seconds: float) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """The recipe's "allocation" entries both allocations share: the program's solution, and per layer its
     options' errors and costs and the choice."""
-    top = {"budget_cost": budget, "achieved_cost": sol.cost, "achieved_budget": sol.cost / reference,
+    achieved = (tuple(c / r for c, r in zip(sol.cost, reference)) if isinstance(sol.cost, tuple)
+                else sol.cost / reference)
+    top = {"budget_cost": budget, "achieved_cost": sol.cost, "achieved_budget": achieved,
            "objective": sol.objective, "solve_seconds": sol.seconds, "solver": "pulp CBC",
            "sweep_and_error_seconds": round(seconds, 1)}
     per_layer = {n: {"errors": [o.error for o in opts], "costs": [o.cost for o in opts], "choice": sol.choice[n],
@@ -113,14 +119,15 @@ def _solution_meta(sol, options: dict[str, list[Option]], choices: list[tuple[in
 
 
 def allocate_bits(model: torch.nn.Module, layers: dict[str, QuantLayer], data, cfg: "CalibConfig",
-                  spec: "MethodSpec", samples: dict[str, torch.Tensor], weights_sha256: str) -> AllocationResult:
+                  spec: "MethodSpec", samples: dict[str, torch.Tensor], weights_sha256: str,
+                  ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> AllocationResult:
     """Steps 1–4 of the module docstring on the prepared ``model``; leaves every layer at its chosen bits."""
     t0 = time.time()
     target = get_target(cfg.target)
     x = data.lq[:cfg.mp_sweep_images]
+    qparams = QParams(samples, ranges)
     if target.lean:
-        return allocate_weight_bits(model, layers, x, cfg, spec, t0)
-    qparams = QParams(samples)
+        return allocate_lean(model, layers, x, cfg, spec, qparams, weights_sha256, t0)
     weight_bits = cfg.weight_code_bits(cfg.weight_bits)
     choices = candidate_choices(cfg, weight_bits)
     # Layer statistics and errors first: cheap, and they tell an infeasible budget before the sweep.
@@ -173,55 +180,65 @@ def allocate_bits(model: torch.nn.Module, layers: dict[str, QuantLayer], data, c
     return AllocationResult(meta, files, cache_dir(cfg))
 
 
-def allocate_weight_bits(model: torch.nn.Module, layers: dict[str, QuantLayer], x: torch.Tensor, cfg: "CalibConfig",
-                         spec: "MethodSpec", t0: float) -> AllocationResult:
-    """``--target cpu`` (``calibration.targets.CpuTarget``): the program over each layer's weight bits with
-    errors measured on the image (``weight_bit_errors``: the layer alone at the lower width, the rest as
-    prepared) and costs in weight bytes; leaves every layer at its chosen weight bits (scales searched for
-    them). The higher width's error is 0: the prepared model is the baseline."""
+def allocate_lean(model: torch.nn.Module, layers: dict[str, QuantLayer], x: torch.Tensor, cfg: "CalibConfig",
+                  spec: "MethodSpec", qparams: QParams, weights_sha256: str, t0: float) -> AllocationResult:
+    """The lean targets (``--target cpu`` / ``qnn``, ``calibration.targets.LeanTarget``): the program over each
+    layer's (weight bits, activation bits) options with errors measured on the image against the target's
+    baseline option (``option_errors``) and the target's costs and budgets; leaves every layer at its chosen
+    option (weight scales searched for its bits, activation range from its observed sample)."""
     target = get_target(cfg.target)
     choices = target.choices(cfg, cfg.weight_bits)
-    low, high = min(w for w, _ in choices), max(w for w, _ in choices)
-    stats = {n: LayerStats(weights=l.weight.numel()) for n, l in layers.items()}
+    baseline = target.baseline(choices)
+    stats = layer_sizes(model, layers, x)
     cost = target.cost(cfg)
-    reference = cost.reference(list(stats.values()), high)
-    budget = cfg.mp_budget * reference
+    budget, reference = target.budget(cfg, list(stats.values()))
 
-    def describe(c: float) -> str:
-        return f"{c / reference:.4g} {cost.unit}"
+    def ratio(c: Any) -> Any:
+        return tuple(v / r for v, r in zip(c, reference)) if isinstance(c, tuple) else c / reference
+
+    def describe(c: Any) -> str:
+        r = ratio(c)
+        return (f"({', '.join(f'{v:.4g}' for v in r)}) {cost.unit}" if isinstance(r, tuple) else f"{r:.4g} {cost.unit}")
 
     check_budget({n: [Option(target.option(c), 0.0, cost.of(stats[n], *c)) for c in choices] for n in stats},
                  budget, describe)
-    with torch.no_grad():
-        for layer in layers.values():  # the baseline: every layer at the higher width
-            layer.set_weight_quant(high, weight_scale(layer.weight, high, spec.scale_init))
-        errors = weight_bit_errors(model, layers, x, low, spec)
-    options = {n: [Option(target.option(c), errors[n] if c[0] == low else 0.0, cost.of(stats[n], *c))
-                   for c in choices] for n in stats}
+    errors = option_errors(model, layers, x, choices, baseline, qparams, spec, cfg, weights_sha256)
+    options = {n: [Option(target.option(c), errors[n][c], cost.of(stats[n], *c)) for c in choices] for n in stats}
     sweep_seconds = time.time() - t0
     sol = _solve(options, budget, describe)
     with torch.no_grad():
         for name, layer in layers.items():
-            w_bits = choices[sol.choice[name]][0]
+            w_bits, a_bits = choices[sol.choice[name]]
             if w_bits != layer.weight_bits:
                 layer.set_weight_quant(w_bits, weight_scale(layer.weight, w_bits, spec.scale_init))
-    total = sum(st.weights for st in stats.values())
-    low_share = sum(stats[n].weights for n in layers if choices[sol.choice[n]][0] == low) / total
+            if a_bits != layer.act_bits:
+                layer.set_act_quant(a_bits, *qparams(name, a_bits, act_range_method(a_bits, spec.scale_init)))
+    chosen = {n: choices[sol.choice[n]] for n in layers}
+    low_w, high_a = min(w for w, _ in choices), max(a for _, a in choices)
+    total_p, total_m = sum(st.weights for st in stats.values()), sum(st.macs for st in stats.values())
+    low_share = sum(stats[n].weights for n in layers if chosen[n][0] == low_w) / total_p
+    wide_share = sum(stats[n].macs for n in layers if chosen[n][1] == high_a) / total_m
     top, per_layer = _solution_meta(sol, options, choices, budget, reference, sweep_seconds)
+    mean_act = sum(chosen[n][1] * stats[n].macs for n in layers) / total_m
     meta: dict[str, Any] = {
-        "mode": target.mode, "target": cfg.target, "metric": "image MSE increase (outputs in [0, 1])",
+        "mode": target.mode, "target": cfg.target, "metric": "image MSE change (outputs in [0, 1])",
         "sweep_images": len(x), "cost": cost.name, **cost.notes(reference),
-        "candidates": [target.option(c) for c in choices],
-        "budget": cfg.mp_budget, **top,
+        "candidates": [target.option(c) for c in choices], "baseline": target.option(baseline),
+        "budget": cfg.mp_budget, **({"latency_budget": cfg.mp_latency_budget}
+                                    if cfg.mp_latency_budget is not None else {}),
+        **top,
         "weights_at_low_bits": low_share,
-        "label": target.label(cfg.weight_bits, cfg.act_bits, sol.cost / reference),
-        "layers": {n: {"index": i, "weight_params": stats[n].weights, "error_at_low_bits": errors[n], **per_layer[n]}
+        **({"macs_at_high_act_bits": wide_share} if high_a != min(a for _, a in choices) else {}),
+        "label": target.label(cfg.weight_bits, mean_act, ratio(sol.cost)),
+        "layers": {n: {"index": i, "weight_params": stats[n].weights, "macs": stats[n].macs,
+                       "input_elements": stats[n].elements,
+                       "option_errors": {option_key(c): errors[n][c] for c in choices}, **per_layer[n]}
                    for i, n in enumerate(layers)},
     }
-    dist.log(f"bit allocation: {meta['label']}, {100 * low_share:.1f}% of the weights at W{low} (budget "
+    wide = f", {100 * wide_share:.1f}% of the MACs at A{high_a}" if "macs_at_high_act_bits" in meta else ""
+    dist.log(f"bit allocation: {meta['label']}, {100 * low_share:.1f}% of the weights at W{low_w}{wide} (budget "
              f"{describe(budget)}, achieved {describe(sol.cost)}), solved in {sol.seconds:.2f}s")
     names = list(layers)
-    files = {"allocation.png": bits_plot(target.panels([choices[sol.choice[n]] for n in names]),
-                                         f"bit allocation {meta['label']} (budget {describe(budget)})",
-                                         target.plot_max)}
+    files = {"allocation.png": bits_plot(target.panels([chosen[n] for n in names]),
+                                         f"bit allocation {meta['label']}", target.plot_max)}
     return AllocationResult(meta, files, cache_dir(cfg))

@@ -252,9 +252,11 @@ def smoothing_scale(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float
 
 
 def prepare(model: torch.nn.Module, data: CalibData, cfg: CalibConfig, spec: MethodSpec,
-            samples: dict[str, torch.Tensor] | None = None, sections: dict | None = None) -> dict[str, QuantLayer]:
+            samples: dict[str, torch.Tensor] | None = None, sections: dict | None = None,
+            ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, QuantLayer]:
     """Stages 2–5 on ``model`` (modified in place); returns its quant layers. ``samples``, if given,
-    receives each layer's observed transformed-input sample (what its activation range came from);
+    receives each layer's observed transformed-input sample (what its activation range came from),
+    ``ranges`` its observed extremes (a 16-bit option's range);
     ``sections``, if given, the recipe's "rank_allocation" section where ``rank_budget`` allocates
     the branch ranks (``calibration.ranks``)."""
     patterns = cfg.fp_layers
@@ -302,6 +304,8 @@ def prepare(model: torch.nn.Module, data: CalibData, cfg: CalibConfig, spec: Met
         sample = _act_sample(obs, name, method)
         if samples is not None:
             samples[name] = sample
+        if ranges is not None:
+            ranges[name] = (obs.lo[name], obs.hi[name])
         scale, zp = act_qparams(sample, cfg.act_bits, method)
         layer.set_act_quant(cfg.act_bits, scale, zp)
     if spec.lora_rank:
@@ -336,7 +340,7 @@ def calibrate(cfg: CalibConfig) -> CalibrationResult:
         raise ConfigError(f"--rank-budget allocates low-rank branch ranks; method {cfg.method} has no branch")
     if dist.active() and spec.refine in ("blockwise", "qartsr", "quantvsr"):
         raise ConfigError(f"method {cfg.method} does not run data-parallel yet: run it without torchrun")
-    if get_target(cfg.target).lean:  # --target cpu: no smoothing, rotation or branch (calibration.targets)
+    if get_target(cfg.target).lean:  # --target cpu / qnn: no smoothing, rotation or branch (calibration.targets)
         spec = spec.lean()
     try:
         device, device_error = resolve_device(cfg.device), None
@@ -369,8 +373,9 @@ def _calibrate(cfg: CalibConfig, spec: MethodSpec, device: torch.device) -> Cali
     dist.log(f"{cfg.method} {cfg.bits}: {len(data)} calibration images at {size}px on {describe_device(device)}{ranks}")
     qmodel = copy.deepcopy(fp_model)
     samples: dict[str, torch.Tensor] | None = {} if cfg.mp_budget is not None else None
+    ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if cfg.mp_budget is not None else None
     sections: dict = {}
-    layers = prepare(qmodel, data, cfg, spec, samples, sections)
+    layers = prepare(qmodel, data, cfg, spec, samples, sections, ranges)
     # Every rank computed the same prepared model from the same reduced statistics; rank 0's values are
     # sent anyway, so no kernel's nondeterminism on some device can make the ranks train different models.
     dist.broadcast_module(qmodel)
@@ -378,9 +383,11 @@ def _calibrate(cfg: CalibConfig, spec: MethodSpec, device: torch.device) -> Cali
     if cfg.mp_budget is not None:  # adaptive bit widths (paper §3.4), then the usual refinement with them
         from quantface.calibration.mixed import allocate_bits
 
-        allocation = allocate_bits(qmodel, layers, data, cfg, spec, samples, weights_fingerprint(fp_model))
-        samples = None
-    steps = cfg.steps if cfg.steps is not None else DEFAULT_STEPS.get(spec.refine or "", 0)
+        allocation = allocate_bits(qmodel, layers, data, cfg, spec, samples, weights_fingerprint(fp_model), ranges)
+        samples = ranges = None
+    target = get_target(cfg.target)
+    default_steps = target.default_steps if target.default_steps is not None else DEFAULT_STEPS.get(spec.refine or "", 0)
+    steps = cfg.steps if cfg.steps is not None else default_steps
     stats: dict = {}
     if spec.refine == "distill" and steps:
         from quantface.calibration.distill import distill

@@ -46,7 +46,8 @@ from quantface.calibration.layers import QuantLayer, hooks_removed
 from quantface.calibration.methods import get_method
 from quantface.data import atomic_write_bytes
 from quantface.metrics import ssim_map
-from quantface.quant import EPS, act_qparams, dequantize, qrange, quantize, weight_scale
+from quantface.quant import (EPS, act_qparams, act_qparams_from_range, act_range_method, dequantize, qrange, quantize,
+                             weight_scale)
 
 if TYPE_CHECKING:
     from quantface.calibration.config import CalibConfig
@@ -56,7 +57,7 @@ SWEEP_BATCH = 8
 CACHE_SUFFIX = ".mp_cache"
 # Configuration fields that do not change the sweep's results (the cache ignores them).
 _SWEEP_IRRELEVANT = {"out", "steps", "batch_size", "lr", "scale_lr", "lora_lr", "lambda_perceptual", "lambda_mse",
-                     "checkpoint_every", "resume", "threads", "mp_budget", "mp_candidates", "mp_cost", "target",
+                     "checkpoint_every", "resume", "threads", "mp_budget", "mp_latency_budget", "mp_candidates", "mp_cost", "target",
                      "bits", "fold_lowrank",
                      "rank_budget", "rank_cost"}  # the sweep runs with quantizers off but one: branches cancel
 
@@ -80,16 +81,22 @@ def quantizers_off(layers: dict[str, QuantLayer]):
 
 class QParams:
     """Activation (scale, zero point) per (layer, bits, method) from the layer's observed
-    transformed-input sample, computed once."""
+    transformed-input sample, computed once; ``minmax`` from its observed extremes where ``ranges`` has
+    them (a sample misses them)."""
 
-    def __init__(self, samples: dict[str, torch.Tensor]):
+    def __init__(self, samples: dict[str, torch.Tensor],
+                 ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
         self.samples = samples
+        self.ranges = ranges or {}
         self._cache: dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, name: str, bits: int, method: str = "mse") -> tuple[torch.Tensor, torch.Tensor]:
         key = (name, bits, method)
         if key not in self._cache:
-            self._cache[key] = act_qparams(self.samples[name], bits, method)
+            if method == "minmax" and name in self.ranges:
+                self._cache[key] = act_qparams_from_range(*self.ranges[name], bits)
+            else:
+                self._cache[key] = act_qparams(self.samples[name], bits, method)
         return self._cache[key]
 
 
@@ -224,28 +231,94 @@ def layer_errors(model: torch.nn.Module, layers: dict[str, QuantLayer], x: torch
     return stats
 
 
-def weight_bit_errors(model: torch.nn.Module, layers: dict[str, QuantLayer], x: torch.Tensor, bits: int,
-                      spec: "MethodSpec") -> dict[str, float]:
-    """``--target cpu``'s layer errors, measured on the image: for each layer alone at ``bits``-bit weights
-    (its per-channel scales searched for them as calibration does), every other quantizer as prepared,
-    the increase of the mean squared output error against the FP model (outputs in [0, 1]) on ``x``,
-    floored at 0. One forward pass of ``x`` per layer (progress every 10 layers)."""
+def layer_sizes(model: torch.nn.Module, layers: dict[str, QuantLayer], probe: torch.Tensor) -> dict[str, LayerStats]:
+    """E_i, MACs_i and P_i of every layer (no errors), from one forward pass of ``probe`` (one image)."""
+    stats = {n: LayerStats(weights=l.weight.numel()) for n, l in layers.items()}
+
+    def hook(name: str):
+        def run(module: QuantLayer, args):
+            xt = module.transform_input(args[0].detach())
+            st = stats[name]
+            st.elements = xt[0].numel()
+            st.macs = module._op(xt[:1], module.weight, None)[0].numel() * module.weight[0].numel()
+        return run
+
     with quantizers_off(layers):
-        ref = _forward(model, x)
+        with hooks_removed(l.register_forward_pre_hook(hook(n)) for n, l in layers.items()):
+            _forward(model, probe[:1])
+    return stats
 
-    def mse() -> float:
-        return float(((_to01(_forward(model, x)) - _to01(ref)) ** 2).mean())
 
-    base = mse()
-    errors: dict[str, float] = {}
-    t0 = time.time()
-    for i, (name, layer) in enumerate(layers.items()):
-        saved = (layer.weight_bits, layer.w_scale)
-        layer.set_weight_quant(bits, weight_scale(layer.weight, bits, spec.scale_init))
+def option_key(option: tuple[int, int]) -> str:
+    """An option (weight bits, activation bits) as the error cache's and the recipe's JSON key, "W4A16"."""
+    return f"W{option[0]}A{option[1]}"
+
+
+def option_errors(model: torch.nn.Module, layers: dict[str, QuantLayer], x: torch.Tensor,
+                  options: Sequence[tuple[int, int]], baseline: tuple[int, int], qparams: QParams,
+                  spec: "MethodSpec", cfg: "CalibConfig", weights_sha256: str) -> dict[str, dict[tuple[int, int], float]]:
+    """The lean targets' layer errors (``--target cpu`` / ``qnn``), measured on the image: with every layer at
+    ``baseline`` (w_0, a_0), for each layer alone at each of ``options`` that differs from the baseline in
+    one width (its weight scales searched for w as calibration does, its activation range from its observed
+    sample for a, ``act_range_method``), the change of the mean squared output error against the FP model
+    (outputs in [0, 1]) on ``x``; an option coarser than the baseline cannot help and is floored at 0, a finer
+    one (16-bit activations) is negative where it helps. An option differing in both widths gets the sum of
+    its two one-width changes (first order: measuring it would cost one more pass of ``x`` per layer). One
+    forward pass of ``x`` per layer and measured option (progress every 10 layers); restartable like the
+    sweep (``.<out>.mp_cache/option_errors.json``). Leaves every layer at the baseline."""
+    w0, a0 = baseline
+    measured = [o for o in options if o != baseline and (o[0] == w0 or o[1] == a0)]
+    key = {**sweep_key(cfg, list(layers), weights_sha256), "bits": cfg.bits, "target": cfg.target,
+           "baseline": option_key(baseline), "options": [option_key(o) for o in measured]}
+    path = cache_dir(cfg) / "option_errors.json"
+    done: dict[str, dict[str, float]] = {}
+    if cfg.resume and path.is_file() and dist.is_main():
         try:
-            errors[name] = max(mse() - base, 0.0)
-        finally:
-            layer.weight_bits, layer.w_scale = saved
-        if (i + 1) % 10 == 0 or i + 1 == len(layers):
-            dist.log(f"weight-bit errors: {i + 1}/{len(layers)} layers ({time.time() - t0:.0f}s)")
+            cached = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            cached = {}
+        if isinstance(cached, dict) and cached.get("key") == key:
+            done = {n: r for n, r in cached.get("layers", {}).items() if n in layers}
+            if done:
+                print(f"layer errors: reusing {len(done)} cached layer(s) from {path}")
+    done = dist.broadcast_object(done)
+
+    def set_option(name: str, layer: QuantLayer, w: int, a: int) -> None:
+        if w != layer.weight_bits:
+            layer.set_weight_quant(w, weight_scale(layer.weight, w, spec.scale_init))
+        if a != layer.act_bits:
+            layer.set_act_quant(a, *qparams(name, a, act_range_method(a, spec.scale_init)))
+
+    with torch.no_grad():
+        for name, layer in layers.items():
+            set_option(name, layer, w0, a0)
+        with quantizers_off(layers):
+            ref = _forward(model, x)
+
+        def mse() -> float:
+            return float(((_to01(_forward(model, x)) - _to01(ref)) ** 2).mean())
+
+        base = mse()
+        t0 = time.time()
+        for i, (name, layer) in enumerate(layers.items()):
+            if name not in done:
+                saved = (layer.weight_bits, layer.w_scale, layer.act_bits, layer.a_scale, layer.a_zero_point)
+                row = {}
+                for w, a in measured:
+                    set_option(name, layer, w, a)
+                    change = mse() - base
+                    row[option_key((w, a))] = max(change, 0.0) if w <= w0 and a <= a0 else change
+                    layer.weight_bits, layer.w_scale, layer.act_bits, layer.a_scale, layer.a_zero_point = saved
+                done[name] = row
+                if dist.is_main():
+                    atomic_write_bytes(path, (json.dumps({"key": key, "layers": done}, indent=1) + "\n").encode())
+            if (i + 1) % 10 == 0 or i + 1 == len(layers):
+                dist.log(f"layer errors: {i + 1}/{len(layers)} layers ({time.time() - t0:.0f}s)")
+    errors: dict[str, dict[tuple[int, int], float]] = {}
+    for name in layers:
+        row = {baseline: 0.0, **{o: done[name][option_key(o)] for o in measured}}
+        for w, a in options:
+            if (w, a) not in row:
+                row[w, a] = row[w, a0] + row[w0, a]
+        errors[name] = {o: row[o] for o in options}
     return errors

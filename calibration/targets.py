@@ -8,9 +8,14 @@ target adds a class here, not branches there. No torch: the CLI and the config c
   are one of ``mp_candidates``; the cost is ``mp_cost``: ``elements`` (b · E_i, activation storage /
   traffic in bits) or ``bops`` (b · w_bits · MACs_i, bit operations). ``mp_budget`` is a mean
   activation bit width (element- or MAC-weighted).
-* ``QnnTarget`` (``--target qnn``, hardware-aware): (weight bits ∈ {4, 8}) × (activation bits ∈
-  {8, 16}), the widths Qualcomm's HTP runs; the cost is the layer's bytes (``QNN_BYTE_TABLE``);
-  ``mp_budget`` is a fraction (0, 1] of the all-A16/W8 cost Σ (2 E_i + P_i).
+* ``QnnTarget`` (``--target qnn``, Qualcomm's HTP, the ``qnn`` profile): (weight bits ∈ {4, 8}) ×
+  (activation bits ∈ {8, 16}) per layer, at or above the run's ``--bits``, the widths the HTP runs
+  in integers. Lean like ``cpu``: no online node, so every compute node the HTP gets is an integer
+  QDQ node unit. Two costs, each with its budget: the weight codes' bytes P_i·w/8 (``mp_budget``, a
+  fraction (0, 1] of the all-W8 bytes, default ``QNN_DEFAULT_BUDGET``) and a latency proxy,
+  MACs_i·a/8 (the HTP's 16-bit-activation convolutions run at about half its 8-bit rate;
+  ``mp_latency_budget``, a multiple ≥ 1 of the proxy with every layer at the run's activation bits,
+  default ``QNN_DEFAULT_LATENCY``). Errors measured on the image like ``cpu``'s.
 * ``CpuTarget`` (``--target cpu``, ONNX Runtime's CPU kernels, the ``ort-cpu`` profile): weight bits
   ∈ {4, 8} per layer under 8-bit activations. Every CPU integer kernel reads 8-bit
   codes, so a 4-bit layer buys bytes on disk (INT4-stored codes, ``export.profiles``), not speed; and
@@ -38,9 +43,12 @@ CPU_WEIGHT_BITS = (4, 8)
 # 26 / 62 / 90 % of the weights at W4 (greedy by measured image error per byte), 39.4 dB with all of them
 # (docs/calibration_notes.md, "W4A8 for the CPU").
 CPU_DEFAULT_BUDGET = 0.55
-QNN_BYTE_TABLE = ("bytes of option (w, a) of layer i = E_i·a/8 (input activation elements per image at a bits) "
-                  "+ P_i·w/8 (quantized residual weight parameters at w bits); low-rank branches excluded "
-                  "(FP, identical for every option)")
+# --target qnn's defaults: the same weight-byte share as the CPU's, and at most 10 % more latency proxy than
+# all-A8 (docs/calibration_notes.md, "W4 x A8/A16 for the HTP").
+QNN_DEFAULT_BUDGET = 0.55
+QNN_DEFAULT_LATENCY = 1.1
+QNN_COST_TABLE = ("cost of option (w, a) of layer i = (P_i·w/8 bytes of weight codes, MACs_i·a/8 latency proxy: "
+                  "MACs per image at a-bit activations in 8-bit MAC units)")
 ACT_PLOT_MAX = 8  # y axis of the activation-bits plot of the uniform-weights target (the sweep's B_max)
 
 
@@ -88,15 +96,18 @@ class BopsCost(Cost):
         return weight_bits * sum(s.macs for s in layers)
 
 
-class QnnByteCost(Cost):
-    def of(self, layer: LayerSize, w: int, a: int) -> float:
-        return layer.elements * a / 8 + layer.weights * w / 8
+class QnnCost(Cost):
+    """Two dimensions: weight bytes and the latency proxy (``QNN_COST_TABLE``)."""
 
-    def reference(self, layers: Sequence[LayerSize], weight_bits: int) -> float:
-        return sum(2 * s.elements + s.weights for s in layers)
+    def of(self, layer: LayerSize, w: int, a: int) -> tuple[float, float]:
+        return layer.weights * w / 8, layer.macs * a / 8
 
-    def notes(self, reference: float) -> dict[str, Any]:
-        return {**super().notes(reference), "byte_table": QNN_BYTE_TABLE}
+    def reference(self, layers: Sequence[LayerSize], weight_bits: int) -> tuple[float, float]:
+        """All-W8 bytes; the proxy at ``weight_bits``' partner, the run's activation bits (``QnnTarget.budget``)."""
+        raise NotImplementedError("QnnTarget.reference")
+
+    def notes(self, reference: Any) -> dict[str, Any]:
+        return {**super().notes(list(reference)), "cost_table": QNN_COST_TABLE}
 
 
 class CpuByteCost(Cost):
@@ -112,7 +123,8 @@ COSTS = {
     "bops": BopsCost("bops", "mean activation bits (MAC-weighted)",
                      "bit operations per image (act bits × weight bits × MACs)"),
 }
-QNN_BYTES = QnnByteCost("qnn_bytes", "of the all-A16/W8 bytes", "bytes")
+QNN_COST = QnnCost("qnn_bytes_latency", "of (the all-W8 weight bytes, the all-A8 latency proxy)",
+                   "(bytes of the weight codes, latency proxy MACs·a/8)")
 CPU_BYTES = CpuByteCost("cpu_weight_bytes", "of the all-W8 weight bytes",
                         "bytes of the weight codes (P_i · w / 8: 4-bit codes stored as INT4)")
 
@@ -125,12 +137,20 @@ class UniformWeights:
     mode = "activation_bits"
     lean = False  # whether the target takes no online transform and no low-rank branch (CpuTarget)
     default_budget: float | None = None  # mp_budget when none is given (None: uniform bits)
+    default_latency: float | None = None  # mp_latency_budget when none is given (None: it does not apply)
+    default_steps: int | None = None  # refinement steps when --steps is not given (None: the method's)
     plot_max = ACT_PLOT_MAX
     reduce_range_refusal = ""  # why --reduce-range is refused with this target ("": it is not)
     candidates_refusal = ""  # why --mp-candidates is (its own options instead of mp_candidates)
 
+    def defaults(self, cfg: "CalibConfig") -> tuple[float | None, float | None]:
+        """(mp_budget, mp_latency_budget) when the user gives none."""
+        return self.default_budget, self.default_latency
+
     def check(self, cfg: "CalibConfig") -> None:
         """One-sentence ConfigErrors for the budget (already a positive number, or None)."""
+        if cfg.mp_latency_budget is not None:
+            raise ConfigError("--mp-latency-budget applies to --target qnn")
         if cfg.mp_budget is not None and cfg.mp_budget < min(cfg.mp_candidates):
             raise ConfigError(f"--mp-budget {cfg.mp_budget} mean activation bits is infeasible: the smallest "
                               f"candidate bit width is {min(cfg.mp_candidates)}")
@@ -153,55 +173,98 @@ class UniformWeights:
         return [("chosen activation bits", [a for _, a in chosen])]
 
 
-class QnnTarget(UniformWeights):
-    """``--target qnn``: W4/W8 × A8/A16 per layer, cost in bytes, budget a fraction of all-A16/W8."""
+class LeanTarget(UniformWeights):
+    """A hardware target whose graph has no online node (``MethodSpec.lean``): options (w, a) per layer,
+    errors measured on the image against a baseline option (``calibration.mixed.allocate_lean``)."""
+
+    lean = True
+    cost_words = ""  # what the cost is, for the --mp-cost refusal
+    # No branch to distil: the refinement would train the quantizer scales alone, which no run has measured
+    # to help these targets (docs/calibration_notes.md); --steps N asks for it.
+    default_steps = 0
+
+    def check_lean(self, cfg: "CalibConfig") -> None:
+        if cfg.method == "quantvsr":
+            raise ConfigError(f"--target {self.name} keeps no low-rank branch, which is what --method quantvsr "
+                              f"allocates and trains; use another method")
+        if cfg.mp_cost != "elements":
+            raise ConfigError(f"--mp-cost does not apply with --target {self.name}, whose cost is {self.cost_words}")
+
+    def baseline(self, choices: Sequence[tuple[int, int]]) -> tuple[int, int]:
+        """The option every layer is at while the others' errors are measured: the widest weights at the
+        narrowest activations (the other options differ from it in one width each, or in both)."""
+        return max(w for w, _ in choices), min(a for _, a in choices)
+
+    def budget(self, cfg: "CalibConfig", sizes: Sequence[LayerSize]) -> tuple[Any, Any]:
+        """(budget, reference cost) in the cost's units."""
+        raise NotImplementedError
+
+
+class QnnTarget(LeanTarget):
+    """``--target qnn``: W4/W8 × A8/A16 per layer, no online node; costs weight bytes and a latency proxy."""
 
     name = "qnn"
     mode = "qnn"
     plot_max = 16
+    default_budget = QNN_DEFAULT_BUDGET
+    default_latency = QNN_DEFAULT_LATENCY
+    cost_words = "its weight bytes and latency proxy"
     reduce_range_refusal = ("--reduce-range is for x86 CPUs without VNNI; the QNN HTP (--target qnn) takes "
                             "full-range 8-bit weights")
     candidates_refusal = "--mp-candidates does not apply with --target qnn, whose options are W4/W8 x A8/A16"
 
+    def defaults(self, cfg: "CalibConfig") -> tuple[float | None, float | None]:
+        return (1.0 if cfg.weight_bits == max(QNN_WEIGHT_BITS) else self.default_budget), self.default_latency
+
     def check(self, cfg: "CalibConfig") -> None:
-        if cfg.mp_budget is None:
-            return
-        if cfg.mp_budget > 1:
-            raise ConfigError(f"--mp-budget {cfg.mp_budget} must be a fraction in (0, 1] of the all-A16/W8 bytes "
-                              f"with --target qnn")
-        if cfg.mp_cost != "elements":
-            raise ConfigError("--mp-cost does not apply with --target qnn, whose cost is its byte table")
+        self.check_lean(cfg)
+        if cfg.weight_bits not in QNN_WEIGHT_BITS or cfg.act_bits not in QNN_ACT_BITS:
+            raise ConfigError(f"--target qnn chooses 4- or 8-bit weights and 8- or 16-bit activations per layer, at "
+                              f"or above --bits; use W4A8, W4A16 or W8A8 (not {cfg.bits})")
+        if cfg.weight_bits == max(QNN_WEIGHT_BITS) and cfg.act_bits == max(QNN_ACT_BITS):
+            raise ConfigError("--bits W8A16 leaves --target qnn nothing to choose: every layer would be W8A16; "
+                              "drop --target for a uniform W8A16 graph")
+        low = cfg.weight_bits / 8
+        if cfg.mp_budget is not None and not low <= cfg.mp_budget <= 1:
+            raise ConfigError(f"--mp-budget {cfg.mp_budget} must be a fraction in [{low:g}, 1] of the all-W8 weight "
+                              f"bytes with --target qnn and --bits {cfg.bits}")
+        if cfg.mp_latency_budget is not None and cfg.mp_latency_budget < 1:
+            raise ConfigError(f"--mp-latency-budget {cfg.mp_latency_budget} must be at least 1 (a multiple of the "
+                              f"latency proxy with every layer at {cfg.act_bits}-bit activations)")
 
     def choices(self, cfg: "CalibConfig", weight_bits: int) -> list[tuple[int, int]]:
-        return [(w, a) for w in QNN_WEIGHT_BITS for a in QNN_ACT_BITS]
+        return [(w, a) for w in QNN_WEIGHT_BITS if w >= cfg.weight_bits for a in QNN_ACT_BITS if a >= cfg.act_bits]
 
     def cost(self, cfg: "CalibConfig") -> Cost:
-        return QNN_BYTES
+        return QNN_COST
+
+    def budget(self, cfg: "CalibConfig", sizes: Sequence[LayerSize]) -> tuple[Any, Any]:
+        reference = (float(sum(s.weights for s in sizes)), sum(s.macs for s in sizes) * cfg.act_bits / 8)
+        return (cfg.mp_budget * reference[0], cfg.mp_latency_budget * reference[1]), reference
 
     def option(self, choice: tuple[int, int]) -> Any:
         return choice
 
-    def label(self, weight_bits: int, mean_act_bits: float, budget_fraction: float) -> str:
-        return f"qnn {budget_fraction:.3f} of A16/W8 bytes"
+    def label(self, weight_bits: int, mean_act_bits: float, budget_fraction: Any) -> str:
+        return (f"qnn {budget_fraction[0]:.3f} of W8 weight bytes, {budget_fraction[1]:.3f}x A{min(QNN_ACT_BITS)} latency "
+                f"(mean A{mean_act_bits:.2f})")
 
     def panels(self, chosen: Sequence[tuple[int, int]]) -> list[tuple[str, list[int]]]:
         return [*super().panels(chosen), ("chosen weight bits", [w for w, _ in chosen])]
 
 
-class CpuTarget(UniformWeights):
+class CpuTarget(LeanTarget):
     """``--target cpu``: W4/W8 per layer under 8-bit activations, no online node, cost in weight
     bytes, budget a fraction of all-W8; errors measured on the image."""
 
     name = "cpu"
     mode = "cpu_weight_bits"
-    lean = True
     default_budget = CPU_DEFAULT_BUDGET
+    cost_words = "the weights' bytes"
     candidates_refusal = "--mp-candidates does not apply with --target cpu, whose options are W4/W8 weights"
 
     def check(self, cfg: "CalibConfig") -> None:
-        if cfg.method == "quantvsr":
-            raise ConfigError("--target cpu keeps no low-rank branch, which is what --method quantvsr allocates and "
-                              "trains; use another method")
+        self.check_lean(cfg)
         if cfg.weight_bits != 4 or cfg.act_bits != 8:
             raise ConfigError(f"--target cpu chooses 4- or 8-bit weights per layer under 8-bit activations (the CPU "
                               f"kernels' container); use --bits W4A8 (not {cfg.bits})")
@@ -211,14 +274,19 @@ class CpuTarget(UniformWeights):
         if cfg.mp_budget is not None and cfg.mp_budget < 0.5:
             raise ConfigError(f"--mp-budget {cfg.mp_budget} is infeasible with --target cpu: every layer at W4 is "
                               f"0.5 of the all-W8 weight bytes")
-        if cfg.mp_cost != "elements":
-            raise ConfigError("--mp-cost does not apply with --target cpu, whose cost is the weights' bytes")
+        if cfg.mp_latency_budget is not None:
+            raise ConfigError("--mp-latency-budget applies to --target qnn (the CPU options do not change the "
+                              "activation width)")
 
     def choices(self, cfg: "CalibConfig", weight_bits: int) -> list[tuple[int, int]]:
         return [(cfg.weight_code_bits(w), cfg.act_bits) for w in CPU_WEIGHT_BITS]
 
     def cost(self, cfg: "CalibConfig") -> Cost:
         return CPU_BYTES
+
+    def budget(self, cfg: "CalibConfig", sizes: Sequence[LayerSize]) -> tuple[Any, Any]:
+        reference = float(sum(s.weights for s in sizes))
+        return cfg.mp_budget * reference, reference
 
     def option(self, choice: tuple[int, int]) -> Any:
         return choice[0]

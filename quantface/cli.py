@@ -124,7 +124,8 @@ def _mp_args(a: argparse.Namespace) -> dict:
 
     given = {k: v for k, v in [("mp_candidates", a.mp_candidates), ("mp_epsilon", a.mp_epsilon),
                                ("mp_metric", a.mp_metric), ("mp_sweep_images", a.mp_sweep_images),
-                               ("mp_cost", a.mp_cost), ("target", a.target)] if v is not None}
+                               ("mp_cost", a.mp_cost), ("target", a.target),
+                               ("mp_latency_budget", a.mp_latency_budget)] if v is not None}
     from quantface.calibration.targets import get_target
 
     if a.mp_budget is None and given and get_target(a.target).default_budget is None:
@@ -301,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     from quantface.calibration import METHODS, CalibConfig
     from quantface.calibration.config import BITS_FORMS, DEFAULT_EPSILON, FOLD_MIN_WEIGHT_BITS, FOLD_POLICIES
     from quantface.calibration.methods import DEFAULT_STEPS
-    from quantface.calibration.targets import CPU_DEFAULT_BUDGET
+    from quantface.calibration.targets import CPU_DEFAULT_BUDGET, QNN_DEFAULT_BUDGET, QNN_DEFAULT_LATENCY
     from quantface.config import SHIPPED_LFW
 
     d = CalibConfig()
@@ -379,8 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("adaptive bit widths (QuantFace-MP, calibration.mixed)")
     g.add_argument("--mp-budget", type=float, default=None,
                    help="allocate activation bits per layer: mean activation bits (e.g. 4.0), or with "
-                        "--target qnn a fraction in (0, 1] of the all-A16/W8 bytes, with --target cpu of the all-W8 "
-                        "weight bytes")
+                        "--target qnn / cpu a fraction in (0, 1] of the all-W8 weight bytes")
+    g.add_argument("--mp-latency-budget", type=float, default=None,
+                   help="--target qnn: the latency proxy's budget (MACs x activation bits / 8), a multiple >= 1 of its "
+                        "value with every layer at --bits' activations (default %.2f)" % QNN_DEFAULT_LATENCY)
     g.add_argument("--mp-candidates", default=None,
                    help=f"activation bit widths to choose from (default: {','.join(map(str, d.mp_candidates))})")
     g.add_argument("--mp-epsilon", type=float, default=None,
@@ -393,9 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mp-cost", default=None, choices=["elements", "bops"],
                    help=f"layer cost: bits x input elements, or bits x weight bits x MACs (default: {d.mp_cost})")
     g.add_argument("--target", default=None, choices=["qnn", "cpu"],
-                   help="hardware-aware options: qnn (Qualcomm HTP) W4/W8 x A8/A16, cost in bytes; cpu (ONNX Runtime's "
-                        "CPU kernels, --profile ort-cpu) W4/W8 weights under A8, no smoothing, rotation or branch, "
-                        "cost in weight bytes (default --mp-budget %.2f of all-W8)" % CPU_DEFAULT_BUDGET)
+                   help="hardware-aware options, no smoothing, rotation or branch (every node integer), errors measured "
+                        "on the image: qnn (Qualcomm HTP, --profile qnn) W4/W8 x A8/A16 at or above --bits, cost in "
+                        "weight bytes (default --mp-budget %.2f of all-W8) and a latency proxy; cpu (ONNX Runtime's "
+                        "CPU kernels, --profile ort-cpu) W4/W8 weights under A8, cost in weight bytes (default "
+                        "--mp-budget %.2f)" % (QNN_DEFAULT_BUDGET, CPU_DEFAULT_BUDGET))
     p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("export", help="export a recipe (or the FP model) as a QDQ ONNX graph")

@@ -25,7 +25,7 @@ from quantface.calibration.recipe import apply_recipe
 from quantface.calibration.run import CalibData, prepare
 from quantface.cli import main
 from quantface.errors import ConfigError
-from quantface.quant import act_qparams, check_bits, dequantize, qrange, quantize, weight_scale
+from quantface.quant import act_qparams, act_qparams_from_range, check_bits, dequantize, qrange, quantize, weight_scale
 
 
 FP_UNET = ("encoder.*", "prompt_embedder.*", "unet.*")
@@ -108,14 +108,22 @@ def test_costs_and_budgets_of_each_mode():
     cfg = CalibConfig(mp_budget=4.0, mp_cost="bops")  # M = b · w_bits · MACs
     opts, budget, _, _ = build_problem(stats(choices), sens, choices, cfg, 4)
     assert [o.cost for o in opts["a"]] == [12000, 16000, 20000, 24000] and budget == 4.0 * 4 * 1500
-    cfg = CalibConfig(mp_budget=0.4, target="qnn")  # bytes: E·a/8 + P·w/8; budget a fraction of Σ(2E + P)
-    choices = candidate_choices(cfg, 4)
-    assert choices == [(4, 8), (4, 16), (8, 8), (8, 16)]
-    opts, budget, describe, _ = build_problem(stats(choices), sens, choices, cfg, 4)
-    assert [o.cost for o in opts["a"]] == [125, 225, 150, 250] and budget == 0.4 * (250 + 610)
-    with pytest.raises(ConfigError, match=r"the bit budget 0.4 of the all-A16/W8 bytes is infeasible: "
-                                          r"the minimum achievable is 0.5 of the all-A16/W8 bytes"):
-        check_budget(opts, budget, describe)
+    # --target qnn: options at or above --bits; costs (weight bytes P·w/8, latency proxy MACs·a/8); budgets
+    # fractions of the all-W8 bytes and multiples of the proxy at --bits' activations.
+    from quantface.calibration.targets import get_target
+
+    qnn = get_target("qnn")
+    cfg = CalibConfig(bits="W4A8", target="qnn", mp_budget=0.6, mp_latency_budget=1.2)
+    assert qnn.choices(cfg, 4) == [(4, 8), (4, 16), (8, 8), (8, 16)] and qnn.baseline(qnn.choices(cfg, 4)) == (8, 8)
+    assert qnn.choices(CalibConfig(bits="W8A8", target="qnn"), 8) == [(8, 8), (8, 16)]
+    assert qnn.choices(CalibConfig(bits="W4A16", target="qnn"), 4) == [(4, 16), (8, 16)]
+    layers = stats([])
+    assert qnn.cost(cfg).of(layers["a"], 4, 16) == (25.0, 2000.0)
+    budget, reference = qnn.budget(cfg, list(layers.values()))
+    assert reference == (60.0, 1500.0) and budget == pytest.approx((0.6 * 60, 1.2 * 1500))
+    assert CalibConfig(bits="W4A8", target="qnn").mp_budget == 0.55  # the defaults
+    assert CalibConfig(bits="W4A8", target="qnn").mp_latency_budget == 1.1
+    assert CalibConfig(bits="W8A8", target="qnn").mp_budget == 1.0  # nothing to save on W8 weights
 
 
 # ---------------------------------------------------------------------------------- measurements
@@ -136,6 +144,52 @@ def test_layer_error_is_the_quantized_product_error():
     assert stats.sq_error[4, 3] == pytest.approx(expected, rel=1e-12)
     assert stats.sq_error[8, 16] < stats.sq_error[4, 3] / 100
     assert layer.weight_bits == 4 and layer.act_bits is None  # quantizer state restored
+
+
+def test_option_errors_are_image_errors_one_width_at_a_time(tmp_path):
+    """Each layer alone at an option, the rest at the baseline: the change of the output's MSE to FP; a coarser
+    option floored at 0, a finer one signed; an option differing in both widths the sum of its two; layer
+    sizes from one pass; the baseline state left behind; a second call reuses the cache."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 3, 1))
+    layers = wrap_layers(model)
+    x = torch.rand(4, 3, 8, 8) * 2 - 1
+    samples = {n: torch.rand(500) * 4 - 2 for n in layers}
+    ranges = {n: (torch.tensor(-2.5), torch.tensor(2.5)) for n in layers}
+    qp = QParams(samples, ranges)
+    assert torch.equal(qp("0", 16, "minmax")[0], act_qparams_from_range(-2.5, 2.5, 16)[0])
+    for name, layer in layers.items():
+        layer.set_weight_quant(4, weight_scale(layer.weight, 4))
+        layer.set_act_quant(8, *qp(name, 8))
+    cfg = CalibConfig(bits="W4A8", target="qnn", out=str(tmp_path / "r"))
+    spec = get_method("quantface").lean()
+    options = [(4, 8), (4, 16), (8, 8), (8, 16)]
+    errors = sensitivity.option_errors(model, layers, x, options, (8, 8), qp, spec, cfg, "sha")
+    sizes = sensitivity.layer_sizes(model, layers, x)
+    assert sizes["0"].macs == 8 * 8 * 8 * 27 and sizes["0"].elements == 3 * 8 * 8 and sizes["2"].weights == 24
+
+    def mse() -> float:
+        with torch.no_grad():
+            with sensitivity.quantizers_off(layers):
+                ref = model(x)
+            return float(((((model(x).clamp(-1, 1) + 1) / 2).double() - ((ref.clamp(-1, 1) + 1) / 2).double()) ** 2
+                          ).mean())
+
+    assert all((l.weight_bits, l.act_bits) == (8, 8) for l in layers.values())  # left at the baseline
+    base = mse()
+    layer = layers["0"]
+    layer.set_weight_quant(4, weight_scale(layer.weight, 4))
+    assert errors["0"][4, 8] == pytest.approx(max(mse() - base, 0.0), rel=1e-9, abs=1e-15)
+    layer.set_weight_quant(8, weight_scale(layer.weight, 8))
+    layer.set_act_quant(16, *qp("0", 16, "minmax"))
+    assert errors["0"][8, 16] == pytest.approx(mse() - base, rel=1e-9, abs=1e-15)
+    assert all(e[8, 8] == 0.0 and e[4, 8] >= 0 and e[4, 16] == e[4, 8] + e[8, 16] for e in errors.values())
+    cache = tmp_path / ".r.mp_cache" / "option_errors.json"
+    assert cache.is_file()
+    with torch.no_grad():
+        layers["2"].weight.mul_(2)  # a changed model under the same fingerprint: only a reused cache matches
+    again = sensitivity.option_errors(model, layers, x, options, (8, 8), qp, spec, cfg, "sha")
+    assert again == errors
 
 
 @pytest.mark.parametrize("metric", ["ssim", "psnr", "lpips"])
@@ -280,25 +334,37 @@ def test_mixed_bits_round_trip_through_the_recipe(image_folder, tmp_path, tiny_w
             assert (hi - lo) / e["act_scale"] == pytest.approx(2 ** e["act_bits"] - 1, rel=1e-5)
 
 
-def test_qnn_target_16_bit_activations_round_trip_and_export(image_folder, tmp_path, tiny_weights, tiny_model):
+def test_qnn_target_mixes_w4_w8_and_a8_a16_within_both_budgets_and_exports(image_folder, tmp_path, tiny_weights,
+                                                                            tiny_model):
+    """--target qnn: (W4/W8) x (A8/A16) per layer, no smoothing, rotation or branch, weight bytes and latency
+    proxy each within its budget; 16-bit activations export as UINT16 in every profile, the qnn graph passes the
+    static QNN check, and each profile matches the PyTorch simulation layer by layer."""
     onnx = pytest.importorskip("onnx")
     from quantface.export import ExportConfig, OnnxBackend, export_onnx, qnn_report
     from quantface.export.peers import cpu_has_vnni
     from tests.parity import layer_parity
 
-    result = calibrate(_mp_cfg(image_folder, tmp_path, tiny_weights, "qnn", mp_budget=0.75, target="qnn",
-                               mp_cost="elements"))
+    result = calibrate(_mp_cfg(image_folder, tmp_path, tiny_weights, "qnn", bits="W4A8", target="qnn",
+                               mp_budget=0.7, mp_latency_budget=1.5, steps=0))
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         ours = result.model(x)
         assert torch.equal(apply_recipe(tiny_model, result.recipe)(x), ours)
     meta = json.loads((result.recipe / "recipe.json").read_text())
-    alloc = meta["allocation"]
-    pairs = {(e["weight_bits"], e["act_bits"]) for e in meta["layers"].values()}
-    assert pairs <= {(4, 8), (4, 16), (8, 8), (8, 16)} and len(pairs) > 1
-    assert 16 in {a for _, a in pairs}
-    assert alloc["achieved_cost"] <= alloc["budget_cost"] == pytest.approx(0.75 * alloc["reference_cost"])
-    # 16-bit activations export as UINT16 in every profile, and ONNX Runtime (CPU) runs them.
+    alloc, layers = meta["allocation"], meta["layers"]
+    pairs = {(e["weight_bits"], e["act_bits"]) for e in layers.values()}
+    assert pairs <= {(4, 8), (4, 16), (8, 8), (8, 16)}
+    assert {w for w, _ in pairs} == {4, 8} and {a for _, a in pairs} == {8, 16}
+    assert all(not e["smoothing"] and not e["hadamard"] and e["lowrank_rank"] == 0 for e in layers.values())
+    a = alloc["layers"]
+    spent = (sum(a[n]["weight_params"] * layers[n]["weight_bits"] / 8 for n in layers),
+             sum(a[n]["macs"] * layers[n]["act_bits"] / 8 for n in layers))
+    assert spent == pytest.approx(tuple(alloc["achieved_cost"]))
+    assert spent[0] <= 0.7 * sum(a[n]["weight_params"] for n in layers) + 1e-6
+    assert spent[1] <= 1.5 * sum(a[n]["macs"] for n in layers) + 1e-6
+    # 16-bit activations help (negative error) where the program took them; W4 never helps.
+    assert all(a[n]["option_errors"]["W8A16"] <= 0 or layers[n]["act_bits"] == 8 for n in layers)
+    assert all(a[n]["option_errors"]["W4A8"] >= 0 for n in layers)
     for profile in ("qnn", "reference", "ort-cpu"):
         out = tmp_path / f"{profile}.onnx"
         export_onnx(ExportConfig(weights=str(tiny_weights), recipe=str(result.recipe), profile=profile, out=str(out)))
@@ -306,7 +372,7 @@ def test_qnn_target_16_bit_activations_round_trip_and_export(image_folder, tmp_p
         zp_types = {i.name[: -len(".act_zero_point")]: i.data_type for i in model.graph.initializer
                     if i.name.endswith(".act_zero_point")}
         for name, t in zp_types.items():
-            bits = meta["layers"][name]["act_bits"]
+            bits = layers[name]["act_bits"]
             assert t == (onnx.TensorProto.UINT16 if bits == 16 else onnx.TensorProto.UINT8)
         assert onnx.TensorProto.UINT16 in zp_types.values()
         if profile == "qnn":
@@ -314,12 +380,12 @@ def test_qnn_target_16_bit_activations_round_trip_and_export(image_folder, tmp_p
         # ort-cpu and qnn requantize the outputs of 8-bit-input convs: simulated too. Parity layer by layer
         # (tests.parity); end to end only "the quantized model, not the FP one" (code flips cascade).
         qmodel = apply_recipe(tiny_model, result.recipe, requant_outputs=profile != "reference")
-        layers = layer_parity(out, qmodel, x[:1].numpy())
+        parity = layer_parity(out, qmodel, x[:1].numpy())
         # On x86 CPUs without VNNI, ONNX Runtime's U8S8 integer kernels saturate int16 pair sums when 8-bit
         # weight codes meet 8-bit activation codes (tools/check_u8s8_saturation.py): those layers cannot be
         # bit-exact there; every other layer must be.
-        exact = {n: p for n, p in layers.items() if cpu_has_vnni() is not False
-                 or (meta["layers"][n]["weight_bits"], meta["layers"][n]["act_bits"]) != (8, 8)}
+        exact = {n: p for n, p in parity.items() if cpu_has_vnni() is not False
+                 or (layers[n]["weight_bits"], layers[n]["act_bits"]) != (8, 8)}
         assert exact and all(p.rel_l2 <= 1e-4 and p.exact_fraction >= 0.99 for p in exact.values())
         got = OnnxBackend(out)(x.numpy())
         with torch.no_grad():
@@ -350,9 +416,8 @@ def test_cpu_target_chooses_w4_or_w8_per_layer_with_no_online_node(image_folder,
     # The program's optimum: no W8 layer could move to W4 within the budget at a smaller error than a W4 one.
     w4 = [n for n in layers if layers[n]["weight_bits"] == 4]
     assert all(alloc["layers"][n]["errors"][0] >= 0 for n in layers) and w4
-    # The errors are what the image shows: the one layer alone at W4 moves the output by that much.
-    name = max(layers, key=lambda n: alloc["layers"][n]["error_at_low_bits"])
-    assert alloc["layers"][name]["error_at_low_bits"] > 0
+    name = max(layers, key=lambda n: alloc["layers"][n]["option_errors"]["W4A8"])
+    assert alloc["layers"][name]["option_errors"]["W4A8"] > 0 and alloc["layers"][name]["option_errors"]["W8A8"] == 0
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     qmodel = apply_recipe(tiny_model, result.recipe, requant_outputs=True)
     paths, constant = {}, set()
@@ -392,7 +457,8 @@ def test_config_round_trip_and_validation():
     cfg = CalibConfig(mp_budget=3.5, mp_candidates=(2, 3, 4, 8), mp_epsilon=1e-3, mp_metric="psnr",
                       mp_cost="bops", mp_sweep_images=4)
     assert CalibConfig.from_json(cfg.to_json()) == cfg
-    assert CalibConfig.from_json(CalibConfig(mp_budget=0.5, target="qnn").to_json()).target == "qnn"
+    qnn = CalibConfig(bits="W4A8", mp_budget=0.5, mp_latency_budget=1.3, target="qnn")
+    assert CalibConfig.from_json(qnn.to_json()) == qnn
     cpu = CalibConfig(bits="W4A8", target="cpu")  # its default budget
     assert cpu.mp_budget == 0.55 and CalibConfig.from_json(cpu.to_json()) == cpu
     for kw, message in [
@@ -403,8 +469,14 @@ def test_config_round_trip_and_validation():
         (dict(mp_budget=4.0, mp_candidates=(3, 3)), "lists a bit width twice"),
         (dict(mp_budget=4.0, mp_metric="lpips"), "needs local LPIPS weights"),
         (dict(mp_budget=4.0, mp_metric="mse"), "is not one of ssim, psnr, lpips"),
-        (dict(mp_budget=1.5, target="qnn"), "must be a fraction in \\(0, 1\\]"),
-        (dict(target="qnn"), "needs --mp-budget"),
+        (dict(bits="W4A8", mp_budget=1.5, target="qnn"), "must be a fraction in \\[0.5, 1\\] of the all-W8 weight"),
+        (dict(bits="W4A8", mp_budget=0.4, target="qnn"), "must be a fraction in \\[0.5, 1\\]"),
+        (dict(bits="W4A8", mp_latency_budget=0.9, target="qnn"), "--mp-latency-budget 0.9 must be at least 1"),
+        (dict(bits="W4A4", target="qnn"), "use W4A8, W4A16 or W8A8 \\(not W4A4\\)"),
+        (dict(bits="W8A16", target="qnn"), "leaves --target qnn nothing to choose"),
+        (dict(bits="W4A8", target="qnn", method="quantvsr"), "--target qnn keeps no low-rank branch"),
+        (dict(mp_budget=4.0, mp_latency_budget=1.2), "--mp-latency-budget applies to --target qnn"),
+        (dict(bits="W4A8", target="cpu", mp_latency_budget=1.2), "--mp-latency-budget applies to --target qnn"),
         (dict(bits="W4A8", target="cpu", mp_budget=0.4), "infeasible with --target cpu: every layer at W4 is 0.5"),
         (dict(bits="W4A8", target="cpu", mp_budget=1.5), "must be a fraction in \\(0, 1\\] of the all-W8 weight"),
         (dict(bits="W4A4", target="cpu"), "use --bits W4A8 \\(not W4A4\\)"),
@@ -421,7 +493,7 @@ def test_config_round_trip_and_validation():
     (["--mp-candidates", "3,4"], "--mp-candidates only applies to adaptive bit widths; give --mp-budget too"),
     (["--mp-budget", "2", "--mp-candidates", "3,4"],
      "--mp-budget 2.0 mean activation bits is infeasible: the smallest candidate bit width is 3"),
-    (["--mp-budget", "0.5", "--target", "qnn", "--mp-candidates", "3,4"],
+    (["--mp-budget", "0.5", "--target", "qnn", "--bits", "W4A8", "--mp-candidates", "3,4"],
      "--mp-candidates does not apply with --target qnn, whose options are W4/W8 x A8/A16"),
     (["--target", "cpu", "--bits", "W4A4"], "--target cpu chooses 4- or 8-bit weights per layer under 8-bit "
      "activations (the CPU kernels' container); use --bits W4A8 (not W4A4)"),
