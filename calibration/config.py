@@ -21,6 +21,7 @@ BITS_FORMS = (f"W<w>A<a> with w in {MIN_BITS}..{MAX_BITS} and a in {MIN_BITS}..{
               f"e.g. W8A8, W4A8, W6A6, W4A6, W4A4, W8A16, W4A16")
 METRICS = ("ssim", "psnr", "lpips")
 COSTS = tuple(COST_MODELS)  # elements, bops (calibration.targets)
+WEIGHT_ROUNDINGS = ("nearest", "gptq")
 TARGETS = tuple(TARGET_CLASSES)  # qnn (calibration.targets)
 # Deviation thresholds ε of the sensitivity sweep (docs/calibration_notes.md says why 1e-5 for 1 − SSIM).
 DEFAULT_EPSILON = {"ssim": 1e-5, "psnr": 1e-7, "lpips": 5e-4}
@@ -97,6 +98,9 @@ class CalibConfig(JsonConfig):
     threads: int | None = None
     device: str = "auto"  # auto (CUDA when torch sees a GPU, else CPU) | cpu | cuda | cuda:N
     # Adaptive bit-width allocation (calibration.mixed); mp_budget None keeps uniform bits.
+    # Weight codes: round to nearest on the searched scales, or GPTQ (calibration.gptq) where no branch is left;
+    # None: the method's (MethodSpec.weight_rounding)
+    weight_rounding: str | None = None
     # mean activation bits, or with target 'qnn' / 'cpu' a fraction of the all-W8 weight bytes
     mp_budget: float | None = None
     # target 'qnn': the latency proxy's budget, a multiple of its all-A8 value (calibration.targets)
@@ -119,6 +123,12 @@ class CalibConfig(JsonConfig):
         parse_bits(self.bits)
         if self.fold_lowrank not in FOLD_POLICIES:
             raise ConfigError(f"--fold-lowrank {self.fold_lowrank!r} is not one of {', '.join(FOLD_POLICIES)}")
+        if self.weight_rounding is None:
+            from quantface.calibration.methods import METHODS
+
+            self.weight_rounding = METHODS[self.method].weight_rounding if self.method in METHODS else "nearest"
+        if self.weight_rounding not in WEIGHT_ROUNDINGS:
+            raise ConfigError(f"--weight-rounding {self.weight_rounding!r} is not one of {', '.join(WEIGHT_ROUNDINGS)}")
         if self.rank < 1:
             raise ConfigError(f"--rank {self.rank} must be at least 1")
         if self.rotate_min_channels < 1:

@@ -284,6 +284,19 @@ class QuantLayer(nn.Module):
         self.rounding = None
         return codes
 
+    def set_weight_codes(self, codes: torch.Tensor) -> None:
+        """Install integer weight codes (e.g. ``calibration.gptq``'s) on the current scales: the weight becomes
+        codes · s, so ``freeze``'s round to nearest gives back exactly these codes. Before ``freeze``; a layer
+        with quantized weights and no branch (whose residual is the weight itself)."""
+        if self.frozen or self.weight_bits is None or self.lowrank is not None or self.lora is not None:
+            raise ConfigError(f"layer {self.name}: only an unfrozen layer with quantized weights and no branch can "
+                              f"take weight codes")
+        qmin, qmax = qrange(self.weight_bits, signed=True)
+        if codes.min() < qmin or codes.max() > qmax or not torch.equal(codes, torch.round(codes)):
+            raise ValueError(f"layer {self.name}: weight codes outside the {self.weight_bits}-bit range")
+        with torch.no_grad():
+            self.weight = dequantize(codes.to(self.weight), self._w_scale_view().detach().clamp_min(EPS), 0.0)
+
     def fold_lowrank(self, scale_method: str = "mse") -> None:
         """Fold the branches into the quantized weight: W = R + L1·L2 + A·B (float32), fresh per-output-
         channel scales for it (``quantface.quant.weight_scale``, ``scale_method``), branches dropped. The

@@ -35,6 +35,10 @@ class MethodSpec:
     # None: the branch ranks are uniform unless --rank-budget (calibration.ranks); "stca": always allocated
     # from a per-layer activation complexity under the budget (QuantVSR's STCA, calibration.quantvsr).
     rank_allocation: str | None = None
+    # Weight codes where no float branch is left (``calibration.gptq``): "nearest" or "gptq". Ours (quantface)
+    # takes GPTQ, measured better at W8 and on the lean targets (docs/calibration_notes.md, "GPTQ codes"); the
+    # baselines keep the rounding their papers use.
+    weight_rounding: str = "nearest"
 
     @property
     def has_branch(self) -> bool:
@@ -143,7 +147,7 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in [
         "from the paper with 8-bit weights and 8-bit (or 16-bit) activations: no smoothing and no rotation "
         "there, for their online nodes' cost (docs/calibration_notes.md).",
         smoothing=True, hadamard=True, svd_rank=1, lora_rank=1, refine="distill", learn_scales=True,
-        balance_below_bits=8,
+        balance_below_bits=8, weight_rounding="gptq",
     ),
 ]}
 

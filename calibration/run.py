@@ -413,6 +413,11 @@ def _calibrate(cfg: CalibConfig, spec: MethodSpec, device: torch.device) -> Cali
     for layer in layers.values():
         if cfg.folds_lowrank(layer.weight_bits):
             layer.fold_lowrank(spec.scale_init)
+    if cfg.weight_rounding == "gptq":  # codes chosen against each layer's input statistics (calibration.gptq)
+        from quantface.calibration.gptq import apply_gptq
+
+        apply_gptq(qmodel, layers, data.lq[:cfg.stat_images], cfg.seed)
+    for layer in layers.values():
         layer.freeze()
     # Frozen means inference only. It also matters for bit-exactness: torch's matmul folds batch
     # dimensions differently when an operand requires grad, so a recipe reloaded without grads

@@ -151,7 +151,7 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
                       steps=a.steps, trq_steps=a.trq_steps, e2e_steps=a.e2e_steps, timestep_lr=a.timestep_lr,
                       lba_steps=a.lba_steps, lba_lr=a.lba_lr,
                       batch_size=a.batch_size, lr=a.lr, scale_lr=a.scale_lr, lora_lr=a.lora_lr,
-                      fold_lowrank=a.fold_lowrank, reduce_range=a.reduce_range,
+                      fold_lowrank=a.fold_lowrank, reduce_range=a.reduce_range, weight_rounding=a.weight_rounding,
                       lpips_backbone=a.lpips_backbone, lpips_lin=a.lpips_lin, lpips_net=a.lpips_net,
                       fp_layers=tuple(a.fp_layers), resume=not a.no_resume, threads=a.threads, device=a.device,
                       rank_budget=a.rank_budget, rank_cost=a.rank_cost, **_mp_args(a))
@@ -355,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold-lowrank", default=d.fold_lowrank, choices=list(FOLD_POLICIES),
                    help=f"fold the merged low-rank branch into the weight before its codes are fixed: auto = where "
                         f"weights have >= {FOLD_MIN_WEIGHT_BITS} bits (no float branch left; default), never, always")
+    p.add_argument("--weight-rounding", default=None, choices=["nearest", "gptq"],
+                   help="weight codes: round to nearest on the searched scales, or GPTQ (each layer's rounding errors "
+                        "compensated under its input statistics; layers with no float branch left) (default: gptq "
+                        "for quantface, nearest for the other methods)")
     p.add_argument("--reduce-range", action="store_true",
                    help="8-bit weights as 7-bit codes in their INT8 container (ONNX Runtime's reduce_range): exact "
                         "ort-cpu results on x86 CPUs without VNNI, whose U8S8 kernels saturate with full-range "

@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from quantface import __version__
 from quantface.config import JsonConfig
 from quantface.data import atomic_write_bytes
@@ -73,6 +75,7 @@ class DeployBenchConfig(JsonConfig):
     threads: int = 2
     repeats: int = 30
     profile_runs: int = 20
+    htp_faces: int = 2  # test faces each HTP graph runs on the emulated HTP for its HTP-vs-CPU-EP parity (0: none)
     reduce_range: bool | None = None  # None: quantize_static's CPU guidance for this machine
     workdir: str | None = None  # keep the FP32 and peer graphs here (default: a temporary folder)
     out: str | None = None  # Markdown
@@ -93,12 +96,18 @@ class DeployBenchConfig(JsonConfig):
                 raise ConfigError(f"{label} {n} must be at least 1")
         if min(self.threads, self.repeats, self.profile_runs) < 1:
             raise ConfigError("--threads, --repeats and --profile-runs must be positive")
+        if isinstance(self.htp_faces, bool) or not isinstance(self.htp_faces, int) or self.htp_faces < 0:
+            raise ConfigError(f"--htp-faces {self.htp_faces!r} must be a non-negative integer")
         names = [FP32, *self.peers, *(g.name for g in self.graphs)]
         if len(set(names)) != len(names):
             raise ConfigError(f"graph names must be unique (FP32 and the peer names are taken): {', '.join(names)}")
         for g in self.graphs:
             if not Path(g.path).is_file():
                 raise ConfigError(f"--graph {g.name}: ONNX model {g.path} does not exist")
+
+
+def _fmt_db(x: float | str) -> str:
+    return f"{x:.2f} dB" if isinstance(x, float) else f"{x} dB"
 
 
 def _finite(x: float) -> float | str:
@@ -134,22 +143,34 @@ def _htp_graph(row: dict) -> bool:
     return row["kind"] == "ours" and row["export"].get("profile") == "qnn"
 
 
-def _htp_placement(rows: dict[str, dict]) -> str:
-    """Fills ``row['htp_placement']`` (the real QNN EP's node placement, emulated HTP) of every HTP graph;
-    returns why placement was not measured, or ''."""
+def _htp_placement(rows: dict[str, dict], faces: np.ndarray) -> str:
+    """Fills ``row['htp_placement']`` (the real QNN EP's node placement, emulated HTP) of every HTP graph, and
+    its parity with the CPU EP on ``faces`` (LQ inputs, possibly none: the emulator takes about a minute a
+    face); returns why placement was not measured, or ''."""
     if importlib.util.find_spec("onnxruntime_qnn") is None:
         return "onnxruntime-qnn is not installed on this machine"
-    from quantface.export.qnn_ep import placement
+    from quantface.export.api import OnnxBackend
+    from quantface.export.qnn_ep import HtpBackend, placement
+    from quantface.metrics import output_psnr
 
     htp = [name for name, row in rows.items() if _htp_graph(row)]
     if not htp:
         return "no graph of this run is meant for the HTP"
     for name in htp:
-        print(f"  HTP placement of {name}", flush=True)
+        print(f"  HTP placement of {name}" + (f", {len(faces)} face(s) emulated" if len(faces) else ""), flush=True)
         p = placement(rows[name]["path"])
         rows[name]["htp_placement"] = {"soc": p.soc, "nodes_total": p.nodes_total, "nodes_on_qnn": p.nodes_on_qnn,
                                        "nodes_on_cpu": p.nodes_on_cpu, "qnn_partitions": p.qnn_partitions,
                                        "cpu_reasons": p.reasons()}
+        if len(faces):
+            t0 = time.perf_counter()
+            on_htp = HtpBackend(rows[name]["path"])(faces)
+            seconds = (time.perf_counter() - t0) / len(faces)
+            on_cpu = OnnxBackend(rows[name]["path"])(faces)
+            rows[name]["htp_placement"].update(parity_faces=len(faces),
+                                               psnr_htp_vs_cpu=_finite(output_psnr(on_htp, on_cpu)),
+                                               max_abs_htp_vs_cpu=float(np.abs(on_htp - on_cpu).max()),
+                                               emulated_seconds_per_face=seconds)
     return ""
 
 
@@ -198,7 +219,15 @@ def deploy_bench(cfg: DeployBenchConfig) -> dict:
             row["quality"] = {k: _finite(ev[k]) for k in ("psnr", "ssim", "psnr_to_fp", "ssim_to_fp")}
             row["test_faces"] = ev["n"]
             row["quality_lq"] = {"psnr": ev["psnr_lq"], "ssim": ev["ssim_lq"]}
-        placement_reason = _htp_placement(rows)
+        from quantface.data import load_folder
+        from quantface.degradation import degrade
+        from quantface.pipeline import images_to_tensor
+
+        size = int(reader.inputs.shape[-1])
+        hq = load_folder(cfg.test, size, cfg.htp_faces).images if cfg.htp_faces else []
+        faces = images_to_tensor([degrade(h, cfg.test_seed, i)[0] for i, h in enumerate(hq)]).numpy() if hq \
+            else np.zeros((0, 3, size, size), np.float32)
+        placement_reason = _htp_placement(rows, faces)
         if cfg.workdir is None:  # the graphs are about to go: report them by name only
             for name, row in rows.items():
                 if row["kind"] != "ours":
@@ -302,12 +331,15 @@ def markdown(r: dict) -> str:
     placed = [(n, m["htp_placement"]) for n, m in rows.items() if m.get("htp_placement")]
     if placed:
         lines += ["", f"Qualcomm HTP placement (the real QNN EP, HTP emulated on this machine, SoC {placed[0][1]['soc']}):",
-                  "", "| graph | nodes | on the HTP | on the CPU | HTP partitions | CPU nodes' reasons |",
-                  "|---|---:|---:|---:|---:|---|"]
+                  "", "| graph | nodes | on the HTP | on the CPU | HTP partitions | HTP vs CPU EP (PSNR, max-abs) | "
+                  "CPU nodes' reasons |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
         for n, p in placed:
             why = "; ".join(f"{k} ({v})" for k, v in p["cpu_reasons"].items()) or "–"
+            parity = (f"{_fmt_db(p['psnr_htp_vs_cpu'])}, {p['max_abs_htp_vs_cpu']:.3g} ({p['parity_faces']} faces)"
+                      if "psnr_htp_vs_cpu" in p else "–")
             lines.append(f"| {n} | {p['nodes_total']} | {p['nodes_on_qnn']} | {p['nodes_on_cpu']} | "
-                         f"{p['qnn_partitions']} | {why} |")
+                         f"{p['qnn_partitions']} | {parity} | {why} |")
     else:
         lines += ["", f"Qualcomm HTP placement: not measured — {r['htp_placement_reason']}."]
     return "\n".join(lines) + "\n"

@@ -122,7 +122,7 @@ def test_costs_and_budgets_of_each_mode():
     budget, reference = qnn.budget(cfg, list(layers.values()))
     assert reference == (60.0, 1500.0) and budget == pytest.approx((0.6 * 60, 1.2 * 1500))
     assert CalibConfig(bits="W4A8", target="qnn").mp_budget == 0.55  # the defaults
-    assert CalibConfig(bits="W4A8", target="qnn").mp_latency_budget == 1.1
+    assert CalibConfig(bits="W4A8", target="qnn").mp_latency_budget == 1.25
     assert CalibConfig(bits="W8A8", target="qnn").mp_budget == 1.0  # nothing to save on W8 weights
 
 

@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--profile-runs", type=int, default=20)
+    ap.add_argument("--htp-faces", type=int, default=2,
+                    help="test faces each HTP graph runs on the emulated HTP for its parity with the CPU EP "
+                         "(about a minute a face; 0: placement only)")
     ap.add_argument("--workdir", default=None, help="keep the FP32 and peer graphs in this folder")
     ap.add_argument("--out", default=None, help="Markdown report to write")
     ap.add_argument("--json", dest="json_out", default=None, help="JSON report to write")
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             calib=args.calib, test=args.test, graphs=[GraphSpec.parse(g) for g in args.graph], model=args.model,
             weights=args.weights, peers=tuple(args.peers), calib_limit=args.calib_limit, calib_seed=args.calib_seed,
             test_limit=args.test_limit, test_seed=args.test_seed, threads=args.threads, repeats=args.repeats,
-            profile_runs=args.profile_runs, reduce_range={"auto": None, "on": True, "off": False}[args.reduce_range],
+            profile_runs=args.profile_runs, htp_faces=args.htp_faces, reduce_range={"auto": None, "on": True, "off": False}[args.reduce_range],
             workdir=args.workdir, out=args.out, json_out=args.json_out, command=command)
         from quantface.deploy_bench import markdown
 
