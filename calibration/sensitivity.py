@@ -25,6 +25,10 @@ sensitivity B_i (the sweep) and its quantized-product error for every option (th
    input on the sweep images in the unquantized model, W its residual weight (after the SVD split),
    Q(W) its weight quantizer, Q_b(X) the activation quantizer at b bits, W X the layer's conv / linear
    op without bias. The low-rank branches run in FP on x' on both sides and cancel.
+
+3. **Option errors** (the lean targets, ``--target cpu`` / ``qnn``, instead of 1–2): each layer alone at
+   each option against a baseline option, measured as the change of the output's MSE to FP on the sweep
+   images (``option_errors``; cached and restartable like the sweep).
 """
 
 from __future__ import annotations
@@ -137,15 +141,10 @@ def sweep_key(cfg: "CalibConfig", layer_names: list[str], weights_sha256: str) -
             "layers": hashlib.sha256("\n".join(layer_names).encode()).hexdigest()}
 
 
-def sensitivity_sweep(model: torch.nn.Module, layers: dict[str, QuantLayer], x: torch.Tensor, cfg: "CalibConfig",
-                      qparams: QParams, weights_sha256: str) -> dict[str, dict]:
-    """B_i per layer: {name: {"bits": B_i, "deviation": {b: deviation}}} (see the module docstring).
-    Restartable: finished layers are cached and reused when the configuration matches."""
-    eps = epsilon(cfg)
-    deviation = deviation_fn(cfg)
-    key = sweep_key(cfg, list(layers), weights_sha256)
-    path = cache_dir(cfg) / "sensitivity.json"
-    results: dict[str, dict] = {}
+def cached_layers(cfg: "CalibConfig", path: Path, key: dict, layers: dict[str, QuantLayer], what: str) -> dict:
+    """The per-layer results a restartable measurement cached at ``path`` under ``key`` (rank 0 reads, every
+    rank gets them); {} when there is none, it is unreadable, or its key differs."""
+    results: dict = {}
     if cfg.resume and path.is_file() and dist.is_main():
         try:
             cached = json.loads(path.read_text())
@@ -154,8 +153,19 @@ def sensitivity_sweep(model: torch.nn.Module, layers: dict[str, QuantLayer], x: 
         if isinstance(cached, dict) and cached.get("key") == key:
             results = {n: r for n, r in cached.get("layers", {}).items() if n in layers}
             if results:
-                print(f"sensitivity sweep: reusing {len(results)} cached layer(s) from {path}")
-    results = dist.broadcast_object(results)
+                print(f"{what}: reusing {len(results)} cached layer(s) from {path}")
+    return dist.broadcast_object(results)
+
+
+def sensitivity_sweep(model: torch.nn.Module, layers: dict[str, QuantLayer], x: torch.Tensor, cfg: "CalibConfig",
+                      qparams: QParams, weights_sha256: str) -> dict[str, dict]:
+    """B_i per layer: {name: {"bits": B_i, "deviation": {b: deviation}}} (see the module docstring).
+    Restartable: finished layers are cached and reused when the configuration matches."""
+    eps = epsilon(cfg)
+    deviation = deviation_fn(cfg)
+    key = sweep_key(cfg, list(layers), weights_sha256)
+    path = cache_dir(cfg) / "sensitivity.json"
+    results = cached_layers(cfg, path, key, layers, "sensitivity sweep")
     todo = [n for n in layers if n not in results]
     mine = [todo[j] for j in dist.shard(len(todo))]
     share = f", rank 0's {len(mine)} of {len(todo)} layers" if dist.active() else ""
@@ -271,17 +281,7 @@ def option_errors(model: torch.nn.Module, layers: dict[str, QuantLayer], x: torc
     key = {**sweep_key(cfg, list(layers), weights_sha256), "bits": cfg.bits, "target": cfg.target,
            "baseline": option_key(baseline), "options": [option_key(o) for o in measured]}
     path = cache_dir(cfg) / "option_errors.json"
-    done: dict[str, dict[str, float]] = {}
-    if cfg.resume and path.is_file() and dist.is_main():
-        try:
-            cached = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            cached = {}
-        if isinstance(cached, dict) and cached.get("key") == key:
-            done = {n: r for n, r in cached.get("layers", {}).items() if n in layers}
-            if done:
-                print(f"layer errors: reusing {len(done)} cached layer(s) from {path}")
-    done = dist.broadcast_object(done)
+    done = cached_layers(cfg, path, key, layers, "layer errors")
 
     def set_option(name: str, layer: QuantLayer, w: int, a: int) -> None:
         if w != layer.weight_bits:
