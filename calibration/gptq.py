@@ -81,10 +81,10 @@ def gptq_codes(weight: torch.Tensor, scale: torch.Tensor, bits: int, hessian: to
     qmin, qmax = qrange(bits, signed=True)
     w = weight.detach().flatten(1).double().clone()
     s = scale.detach().double().clamp_min(EPS)[:, None]
-    h = hessian.double().clone()
+    h = hessian.to(device=w.device, dtype=torch.float64).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    order = torch.argsort(torch.diag(h), descending=True)
+    order = torch.argsort(torch.diag(h), descending=True)  # on w's device, as h is
     w, h = w[:, order], h[order][:, order]
     h.diagonal().add_(DAMP * float(torch.diag(h).mean()))
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
@@ -92,7 +92,7 @@ def gptq_codes(weight: torch.Tensor, scale: torch.Tensor, bits: int, hessian: to
     k = w.shape[1]
     for start in range(0, k, BLOCK):
         end = min(start + BLOCK, k)
-        block, errors = w[:, start:end].clone(), torch.empty(w.shape[0], end - start, dtype=w.dtype)
+        block, errors = w[:, start:end].clone(), torch.empty(w.shape[0], end - start, dtype=w.dtype, device=w.device)
         for j in range(end - start):
             col = block[:, j:j + 1]
             q = torch.clamp(torch.round(col / s), qmin, qmax)
@@ -102,7 +102,7 @@ def gptq_codes(weight: torch.Tensor, scale: torch.Tensor, bits: int, hessian: to
             errors[:, j] = err[:, 0]
         w[:, end:] -= errors @ u[start:end, end:]
     out = torch.empty_like(codes)
-    out[:, order] = codes
+    out[:, order.to(codes.device)] = codes
     return out.reshape(weight.shape).to(weight.dtype)
 
 

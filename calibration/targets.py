@@ -10,10 +10,11 @@ target adds a class here, not branches there. No torch: the CLI and the config c
   activation bit width (element- or MAC-weighted).
 * ``QnnTarget`` (``--target qnn``, Qualcomm's HTP, the ``qnn`` profile): (weight bits ∈ {4, 8}) ×
   (activation bits ∈ {8, 16}) per layer, at or above the run's ``--bits``, the widths the HTP runs
-  in integers. Lean like ``cpu``: no online node, so every compute node the HTP gets is an integer
-  QDQ node unit. Two costs, each with its budget: the weight codes' bytes P_i·w/8 (``mp_budget``, a
+  in integers. Lean like ``cpu``: no online node, so every conv / linear layer reaches the HTP as an
+  integer QDQ node unit (the float ops between them, norms, SiLU, attention, run there in FP16). Two
+  costs, each with its budget (``QnnTarget.budget``): the weight codes' bytes P_i·w/8 (``mp_budget``, a
   fraction (0, 1] of the all-W8 bytes, default ``QNN_DEFAULT_BUDGET``) and a latency proxy,
-  MACs_i·a/8 (the HTP's 16-bit-activation convolutions run at about half its 8-bit rate;
+  MACs_i·a/8 (assumed: the HTP's 16-bit-activation convolutions run at about half its 8-bit rate;
   ``mp_latency_budget``, a multiple ≥ 1 of the proxy with every layer at the run's activation bits,
   default ``QNN_DEFAULT_LATENCY``). Errors measured on the image like ``cpu``'s.
 * ``CpuTarget`` (``--target cpu``, ONNX Runtime's CPU kernels, the ``ort-cpu`` profile): weight bits
@@ -101,10 +102,6 @@ class QnnCost(Cost):
 
     def of(self, layer: LayerSize, w: int, a: int) -> tuple[float, float]:
         return layer.weights * w / 8, layer.macs * a / 8
-
-    def reference(self, layers: Sequence[LayerSize], weight_bits: int) -> tuple[float, float]:
-        """All-W8 bytes; the proxy at ``weight_bits``' partner, the run's activation bits (``QnnTarget.budget``)."""
-        raise NotImplementedError("QnnTarget.reference")
 
     def notes(self, reference: Any) -> dict[str, Any]:
         return {**super().notes(list(reference)), "cost_table": QNN_COST_TABLE}

@@ -128,6 +128,8 @@ def _mp_args(a: argparse.Namespace) -> dict:
                                ("mp_latency_budget", a.mp_latency_budget)] if v is not None}
     from quantface.calibration.targets import get_target
 
+    if a.mp_latency_budget is not None and a.target != "qnn":
+        raise ConfigError("--mp-latency-budget applies to --target qnn")
     if a.mp_budget is None and given and get_target(a.target).default_budget is None:
         flag = "--" + next(iter(given)).replace("_", "-")
         raise ConfigError(f"{flag} only applies to adaptive bit widths; give --mp-budget too")

@@ -495,6 +495,9 @@ def test_config_round_trip_and_validation():
      "--mp-budget 2.0 mean activation bits is infeasible: the smallest candidate bit width is 3"),
     (["--mp-budget", "0.5", "--target", "qnn", "--bits", "W4A8", "--mp-candidates", "3,4"],
      "--mp-candidates does not apply with --target qnn, whose options are W4/W8 x A8/A16"),
+    (["--mp-latency-budget", "1.2"], "--mp-latency-budget applies to --target qnn"),
+    (["--target", "qnn", "--bits", "W4A4"], "--target qnn chooses 4- or 8-bit weights and 8- or 16-bit activations "
+     "per layer, at or above --bits; use W4A8, W4A16 or W8A8 (not W4A4)"),
     (["--target", "cpu", "--bits", "W4A4"], "--target cpu chooses 4- or 8-bit weights per layer under 8-bit "
      "activations (the CPU kernels' container); use --bits W4A8 (not W4A4)"),
     (["--target", "cpu", "--bits", "W4A8", "--method", "quantvsr"], "--target cpu keeps no low-rank branch, which "
