@@ -23,7 +23,7 @@ target adds a class here, not branches there. No torch: the CLI and the config c
   what keeps the graph fast is no online node: no smoothing, no rotation, no low-rank branch
   (``lean``). The cost is the weight codes' bytes P_i·w/8; ``mp_budget`` is a fraction (0, 1] of the
   all-W8 bytes Σ P_i (default ``CPU_DEFAULT_BUDGET``). Each layer's error is measured on the image
-  (``calibration.sensitivity.weight_bit_errors``), not on the layer's product.
+  (``calibration.sensitivity.option_errors``), not on the layer's product.
 """
 
 from __future__ import annotations
