@@ -10,6 +10,7 @@ from pathlib import Path
 from quantface.config import JsonConfig, check_int, check_size
 from quantface.device import check_device_name
 from quantface.bits import MAX_BITS, MIN_BITS, WIDE_ACT_BITS, check_bits
+from quantface.calibration.methods import METHODS
 from quantface.calibration.targets import COSTS as COST_MODELS, TARGETS as TARGET_CLASSES, get_target
 from quantface.errors import ConfigError
 
@@ -124,8 +125,6 @@ class CalibConfig(JsonConfig):
         if self.fold_lowrank not in FOLD_POLICIES:
             raise ConfigError(f"--fold-lowrank {self.fold_lowrank!r} is not one of {', '.join(FOLD_POLICIES)}")
         if self.weight_rounding is None:
-            from quantface.calibration.methods import METHODS
-
             self.weight_rounding = METHODS[self.method].weight_rounding if self.method in METHODS else "nearest"
         if self.weight_rounding not in WEIGHT_ROUNDINGS:
             raise ConfigError(f"--weight-rounding {self.weight_rounding!r} is not one of {', '.join(WEIGHT_ROUNDINGS)}")

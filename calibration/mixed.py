@@ -103,13 +103,16 @@ def _solve(options: dict[str, list[Option]], budget: float, describe: Callable):
     return sol
 
 
+def _ratio(cost: Any, reference: Any) -> Any:
+    """A cost as a fraction of the reference cost (per dimension for tuple costs)."""
+    return tuple(c / r for c, r in zip(cost, reference)) if isinstance(cost, tuple) else cost / reference
+
+
 def _solution_meta(sol, options: dict[str, list[Option]], choices: list[tuple[int, int]], budget: float,
                    reference: float, seconds: float) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """The recipe's "allocation" entries both allocations share: the program's solution, and per layer its
     options' errors and costs and the choice."""
-    achieved = (tuple(c / r for c, r in zip(sol.cost, reference)) if isinstance(sol.cost, tuple)
-                else sol.cost / reference)
-    top = {"budget_cost": budget, "achieved_cost": sol.cost, "achieved_budget": achieved,
+    top = {"budget_cost": budget, "achieved_cost": sol.cost, "achieved_budget": _ratio(sol.cost, reference),
            "objective": sol.objective, "solve_seconds": sol.seconds, "solver": "pulp CBC",
            "sweep_and_error_seconds": round(seconds, 1)}
     per_layer = {n: {"errors": [o.error for o in opts], "costs": [o.cost for o in opts], "choice": sol.choice[n],
@@ -119,13 +122,12 @@ def _solution_meta(sol, options: dict[str, list[Option]], choices: list[tuple[in
 
 
 def allocate_bits(model: torch.nn.Module, layers: dict[str, QuantLayer], data, cfg: "CalibConfig",
-                  spec: "MethodSpec", samples: dict[str, torch.Tensor], weights_sha256: str,
-                  ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> AllocationResult:
-    """Steps 1–4 of the module docstring on the prepared ``model``; leaves every layer at its chosen bits."""
+                  spec: "MethodSpec", qparams: QParams, weights_sha256: str) -> AllocationResult:
+    """Steps 1–4 of the module docstring on the prepared ``model`` (``qparams``: what ``prepare`` observed);
+    leaves every layer at its chosen bits."""
     t0 = time.time()
     target = get_target(cfg.target)
     x = data.lq[:cfg.mp_sweep_images]
-    qparams = QParams(samples, ranges)
     if target.lean:
         return allocate_lean(model, layers, x, cfg, spec, qparams, weights_sha256, t0)
     weight_bits = cfg.weight_code_bits(cfg.weight_bits)
@@ -193,11 +195,8 @@ def allocate_lean(model: torch.nn.Module, layers: dict[str, QuantLayer], x: torc
     cost = target.cost(cfg)
     budget, reference = target.budget(cfg, list(stats.values()))
 
-    def ratio(c: Any) -> Any:
-        return tuple(v / r for v, r in zip(c, reference)) if isinstance(c, tuple) else c / reference
-
     def describe(c: Any) -> str:
-        r = ratio(c)
+        r = _ratio(c, reference)
         return (f"({', '.join(f'{v:.4g}' for v in r)}) {cost.unit}" if isinstance(r, tuple) else f"{r:.4g} {cost.unit}")
 
     check_budget({n: [Option(target.option(c), 0.0, cost.of(stats[n], *c)) for c in choices] for n in stats},
@@ -229,7 +228,7 @@ def allocate_lean(model: torch.nn.Module, layers: dict[str, QuantLayer], x: torc
         **top,
         "weights_at_low_bits": low_share,
         **({"macs_at_high_act_bits": wide_share} if high_a != min(a for _, a in choices) else {}),
-        "label": target.label(cfg.weight_bits, mean_act, ratio(sol.cost)),
+        "label": target.label(cfg.weight_bits, mean_act, _ratio(sol.cost, reference)),
         "layers": {n: {"index": i, "weight_params": stats[n].weights, "macs": stats[n].macs,
                        "input_elements": stats[n].elements,
                        "option_errors": {option_key(c): errors[n][c] for c in choices}, **per_layer[n]}

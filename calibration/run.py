@@ -46,6 +46,7 @@ from quantface.calibration.config import CalibConfig
 from quantface.calibration.layers import QuantLayer, quant_layers, wrap_layers
 from quantface.calibration.methods import DEFAULT_STEPS, MethodSpec, get_method
 from quantface.calibration.ranks import allocate_ranks, split_rank, uniform_rank
+from quantface.calibration.sensitivity import QParams
 from quantface.calibration.targets import get_target
 from quantface.calibration.recipe import apply_recipe, save_recipe
 from quantface.degradation import degraded_inputs
@@ -252,11 +253,10 @@ def smoothing_scale(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float
 
 
 def prepare(model: torch.nn.Module, data: CalibData, cfg: CalibConfig, spec: MethodSpec,
-            samples: dict[str, torch.Tensor] | None = None, sections: dict | None = None,
-            ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, QuantLayer]:
-    """Stages 2–5 on ``model`` (modified in place); returns its quant layers. ``samples``, if given,
-    receives each layer's observed transformed-input sample (what its activation range came from),
-    ``ranges`` its observed extremes (a 16-bit option's range);
+            observed: QParams | None = None, sections: dict | None = None) -> dict[str, QuantLayer]:
+    """Stages 2–5 on ``model`` (modified in place); returns its quant layers. ``observed``, if given,
+    records each layer's observed transformed-input sample (what its activation range came from) and its
+    extremes (a 16-bit option's range), for the bit allocation;
     ``sections``, if given, the recipe's "rank_allocation" section where ``rank_budget`` allocates
     the branch ranks (``calibration.ranks``)."""
     patterns = cfg.fp_layers
@@ -302,10 +302,8 @@ def prepare(model: torch.nn.Module, data: CalibData, cfg: CalibConfig, spec: Met
     for name, layer in layers.items():
         method = act_range_method(cfg.act_bits, spec.scale_init)
         sample = _act_sample(obs, name, method)
-        if samples is not None:
-            samples[name] = sample
-        if ranges is not None:
-            ranges[name] = (obs.lo[name], obs.hi[name])
+        if observed is not None:
+            observed.record(name, sample, obs.lo[name], obs.hi[name])
         scale, zp = act_qparams(sample, cfg.act_bits, method)
         layer.set_act_quant(cfg.act_bits, scale, zp)
     if spec.lora_rank:
@@ -372,10 +370,9 @@ def _calibrate(cfg: CalibConfig, spec: MethodSpec, device: torch.device) -> Cali
     ranks = f" x {dist.world_size()} ranks" if dist.active() else ""
     dist.log(f"{cfg.method} {cfg.bits}: {len(data)} calibration images at {size}px on {describe_device(device)}{ranks}")
     qmodel = copy.deepcopy(fp_model)
-    samples: dict[str, torch.Tensor] | None = {} if cfg.mp_budget is not None else None
-    ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if cfg.mp_budget is not None else None
+    observed = QParams() if cfg.mp_budget is not None else None
     sections: dict = {}
-    layers = prepare(qmodel, data, cfg, spec, samples, sections, ranges)
+    layers = prepare(qmodel, data, cfg, spec, observed, sections)
     # Every rank computed the same prepared model from the same reduced statistics; rank 0's values are
     # sent anyway, so no kernel's nondeterminism on some device can make the ranks train different models.
     dist.broadcast_module(qmodel)
@@ -383,8 +380,8 @@ def _calibrate(cfg: CalibConfig, spec: MethodSpec, device: torch.device) -> Cali
     if cfg.mp_budget is not None:  # adaptive bit widths (paper §3.4), then the usual refinement with them
         from quantface.calibration.mixed import allocate_bits
 
-        allocation = allocate_bits(qmodel, layers, data, cfg, spec, samples, weights_fingerprint(fp_model), ranges)
-        samples = ranges = None
+        allocation = allocate_bits(qmodel, layers, data, cfg, spec, observed, weights_fingerprint(fp_model))
+        observed = None
     target = get_target(cfg.target)
     default_steps = target.default_steps if target.default_steps is not None else DEFAULT_STEPS.get(spec.refine or "", 0)
     steps = cfg.steps if cfg.steps is not None else default_steps

@@ -88,11 +88,15 @@ class QParams:
     transformed-input sample, computed once; ``minmax`` from its observed extremes where ``ranges`` has
     them (a sample misses them)."""
 
-    def __init__(self, samples: dict[str, torch.Tensor],
+    def __init__(self, samples: dict[str, torch.Tensor] | None = None,
                  ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
-        self.samples = samples
-        self.ranges = ranges or {}
+        self.samples = {} if samples is None else samples
+        self.ranges = {} if ranges is None else ranges
         self._cache: dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(self, name: str, sample: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """A layer's observed sample and extremes (``calibration.run.prepare`` fills them)."""
+        self.samples[name], self.ranges[name] = sample, (lo, hi)
 
     def __call__(self, name: str, bits: int, method: str = "mse") -> tuple[torch.Tensor, torch.Tensor]:
         key = (name, bits, method)
@@ -199,11 +203,29 @@ class LayerStats:
     sq_error: dict[Any, float] = field(default_factory=dict)  # ‖W X − Q(W) Q_b(X)‖²_F per image, per option
 
 
+def layer_sizes(model: torch.nn.Module, layers: dict[str, QuantLayer], probe: torch.Tensor) -> dict[str, LayerStats]:
+    """E_i, MACs_i and P_i of every layer (no errors), from one forward pass of ``probe`` (one image)."""
+    stats = {n: LayerStats(weights=l.weight.numel()) for n, l in layers.items()}
+
+    def hook(name: str):
+        def run(module: QuantLayer, args):
+            xt = module.transform_input(args[0].detach())
+            st = stats[name]
+            st.elements = xt[0].numel()
+            st.macs = module._op(xt[:1], module.weight, None)[0].numel() * module.weight[0].numel()
+        return run
+
+    with quantizers_off(layers):
+        with hooks_removed(l.register_forward_pre_hook(hook(n)) for n, l in layers.items()):
+            _forward(model, probe[:1])
+    return stats
+
+
 def layer_errors(model: torch.nn.Module, layers: dict[str, QuantLayer], x: torch.Tensor,
                  choices: Sequence[tuple[int, int]], qparams: QParams, spec: "MethodSpec") -> dict[str, LayerStats]:
     """For each layer and each (weight bits, activation bits) choice: ‖W X − Q(W) Q_b(X)‖²_F per image
-    on the layer's transformed inputs in the unquantized model; plus E_i, MACs_i and P_i."""
-    stats = {n: LayerStats(weights=l.weight.numel()) for n, l in layers.items()}
+    on the layer's transformed inputs in the unquantized model; plus E_i, MACs_i and P_i (``layer_sizes``)."""
+    stats = layer_sizes(model, layers, x)
     w_quant: dict[tuple[str, int], torch.Tensor] = {}
 
     def quantized_weight(name: str, layer: QuantLayer, bits: int) -> torch.Tensor:
@@ -220,8 +242,6 @@ def layer_errors(model: torch.nn.Module, layers: dict[str, QuantLayer], x: torch
             xt = module.transform_input(args[0].detach())
             ref = module._op(xt, module.weight, None)
             st = stats[name]
-            st.elements = xt[0].numel()
-            st.macs = ref[0].numel() * module.weight[0].numel()
             x_q: dict[int, torch.Tensor] = {}
             for w_bits, a_bits in choices:
                 if a_bits not in x_q:
@@ -238,24 +258,6 @@ def layer_errors(model: torch.nn.Module, layers: dict[str, QuantLayer], x: torch
             _forward(model, x)
     for st in stats.values():
         st.sq_error = {k: v / len(x) for k, v in st.sq_error.items()}
-    return stats
-
-
-def layer_sizes(model: torch.nn.Module, layers: dict[str, QuantLayer], probe: torch.Tensor) -> dict[str, LayerStats]:
-    """E_i, MACs_i and P_i of every layer (no errors), from one forward pass of ``probe`` (one image)."""
-    stats = {n: LayerStats(weights=l.weight.numel()) for n, l in layers.items()}
-
-    def hook(name: str):
-        def run(module: QuantLayer, args):
-            xt = module.transform_input(args[0].detach())
-            st = stats[name]
-            st.elements = xt[0].numel()
-            st.macs = module._op(xt[:1], module.weight, None)[0].numel() * module.weight[0].numel()
-        return run
-
-    with quantizers_off(layers):
-        with hooks_removed(l.register_forward_pre_hook(hook(n)) for n, l in layers.items()):
-            _forward(model, probe[:1])
     return stats
 
 

@@ -380,6 +380,7 @@ def test_16_bit_activation_ranges_cover_every_observed_value(image_folder, tmp_p
     shrinks ranges (some layer's range ends inside its observed values by more than the half step the
     rounded zero point may shift the grid)."""
     from quantface.calibration.run import prepare
+    from quantface.calibration.sensitivity import QParams
     from quantface.quant import act_range_method
 
     assert act_range_method(16, "mse") == "minmax" and act_range_method(8, "mse") == "mse"
@@ -389,8 +390,9 @@ def test_16_bit_activation_ranges_cover_every_observed_value(image_folder, tmp_p
         cfg = _cfg(image_folder, tmp_path / bits, "quantface", weights=tiny_weights, bits=bits, steps=0)
         model = copy.deepcopy(tiny_model)
         data = CalibData.build(tiny_model, cfg, 32)
-        samples: dict[str, torch.Tensor] = {}
-        layers = prepare(model, data, cfg, get_method("quantface"), samples)
+        observed = QParams()
+        layers = prepare(model, data, cfg, get_method("quantface"), observed)
+        samples = observed.samples
         a_bits = parse_bits(bits)[1]
         clipped[bits] = []
         for name, layer in layers.items():

@@ -217,9 +217,9 @@ def _prepared(tiny_model, image_folder, tmp_path, **kw):
                       mp_budget=4.0, mp_sweep_images=2, **kw)
     data = CalibData.build(tiny_model, cfg, 32)
     model = copy.deepcopy(tiny_model)
-    samples: dict = {}
-    layers = prepare(model, data, cfg, get_method("quantface"), samples)
-    return cfg, data, model, layers, QParams(samples)
+    observed = QParams()
+    layers = prepare(model, data, cfg, get_method("quantface"), observed)
+    return cfg, data, model, layers, observed
 
 
 def test_sweep_is_cached_and_resumes_where_it_stopped(tiny_model, image_folder, tmp_path, monkeypatch):

@@ -63,9 +63,8 @@ def on_the_fly(data: str, images: int, budget: float) -> tuple[dict[str, list[Op
     fp = load_model(cfg.model, cfg.weights)
     data_ = CalibData.build(fp, cfg, fp.config.working_size)
     model = copy.deepcopy(fp)
-    samples: dict = {}
-    layers = prepare(model, data_, cfg, spec, samples)
-    qp = QParams(samples)
+    qp = QParams()
+    layers = prepare(model, data_, cfg, spec, qp)
     x = data_.lq[:images]
     choices = candidate_choices(cfg, cfg.weight_bits)
     stats = layer_errors(model, layers, x, choices, qp, spec)
