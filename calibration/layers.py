@@ -39,8 +39,8 @@ from torch.utils.hooks import RemovableHandle
 
 from quantface.errors import ConfigError
 from quantface.hadamard import fold_into_weight, rotate_channels
-from quantface.quant import (EPS, REQUANT_BITS, act_qparams_from_range, adaround_codes, adaround_fake_quantize,
-                             adaround_init, bias_codes, dequantize, fake_quantize, qrange, quantize, requantizable,
+from quantface.quant import (EPS, act_qparams_from_range, adaround_codes, adaround_fake_quantize,
+                             adaround_init, bias_codes, dequantize, fake_quantize, qrange, quantize, requant_bits, requantizable,
                              requantize, weight_scale)
 from quantface.recipe import HadamardSpec
 
@@ -108,6 +108,8 @@ class QuantLayer(nn.Module):
         # Simulate that requantization (``apply_recipe(..., requant_outputs=True)``), so the PyTorch
         # model computes what the ``ort-cpu`` graph computes.
         self.requant_output = False
+        # ... and the ``qnn`` profile's integer node units: Linear layers and 16-bit inputs too (quant.requantizable)
+        self.requant_wide = False
         # QuantVSR: W′ while the residual follows the trained branch (``set_joint_residual``), and the
         # learned bias alignment (``add_lba``); ``bias_calibrated`` once ``fold_lba`` changed the bias, so
         # the recipe stores this bias rather than the FP model's.
@@ -351,7 +353,8 @@ class QuantLayer(nn.Module):
     def requantizable(self) -> bool:
         """Whether the ``ort-cpu`` export requantizes this layer's product (``quantface.quant.requantizable``)."""
         return requantizable(self.conv_args is not None, self.weight_bits, self.act_bits, self.output_range,
-                             self.bias, None if self.a_scale is None else self.a_scale.detach(), self.w_scale)
+                             self.bias, None if self.a_scale is None else self.a_scale.detach(), self.w_scale,
+                             self.requant_wide)
 
     def quantized_product(self, x: torch.Tensor) -> torch.Tensor:
         """The quantized path's output for an already transformed input (no low-rank branch); with
@@ -366,8 +369,9 @@ class QuantLayer(nn.Module):
         acc = self._op(x_codes.double(), self.weight_codes.double(), None)
         if self.bias is not None:
             acc = acc + self._channel_view(bias_codes(self.bias, a_scale, self.w_scale)[0].double())
-        out_scale, out_zero = act_qparams_from_range(*self.output_range, REQUANT_BITS)
-        return requantize(acc, a_scale, self._channel_view(self.w_scale), out_scale, out_zero, REQUANT_BITS)
+        bits = requant_bits(self.act_bits)
+        out_scale, out_zero = act_qparams_from_range(*self.output_range, bits)
+        return requantize(acc, a_scale, self._channel_view(self.w_scale), out_scale, out_zero, bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.transform_input(x)

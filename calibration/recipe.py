@@ -15,6 +15,8 @@ import torch
 
 from quantface.calibration.layers import LowRank, QuantLayer, quant_layers, wrap_layers
 from quantface.models.timesteps import set_timestep
+from quantface.points import QuantConstant, QuantPoint, recipe_points
+from quantface.points import install as install_points
 from quantface.recipe import LayerRecipe, Recipe, RecipeError, read_recipe, weights_fingerprint, write_recipe
 
 
@@ -65,11 +67,14 @@ def save_recipe(qmodel: torch.nn.Module, fp_model: torch.nn.Module, cfg, spec, s
     return write_recipe(recipe, cfg.out, files)
 
 
-def apply_recipe(fp_model: torch.nn.Module, recipe: Recipe | str | Path, requant_outputs: bool = False
-                 ) -> torch.nn.Module:
+def apply_recipe(fp_model: torch.nn.Module, recipe: Recipe | str | Path, requant_outputs: bool = False,
+                 points: bool = False) -> torch.nn.Module:
     """A fake-quant copy of ``fp_model`` as the recipe describes it (``fp_model`` is not modified).
     ``requant_outputs`` also simulates the ``ort-cpu`` export's 8-bit requantized convolution
-    outputs (``QuantLayer.quantized_product``), for comparing with that graph."""
+    outputs (``QuantLayer.quantized_product``), for comparing with that graph. ``points`` simulates the
+    ``qnn`` profile's integer node units instead: every requantizable product requantized (Linear layers
+    and 16-bit inputs included) and every quantizer point of the recipe's ``points`` section rounded
+    (``quantface.points``), for comparing with a ``qnn`` graph exported from a recipe with points."""
     if not isinstance(recipe, Recipe):
         recipe = read_recipe(recipe)
     recipe.check_fits(fp_model)
@@ -93,12 +98,25 @@ def apply_recipe(fp_model: torch.nn.Module, recipe: Recipe | str | Path, requant
             layer.weight_bits = e.weight_bits
             layer.load_frozen(e.weight_codes, e.weight_scale)
         layer.output_range = e.output_range
-        layer.requant_output = requant_outputs
+        layer.requant_output = requant_outputs or points
+        layer.requant_wide = points
         if e.act_bits is not None:
             layer.set_act_quant(e.act_bits, torch.tensor(e.act_scale, dtype=torch.float32),
                                 torch.tensor(float(e.act_zero_point)))
+    if points:
+        install_quant_points(model, recipe)
     if recipe.timestep is not None:
         set_timestep(model, recipe.timestep)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def install_quant_points(model: torch.nn.Module, recipe: Recipe) -> None:
+    """Every quantizer point of ``model`` fake-quantizes over the recipe's range, every constant point
+    rounds as the export stores it (``quantface.points``). RecipeError for a recipe without points."""
+    ranges = recipe_points(recipe, model)
+    if not ranges:
+        raise RecipeError(f"recipe {recipe.path} records no quantizer points (calibrate again, or run "
+                          "tools/add_points.py on it)")
+    install_points(model, lambda name: QuantPoint(*ranges[name]), lambda name: QuantConstant())

@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,9 @@ from quantface.device import describe as describe_device
 from quantface.device import resolve_device
 from quantface.errors import ConfigError, QuantFaceError
 from quantface.models import load_model
+from quantface.points import ConstantPoint, Point, QuantConstant, RangeObserver
+from quantface.points import install as install_points
+from quantface.points import points as model_points
 from quantface.quant import act_qparams, act_range_method, weight_scale
 from quantface.recipe import HadamardSpec, read_recipe, rewrite_layers, weights_fingerprint
 
@@ -425,6 +429,9 @@ def _calibrate(cfg: CalibConfig, spec: MethodSpec, device: torch.device) -> Cali
     qmodel.cpu()
     fp_model.cpu()
     observe_output_ranges(qmodel, layers, data.lq.cpu(), cfg.stat_images)
+    point_ranges = observe_points(qmodel, data.lq.cpu(), cfg.stat_images)
+    if point_ranges:
+        sections = {**sections, "points": point_ranges}
     seconds = time.time() - t0
     out = None
     if dist.is_main():  # the one rank that writes
@@ -438,6 +445,67 @@ def _calibrate(cfg: CalibConfig, spec: MethodSpec, device: torch.device) -> Cali
         print(f"recipe written to {out} ({seconds:.0f}s)")
     out = dist.broadcast_object(out)  # the others return once the recipe is there
     return CalibrationResult(out, qmodel.eval(), seconds)
+
+
+@contextmanager
+def _integer_units(layers: dict[str, QuantLayer]):
+    """The layers computing their products as the ``qnn`` profile's integer node units do (requantized
+    outputs, Linear layers and 16-bit inputs included), restored after."""
+    saved = {n: (l.requant_output, l.requant_wide) for n, l in layers.items()}
+    try:
+        for layer in layers.values():
+            layer.requant_output = layer.requant_wide = True
+        yield
+    finally:
+        for n, layer in layers.items():
+            layer.requant_output, layer.requant_wide = saved[n]
+
+
+def observe_points(model: torch.nn.Module, lq: torch.Tensor, n_images: int) -> dict[str, list[float]]:
+    """Per quantizer point of the model (``quantface.points``: the outputs of its float ops), [min, max]
+    of its tensor over the first ``n_images`` inputs ``lq``, in the model as the ``qnn`` profile's integer
+    node units compute it; the recipe's ``points`` section. Empty for a model without points. Under
+    ``torchrun`` each rank takes its share of the batches and the ranges are reduced (MIN / MAX)."""
+    if not model_points(model):
+        return {}
+    observers: dict[str, RangeObserver] = {}
+
+    def observer(name: str) -> RangeObserver:
+        observers[name] = RangeObserver()
+        return observers[name]
+
+    layers = quant_layers(model)
+    batches = list(_batches(lq, n_images, STAT_BATCH))
+    install_points(model, observer, lambda name: QuantConstant())
+    try:
+        with torch.inference_mode(), _integer_units(layers):
+            for k in dist.progress(dist.shard(len(batches)), desc="point ranges"):
+                model(batches[k])
+    finally:
+        install_points(model, lambda name: Point(), lambda name: ConstantPoint())
+    names = list(observers)
+    lo = torch.tensor([observers[n].lo for n in names], dtype=torch.float64, device="cpu")
+    hi = torch.tensor([observers[n].hi for n in names], dtype=torch.float64, device="cpu")
+    if dist.active():  # float64 holds each float32 extreme exactly
+        lo, hi = dist.all_reduce_min(lo), dist.all_reduce_max(hi)
+    return {n: [float(a), float(b)] for n, a, b in zip(names, lo.tolist(), hi.tolist()) if a <= b}
+
+
+def add_points(recipe_dir: str | Path, data: str | None = None) -> Path:
+    """Record the quantizer points' ranges (``observe_points``) into a recipe written without them: its
+    ``recipe.json`` gets a ``points`` section, rewritten atomically; tensors, bits and scales are unchanged.
+    The inputs are the recipe's own calibration images (``data`` overrides their folder)."""
+    recipe = read_recipe(recipe_dir)
+    cfg = recipe.calibration
+    fp_model = load_model(cfg["model"], cfg.get("weights"))
+    if not model_points(fp_model):
+        raise ConfigError(f"model {cfg['model']!r} has no quantizer points to record")
+    qmodel = apply_recipe(fp_model, recipe)
+    size = cfg.get("size") or fp_model.config.working_size
+    lq = degraded_inputs(data or cfg["data"], size, cfg["stat_images"], cfg["seed"])
+    recipe.sections["points"] = observe_points(qmodel, lq, cfg["stat_images"])
+    rewrite_layers(recipe)
+    return recipe.path
 
 
 def add_output_ranges(recipe_dir: str | Path, data: str | None = None) -> Path:

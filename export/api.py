@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 
 from quantface.export.config import ExportConfig
 from quantface.export.errors import ExportError
@@ -37,6 +38,8 @@ from quantface.export.fold import annotate_shapes, constants_to_initializers, fo
 from quantface.export.graph import op_counts
 from quantface.export.layer import export_layers
 from quantface.export.lower import integer_linears, lower_quant_layers, requantized
+from quantface.export.integer_units import (layer_norms_as_instance_norms, lower_points, plain_integer, store_constants,
+                                           compact, through_data_movement, widen_norm_inputs)
 from quantface.export.norms import group_norm_to_instance_norm
 from quantface.export.profiles import get_profile
 from quantface.export.save import add_metadata, save_atomic
@@ -46,6 +49,7 @@ from quantface.errors import ConfigError
 from quantface.models import load_model
 from quantface.models.timesteps import model_timestep, set_timestep
 from quantface.onnx_runtime import cpu_session
+from quantface.points import recipe_points
 from quantface.recipe import read_recipe
 
 
@@ -74,6 +78,13 @@ def build_onnx(cfg: ExportConfig, work: Path | None = None) -> tuple[onnx.ModelP
         raise ConfigError(f"--size {size} is not a multiple of {config.size_multiple}, which the model needs")
     recipe = read_recipe(cfg.recipe) if cfg.recipe else None
     layers = export_layers(recipe, fp_model) if recipe else {}  # RecipeError if it does not fit
+    # The qnn profile with a recipe that records quantizer points and quantizes every layer as a plain integer
+    # product (no FP layer, no online smoothing / rotation, no float low-rank branch): every float op an
+    # integer node unit.
+    ranges = recipe_points(recipe, fp_model) if recipe is not None and profile.integer_units else {}
+    weight_layers = {n for n, m in fp_model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    units = (bool(ranges) and set(layers) == weight_layers
+             and all(plain_integer(layer) for layer in layers.values()))
     if recipe is not None and recipe.timestep is not None:
         # A tuned timestep (TRQ): the traced model runs at it, and fold_constants turns the timestep path
         # (embedding, time MLP, its quantized layers) into constants computed from it.
@@ -83,12 +94,16 @@ def build_onnx(cfg: ExportConfig, work: Path | None = None) -> tuple[onnx.ModelP
         group_norm_to_instance_norm,
         remove_identities,
         constants_to_initializers,
-        partial(lower_quant_layers, layers=layers, profile=profile, rotation=cfg.rotation),
+        partial(lower_quant_layers, layers=layers, profile=profile, rotation=cfg.rotation, units=units),
+        *([partial(lower_points, ranges=ranges)] if units else []),
         partial(fold_constants, base_dir=work),
         annotate_shapes,
         partial(integer_linears, layers=layers, profile=profile),
+        *([layer_norms_as_instance_norms, through_data_movement, widen_norm_inputs, store_constants, annotate_shapes,
+            compact]
+          if units else []),
     ]
-    model = trace_to_onnx(fp_model, cfg.batch, size, list(layers), work=work, exporter=cfg.exporter)
+    model = trace_to_onnx(fp_model, cfg.batch, size, list(layers), work=work, exporter=cfg.exporter, points=units)
     del fp_model
     for run in passes:
         model = run(model)
@@ -106,7 +121,11 @@ def build_onnx(cfg: ExportConfig, work: Path | None = None) -> tuple[onnx.ModelP
         "constant_layers": constant,
         # Layers whose conv output this graph requantizes to 8 bits (QLinearConv): what a PyTorch
         # model compared with it simulates (``apply_recipe(..., requant_outputs=True)``).
-        "requantized_layers": sorted(n for n, l in layers.items() if n not in constant and requantized(l, profile)),
+        "requantized_layers": sorted(n for n, l in layers.items()
+                                     if n not in constant and requantized(l, profile, units)),
+        # Every float op an integer node unit (export.integer_units): the PyTorch model compared with it
+        # simulates the recipe's quantizer points (``apply_recipe(..., points=True)``).
+        "integer_units": units,
         **tuned,  # the tuned timestep the graph's constant timestep path was computed from
     }
     model = add_metadata(model, entries)

@@ -90,10 +90,9 @@ class ExportLayer:
         """The weight of a layer the recipe leaves in float (only its activations are quantized)."""
         return self.weight
 
-    @property
-    def requantizable(self) -> bool:
+    def requantizable(self, wide: bool = False) -> bool:
         return requantizable(self.conv_args is not None, self.weight_bits, self.act_bits, self.output_range,
-                             self.bias, self.a_scale, self.w_scale)
+                             self.bias, self.a_scale, self.w_scale, wide)
 
 
 def export_layers(recipe, fp_model: nn.Module) -> dict[str, ExportLayer]:

@@ -23,6 +23,10 @@ output y, in order (every node optional, as the recipe says)::
   codes, and ``P_OutputQuantizeLinear`` → ``P_OutputDequantizeLinear`` (UINT8) on the Conv's output,
   before ``P_LowRankAdd`` — the pattern ONNX Runtime fuses into ``QLinearConv`` (and the QNN EP
   gives the HTP as an integer convolution).
+* ``qnn`` with integer node units (``units=True``, ``export.integer_units``): every layer requantized —
+  a conv after a 16-bit input to UINT16 — and a Linear layer as ``_gemm_unit`` (Flatten → Gemm with
+  per-channel weight codes (out, in) and INT32 bias → output Q → DQ → Reshape); zero points of weights and
+  biases (all 0) left to DequantizeLinear's default.
 * ``qnn`` (``Profile.scales_after_product``), every quantized layer not requantized (the Linear
   layers, convs without a usable output range): ``P_weight_DequantizeLinear`` of the codes at unit
   per-tensor scale → ``P_Conv`` / ``P_MatMul`` (no bias) → ``P_WeightScale`` (Mul by the per-channel
@@ -56,8 +60,8 @@ from quantface.export.profiles import CONTAINER_BITS, Profile
 from quantface.export.rotation import DOMAIN, VERSION, emit_rotation, hadamard_functions
 
 MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib operators (MatMulIntegerToFloat)
-from quantface.export.trace import MARKER_DOMAIN, MARKER_OP
-from quantface.quant import REQUANT_BITS, act_qparams_from_range, bias_codes, qrange
+from quantface.export.trace import MARKER_DOMAIN, MARKER_OP, POINT_OP
+from quantface.quant import act_qparams_from_range, bias_codes, qrange, requant_bits
 
 
 def _np(t) -> np.ndarray:
@@ -94,8 +98,10 @@ def _activation_qdq(b: GraphBuilder, p: str, x: str, layer: ExportLayer, profile
     return nodes
 
 
-def _weight(b: GraphBuilder, p: str, layer: ExportLayer, profile: Profile, conv: bool) -> tuple[str, list]:
-    """Name of the (dequantized) weight the main op consumes, and the nodes producing it."""
+def _weight(b: GraphBuilder, p: str, layer: ExportLayer, profile: Profile, conv: bool, zero_point: bool = True
+            ) -> tuple[str, list]:
+    """Name of the (dequantized) weight the main op consumes, and the nodes producing it (without
+    ``zero_point``, the zero points — all 0 — left to the DequantizeLinear's default)."""
     if layer.weight_bits is None:
         w = _np(layer.quantized_weight())
         return b.initializer(f"{p}.weight", w if conv else w.T), []
@@ -107,8 +113,8 @@ def _weight(b: GraphBuilder, p: str, layer: ExportLayer, profile: Profile, conv:
     scale = _np(layer.w_scale).astype(np.float32).reshape(-1)
     codes_name, cast = _codes(b, f"{p}.weight_codes", codes if conv else codes.T, layer.weight_bits, container, profile)
     s = b.initializer(f"{p}.weight_scale", scale)
-    z = b.initializer(f"{p}.weight_zero_point", np.zeros(scale.shape, np.int64), container)
-    dq = b.node("DequantizeLinear", [codes_name, s, z], f"{p}_weight_DequantizeLinear", axis=0 if conv else 1)
+    z = [b.initializer(f"{p}.weight_zero_point", np.zeros(scale.shape, np.int64), container)] if zero_point else []
+    dq = b.node("DequantizeLinear", [codes_name, s, *z], f"{p}_weight_DequantizeLinear", axis=0 if conv else 1)
     return dq.output[0], [*cast, dq]
 
 
@@ -187,27 +193,32 @@ def integer_linears(model: onnx.ModelProto, layers: dict[str, ExportLayer], prof
     return model
 
 
-def requantized(layer: ExportLayer, profile: Profile) -> bool:
-    """Whether ``profile`` requantizes this layer's product to 8 bits (see ``export.profiles`` and
-    ``quantface.quant.requantizable``)."""
-    return profile.requant_conv_outputs and layer.requantizable
+def requantized(layer: ExportLayer, profile: Profile, units: bool = False) -> bool:
+    """Whether ``profile`` requantizes this layer's product (to ``quant.requant_bits`` of its input; see
+    ``export.profiles`` and ``quantface.quant.requantizable``); ``units``: the ``qnn`` profile's integer
+    node units (``export.integer_units``), where Linear layers and 16-bit inputs are requantized too."""
+    return profile.requant_conv_outputs and layer.requantizable(units)
 
 
-def _int32_bias(b: GraphBuilder, p: str, layer: ExportLayer) -> tuple[str, list[onnx.NodeProto]]:
-    """The bias as INT32 codes on the accumulator grid s_x·s_w, dequantized per output channel."""
+def _int32_bias(b: GraphBuilder, p: str, layer: ExportLayer, zero_point: bool = True) -> tuple[str, list[onnx.NodeProto]]:
+    """The bias as INT32 codes on the accumulator grid s_x·s_w, dequantized per output channel (without
+    ``zero_point``, the zero point input left out: 0 by default, and a vector of zeros fewer in the file)."""
     codes, scale = bias_codes(layer.bias, layer.a_scale.detach(), layer.w_scale)
     c = b.initializer(f"{p}.bias_codes", _np(codes), TensorProto.INT32)
     s = b.initializer(f"{p}.bias_scale", _np(scale).astype(np.float32))
-    z = b.initializer(f"{p}.bias_zero_point", np.zeros(codes.shape, np.int32), TensorProto.INT32)
-    dq = b.node("DequantizeLinear", [c, s, z], f"{p}_bias_DequantizeLinear", axis=0)
+    z = [b.initializer(f"{p}.bias_zero_point", np.zeros(codes.shape, np.int32), TensorProto.INT32)] if zero_point else []
+    dq = b.node("DequantizeLinear", [c, s, *z], f"{p}_bias_DequantizeLinear", axis=0)
     return dq.output[0], [dq]
 
 
 def _output_qdq(b: GraphBuilder, p: str, x: str, layer: ExportLayer) -> list[onnx.NodeProto]:
-    """8-bit per-tensor Q → DQ of the product over the layer's recorded output range."""
-    scale, zero = act_qparams_from_range(*layer.output_range, REQUANT_BITS)
+    """Per-tensor Q → DQ of the product over the layer's recorded output range: 8-bit (UINT8) after an
+    input of at most 8 bits, else 16-bit (UINT16; ``quant.requant_bits``)."""
+    bits = requant_bits(layer.act_bits)
+    scale, zero = act_qparams_from_range(*layer.output_range, bits)
     s = b.initializer(f"{p}.output_scale", np.array(float(scale), np.float32))
-    z = b.initializer(f"{p}.output_zero_point", np.array(int(zero)), TensorProto.UINT8)
+    z = b.initializer(f"{p}.output_zero_point", np.array(int(zero)),
+                      TensorProto.UINT8 if bits <= 8 else TensorProto.UINT16)
     q = b.node("QuantizeLinear", [x, s, z], f"{p}_OutputQuantizeLinear")
     return [q, b.node("DequantizeLinear", [q.output[0], s, z], f"{p}_OutputDequantizeLinear")]
 
@@ -223,8 +234,39 @@ def _factor(b: GraphBuilder, name: str, array: np.ndarray, half: bool) -> tuple[
     return b.initializer(name, array), []
 
 
-def lower_layer(b: GraphBuilder, layer: ExportLayer, x: str, y: str, profile: Profile, rotation: bool
-                ) -> list[onnx.NodeProto]:
+def _gemm_unit(b: GraphBuilder, p: str, x: str, y: str, layer: ExportLayer, profile: Profile
+               ) -> list[onnx.NodeProto]:
+    """A requantized Linear layer as the HTP's integer FullyConnected node unit: ``P_Flatten`` of the
+    dequantized input ``x`` to (rows, in) → ``P_Gemm`` (per-channel weight codes (out, in), ``transB``,
+    INT32 bias) → ``P_OutputQuantizeLinear`` → ``P_OutputDequantizeLinear`` → ``P_Reshape`` to ``y``, the
+    input's leading dimensions (a shape ``export.fold`` folds) and the output width."""
+    codes = _np(layer.weight_codes).astype(np.int64)
+    lo, hi = qrange(layer.weight_bits, signed=True)
+    if codes.min() < lo or codes.max() > hi:
+        raise ExportError(f"layer {p}: weight codes exceed the {layer.weight_bits}-bit range")
+    container = profile.weight_type(layer.weight_bits)
+    scale = _np(layer.w_scale).astype(np.float32).reshape(-1)
+    codes_name, nodes = _codes(b, f"{p}.weight_codes", codes, layer.weight_bits, container, profile)
+    s = b.initializer(f"{p}.weight_scale", scale)  # (zero points: the default 0, left out)
+    nodes.append(b.node("DequantizeLinear", [codes_name, s], f"{p}_weight_DequantizeLinear", axis=0))
+    w = nodes[-1].output[0]
+    nodes.append(b.node("Flatten", [x], f"{p}_Flatten", axis=-1))
+    inputs = [nodes[-1].output[0], w]
+    if layer.bias is not None:
+        bias, bias_nodes = _int32_bias(b, p, layer, zero_point=False)
+        nodes += bias_nodes
+        inputs.append(bias)
+    nodes.append(b.node("Gemm", inputs, f"{p}_Gemm", transB=1))
+    nodes += _output_qdq(b, p, nodes[-1].output[0], layer)
+    leading = b.node("Shape", [x], f"{p}_Shape", end=-1)
+    width = b.initializer(f"{p}.output_width", np.array([codes.shape[0]], np.int64))
+    shape = b.node("Concat", [leading.output[0], width], f"{p}_OutputShape", axis=0)
+    nodes += [leading, shape, b.node("Reshape", [nodes[-1].output[0], shape.output[0]], f"{p}_Reshape", output=y)]
+    return nodes
+
+
+def lower_layer(b: GraphBuilder, layer: ExportLayer, x: str, y: str, profile: Profile, rotation: bool,
+                units: bool = False) -> list[onnx.NodeProto]:
     """The nodes of one quantized layer, from input value ``x`` to output value ``y``."""
     p = layer.name
     conv = layer.conv_args is not None
@@ -246,15 +288,19 @@ def lower_layer(b: GraphBuilder, layer: ExportLayer, x: str, y: str, profile: Pr
         x_main = nodes[-1].output[0]
     branch = layer.lowrank
     has_bias = layer.bias is not None
-    requant = requantized(layer, profile)
+    requant = requantized(layer, profile, units)
+    if requant and not conv:  # the qnn profile's integer node units (see _gemm_unit)
+        main = y if branch is None else f"{p}_main"
+        nodes += _gemm_unit(b, p, x_main, main, layer, profile)
+        return nodes if branch is None else nodes + _branch(b, layer, x, main, y, profile)
     scales_after = profile.scales_after_product and layer.weight_bits is not None and not requant
     if scales_after:
         w, w_nodes, w_scale = _weight_scales_after(b, p, layer, conv, profile)
     else:
-        w, w_nodes = _weight(b, p, layer, profile, conv)
+        w, w_nodes = _weight(b, p, layer, profile, conv, zero_point=not units)
     nodes += w_nodes
     if requant and has_bias:
-        bias, bias_nodes = _int32_bias(b, p, layer)
+        bias, bias_nodes = _int32_bias(b, p, layer, zero_point=not units)
         nodes += bias_nodes
     elif has_bias:  # a conv's bias after its WeightScale is added to (N, out, H, W)
         bias_array = _np(layer.bias)
@@ -276,26 +322,32 @@ def lower_layer(b: GraphBuilder, layer: ExportLayer, x: str, y: str, profile: Pr
     if branch is None:  # the main path's last node writes the layer's output
         nodes[-1].output[0] = y
         b.values.add(y)
+        return nodes
+    return nodes + _branch(b, layer, x, nodes[-1].output[0], y, profile)
+
+
+def _branch(b: GraphBuilder, layer: ExportLayer, x: str, main: str, y: str, profile: Profile) -> list[onnx.NodeProto]:
+    """The float low-rank branch from ``x`` (the transformed input), added to ``main``, writing ``y``."""
+    p, branch, conv = layer.name, layer.lowrank, layer.conv_args is not None
+    nodes: list[onnx.NodeProto] = []
+    down, up = _np(branch.down), _np(branch.up)
+    if not conv:
+        down, up = np.ascontiguousarray(down.T), np.ascontiguousarray(up.T)
+    down_name, cast_down = _factor(b, f"{p}.lowrank_down", down, profile.half_lowrank)
+    up_name, cast_up = _factor(b, f"{p}.lowrank_up", up, profile.half_lowrank)
+    nodes += cast_down + cast_up
+    if conv:
+        d = b.node("Conv", [x, down_name], f"{p}_LowRankDown", **_conv_attrs(layer, tuple(down.shape[2:])))
+        u = b.node("Conv", [d.output[0], up_name], f"{p}_LowRankUp")
     else:
-        main = nodes[-1].output[0]
-        down, up = _np(branch.down), _np(branch.up)
-        if not conv:
-            down, up = np.ascontiguousarray(down.T), np.ascontiguousarray(up.T)
-        down_name, cast_down = _factor(b, f"{p}.lowrank_down", down, profile.half_lowrank)
-        up_name, cast_up = _factor(b, f"{p}.lowrank_up", up, profile.half_lowrank)
-        nodes += cast_down + cast_up
-        if conv:
-            d = b.node("Conv", [x, down_name], f"{p}_LowRankDown", **_conv_attrs(layer, tuple(down.shape[2:])))
-            u = b.node("Conv", [d.output[0], up_name], f"{p}_LowRankUp")
-        else:
-            d = b.node("MatMul", [x, down_name], f"{p}_LowRankDown")
-            u = b.node("MatMul", [d.output[0], up_name], f"{p}_LowRankUp")
-        nodes += [d, u, b.node("Add", [main, u.output[0]], f"{p}_LowRankAdd", output=y)]
+        d = b.node("MatMul", [x, down_name], f"{p}_LowRankDown")
+        u = b.node("MatMul", [d.output[0], up_name], f"{p}_LowRankUp")
+    nodes += [d, u, b.node("Add", [main, u.output[0]], f"{p}_LowRankAdd", output=y)]
     return nodes
 
 
 def lower_quant_layers(model: onnx.ModelProto, layers: dict[str, ExportLayer], profile: Profile,
-                       rotation: bool = True) -> onnx.ModelProto:
+                       rotation: bool = True, units: bool = False) -> onnx.ModelProto:
     """Replace every placeholder by ``lower_layer``'s nodes (see the module docstring)."""
     graph = model.graph
     b = GraphBuilder(graph)
@@ -304,7 +356,7 @@ def lower_quant_layers(model: onnx.ModelProto, layers: dict[str, ExportLayer], p
     renamed: dict[str, str] = {}  # placeholder output → "<layer>_output" (graph outputs keep their name)
     seen: set[str] = set()
     for i, node in enumerate(graph.node):
-        if node.domain != MARKER_DOMAIN:
+        if node.domain != MARKER_DOMAIN or node.op_type == POINT_OP:  # points: export.integer_units
             continue
         name = helper.get_attribute_value(node.attribute[0]).decode()
         if node.op_type != MARKER_OP or name not in layers:
@@ -313,7 +365,7 @@ def lower_quant_layers(model: onnx.ModelProto, layers: dict[str, ExportLayer], p
         y = node.output[0]
         renamed[y] = y if y in graph_outputs else f"{name}_output"
         replacements[i] = lower_layer(b, layers[name], renamed.get(node.input[0], node.input[0]), renamed[y],
-                                      profile, rotation)
+                                      profile, rotation, units)
     missing = sorted(set(layers) - seen)
     if missing:
         raise ExportError(f"quantized layers missing from the traced graph: {', '.join(missing[:3])}")

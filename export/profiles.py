@@ -48,6 +48,14 @@ Every mapping (``w`` = weight bits in 2..8, ``a`` = activation bits in 2..8 or 1
   Codes of ≤ 4 bits are stored as INT4 behind a ``Cast`` to INT8, as in ``ort-cpu``: ONNX Runtime's
   basic optimizations (constant folding) run before the graph is partitioned, so the QNN EP sees INT8
   initializers (measured: ``recipes/quantface_w4a8_cpu``'s qnn graph wholly on the HTP).
+  **Integer node units** (``integer_units``): for a recipe that records quantizer points
+  (``quantface.points``; ``calibrate`` does for the reference model) and whose layers are all plain integer
+  products (no online smoothing / rotation, no float low-rank branch — the ``--target qnn`` and W8 recipes),
+  every float op is a QDQ node unit too (``export.integer_units``: UINT16 Q → DQ at each point, data
+  movement re-quantized with its input's parameters, constants as codes), every product requantized —
+  Linear layers as ``Gemm`` units with INT32 bias, 16-bit-input convolutions to UINT16 — and the
+  per-channel weights stay per channel. No op then runs in FP16 on the HTP; the PyTorch simulation is
+  ``apply_recipe(..., points=True)``.
 
 Exact b-bit grid: whenever the container is wider than the bits, a float ``Clip`` to
 ``[(0 − z)·s, (2^b − 1 − z)·s]`` precedes the activation's ``QuantizeLinear``, so its codes stay in
@@ -81,6 +89,9 @@ class Profile:
     # bytes on disk, the same INT8 kernels (ONNX Runtime's constant folding turns Cast(initializer)
     # into an INT8 initializer when the session starts, before its QDQ fusions).
     int4_storage: bool = False
+    # With a recipe that records quantizer points (quantface.points): every float op an integer QDQ node
+    # unit, Linear layers and 16-bit-input convolutions requantized too (export.integer_units).
+    integer_units: bool = False
 
     def weight_type(self, bits: int) -> int:
         return TensorProto.INT4 if self.int4_weights and bits <= 4 else TensorProto.INT8
@@ -99,7 +110,7 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
     Profile("ort-cpu", int4_weights=False, uint4_acts=False, inline_rotation=False, half_lowrank=True,
             requant_conv_outputs=True, integer_linears=True, int4_storage=True),
     Profile("qnn", int4_weights=False, uint4_acts=False, inline_rotation=True, requant_conv_outputs=True,
-            scales_after_product=True, int4_storage=True),
+            scales_after_product=True, int4_storage=True, integer_units=True),
 ]}
 
 

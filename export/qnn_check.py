@@ -10,8 +10,9 @@ Checked:
 * activations: ``QuantizeLinear`` produces uint8 or uint16 (and ``DequantizeLinear`` of computed
   values reads one of those);
 * weights: ``DequantizeLinear`` of an initializer reads int8 or int4 codes with zero points 0 (QNN's
-  weights are symmetric); a 1-D INT32 initializer feeding a ``Conv``'s bias is a bias (codes on
-  s_x·s_w, zero points 0);
+  weights are symmetric), except a constant only elementwise ops read, stored on an activation grid
+  (UINT8 / UINT16, any zero point: what ONNX Runtime's QNN quantizer gives Mul / Add constants); a 1-D INT32 initializer feeding the bias of a ``Conv``, ``Gemm`` or norm is a
+  bias (codes on s_x·s_w, zero points 0);
 * node units, as the real QNN EP (onnxruntime-qnn 2.7, ``export.qnn_ep.placement``) groups them: a
   per-channel weight DQ (1-D scale as long as the quantized axis) must feed only Conv / ConvTranspose
   / MatMul / Gemm node units — every float input dequantized, the product read only by a
@@ -90,7 +91,7 @@ def qnn_report(model: onnx.ModelProto | str | Path) -> list[str]:
             if out and (out not in values or not _static(values[out])):
                 problems.append(f"node {node.name}: output {out} has no static shape")
 
-    biases = {n.input[2] for n in graph.node if n.op_type == "Conv" and len(n.input) > 2}
+    biases = {n.input[2] for n in graph.node if n.op_type in BIASED_OPS and len(n.input) > 2}
     made_by, users = producers(graph), consumers(graph)
     for node in graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -101,6 +102,10 @@ def qnn_report(model: onnx.ModelProto | str | Path) -> list[str]:
                 problems.append(f"node {node.name}: activations quantized to {_name(t)} (QNN takes UINT8/UINT16)")
         elif node.op_type == "DequantizeLinear" and node.input[0] in inits:
             codes = inits[node.input[0]]
+            readers = users.get(node.output[0], [])
+            if (codes.data_type in ACTIVATION_TYPES and readers
+                    and all(r.op_type in ELEMENTWISE_OPS for r in readers)):
+                continue  # a constant of an elementwise node unit, on an activation grid (export.integer_units)
             if codes.data_type == TensorProto.INT32 and len(codes.dims) == 1 and node.output[0] in biases:
                 zp = inits.get(node.input[2]) if len(node.input) > 2 else None
                 if zp is not None and np.any(numpy_helper.to_array(zp, base_dir or "") != 0):
@@ -128,6 +133,9 @@ def qnn_report(model: onnx.ModelProto | str | Path) -> list[str]:
 
 
 PRODUCT_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm"}
+# Ops whose third input is a bias the HTP takes as INT32 codes (zero points 0)
+BIASED_OPS = {"Conv", "Gemm", "InstanceNormalization", "LayerNormalization"}
+ELEMENTWISE_OPS = {"Add", "Sub", "Mul", "Div"}
 
 
 def _dequantized(value: str, made_by: dict[str, onnx.NodeProto]) -> bool:

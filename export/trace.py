@@ -65,9 +65,13 @@ from torch import nn
 
 from quantface.export import save
 from quantface.export.errors import ExportError
+from quantface.points import ActiveConstant, ActivePoint, constant_points
+from quantface.points import install as install_points
+from quantface.points import points as model_points
 
 INPUT_NAME, OUTPUT_NAME = "lq", "restored"
 MARKER_DOMAIN, MARKER_OP = "quantface_export", "QuantLayer"
+POINT_OP = "QuantPoint"  # a quantizer point's placeholder (quantface.points), lowered to Q → DQ
 TORCH_OPSET, TARGET_OPSET = 20, 21  # the TorchScript exporter stops at opset 20
 TARGET_IR = 10  # the IR version of opset 21: INT4 / UINT4 tensors, function overloads
 INLINE_BYTES = 1 << 16  # initializers of a trace read back from disk up to this size are loaded into memory
@@ -115,6 +119,41 @@ def _translate_quant_layer(x, layer: str):  # type: ignore[no-untyped-def]
     return _PLACEHOLDER(x, layer=layer)
 
 
+@torch.library.custom_op("quantface_export::quant_point", mutates_args=())
+def quant_point(x: torch.Tensor, point: str) -> torch.Tensor:
+    """The placeholder of quantizer point ``point``: the identity."""
+    return x.clone()
+
+
+@quant_point.register_fake
+def _quant_point_fake(x: torch.Tensor, point: str) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+_POINT_PLACEHOLDER = onnxscript.values.Op(
+    onnxscript.values.Opset(MARKER_DOMAIN, 1), POINT_OP,
+    OpSchema(POINT_OP, MARKER_DOMAIN, 1, inputs=[OpSchema.FormalParameter("x", "T")],
+             outputs=[OpSchema.FormalParameter("y", "T")],
+             type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(double)"], "")],
+             attributes=[OpSchema.Attribute("point", OpSchema.AttrType.STRING, "the recipe's point name")]))
+
+
+def _translate_quant_point(x, point: str):  # type: ignore[no-untyped-def]
+    """``custom_translation_table`` entry: one ``quantface_export::QuantPoint(x, point=...)`` node."""
+    return _POINT_PLACEHOLDER(x, point=point)
+
+
+class _PointMarker(ActivePoint):
+    """A quantizer point in the trace: the ``quant_point`` placeholder (its module switches to the split path)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.point_name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quant_point(x, self.point_name)
+
+
 class _MarkerFn(torch.autograd.Function):
     """The TorchScript exporter's placeholder: ``symbolic`` emits the node."""
 
@@ -145,11 +184,18 @@ class _Marker(nn.Module):
 
 
 @contextmanager
-def _with_markers(model: nn.Module, names: list[str], torchscript: bool = False):
+def _with_markers(model: nn.Module, names: list[str], torchscript: bool = False, points: bool = False):
     """``model`` in eval mode with each module in ``names`` swapped for its ``_Marker``, in place (a
-    deep copy would double the memory of a billion-parameter model); modules and modes restored after."""
+    deep copy would double the memory of a billion-parameter model), and with ``points`` each quantizer
+    point for its ``_PointMarker`` (constant points switched on, identities: ``export.integer_units``
+    stores the constants); modules and modes restored after."""
     modes = {m: m.training for m in model.modules()}
     swapped = []
+    if points:
+        for name, point in {**model_points(model), **constant_points(model)}.items():
+            parent_name, _, child = name.rpartition(".")
+            swapped.append((model.get_submodule(parent_name) if parent_name else model, child, point))
+        install_points(model, _PointMarker, lambda name: ActiveConstant())
     try:
         for name in names:
             layer = model.get_submodule(name)
@@ -246,15 +292,17 @@ def _quiet_registry():
         registry.setLevel(level)
 
 
-def _trace_dynamo(model: nn.Module, example: torch.Tensor, quantized: list[str], work: Path | None
-                  ) -> onnx.ModelProto:
-    with _with_markers(model, quantized) as marked, torch.no_grad(), _quiet_registry():
+def _trace_dynamo(model: nn.Module, example: torch.Tensor, quantized: list[str], work: Path | None,
+                  points: bool = False) -> onnx.ModelProto:
+    with _with_markers(model, quantized, points=points) as marked, torch.no_grad(), _quiet_registry():
         kept = _graph_bytes(marked)  # the markers' layers are no longer submodules: their weights stay out
         program = torch.onnx.export(marked, (example,), None, dynamo=True, opset_version=TARGET_OPSET,
                                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], optimize=False,
                                     verbose=False,
                                     custom_translation_table={torch.ops.quantface_export.quant_layer.default:
-                                                              _translate_quant_layer})
+                                                              _translate_quant_layer,
+                                                              torch.ops.quantface_export.quant_point.default:
+                                                              _translate_quant_point})
     onnxscript.optimizer.optimize_ir(program.model, should_fold=_exact_folds_only)
     if work is not None and kept >= save.EXTERNAL_DATA_THRESHOLD:
         proto = _read_back(program, Path(work))
@@ -266,9 +314,10 @@ def _trace_dynamo(model: nn.Module, example: torch.Tensor, quantized: list[str],
 
 
 def trace_to_onnx(model: nn.Module, batch: int, size: int, quantized: list[str] = (), work: Path | None = None,
-                  exporter: str = "dynamo") -> onnx.ModelProto:
+                  exporter: str = "dynamo", points: bool = False) -> onnx.ModelProto:
     """ONNX graph of the FP ``model`` for a static (batch, 3, size, size) input ``lq`` and output
-    ``restored``; each module named in ``quantized`` is one ``quantface_export::QuantLayer`` placeholder.
+    ``restored``; each module named in ``quantized`` is one ``quantface_export::QuantLayer`` placeholder
+    and, with ``points``, each quantizer point one ``quantface_export::QuantPoint`` (dynamo only).
     With the dynamo exporter, ``work`` (a folder that outlives the graph) and weights reaching the
     external-data threshold, the large initializers are references into ``work`` (module docstring).
 
@@ -277,9 +326,11 @@ def trace_to_onnx(model: nn.Module, batch: int, size: int, quantized: list[str] 
     left to ``export.fold``), nodes named by module path."""
     example = torch.zeros(batch, model.config.image_channels, size, size)
     if exporter == "torchscript":
+        if points:
+            raise ExportError("quantizer points (integer float ops) need the dynamo exporter")
         proto = _trace_torchscript(model, example, list(quantized))
     elif exporter == "dynamo":
-        proto = _trace_dynamo(model, example, list(quantized), work)
+        proto = _trace_dynamo(model, example, list(quantized), work, points)
     else:
         raise ExportError(f"unknown exporter {exporter!r}")
     if proto.ir_version > TARGET_IR:

@@ -52,6 +52,8 @@ class ModelSpec(JsonConfig):
     device: str = "auto"  # auto (CUDA when torch sees a GPU, else CPU) | cpu | cuda | cuda:N
     # With a recipe: also simulate the ort-cpu / qnn graphs' 8-bit requantized conv outputs (parity with them).
     requant_outputs: bool = False
+    # ... or a qnn graph's integer node units: the recipe's quantizer points too (apply_recipe(points=True)).
+    integer_units: bool = False
 
     def __post_init__(self) -> None:
         check_device_name(self.device)
@@ -83,7 +85,7 @@ class ModelSpec(JsonConfig):
             return fp
         from quantface.calibration.recipe import apply_recipe
 
-        return apply_recipe(fp, self.recipe, requant_outputs=self.requant_outputs)
+        return apply_recipe(fp, self.recipe, requant_outputs=self.requant_outputs, points=self.integer_units)
 
     def pipeline(self, batch_size: int = 8, size: int | None = None) -> tuple[RestorationPipeline, int]:
         """The restoration pipeline for this model and the side it runs at: ``size`` if given (a positive

@@ -185,7 +185,7 @@ def act_qparams(sample: torch.Tensor, bits: int, method: str = "mse", percentile
 def _bias_on_grid(bias: torch.Tensor, act_scale: torch.Tensor | float, w_scale: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(bias / (s_x · s_w), s_x · s_w): the bias in accumulator steps, per output channel."""
-    scale = torch.as_tensor(act_scale, dtype=torch.float32) * w_scale.detach().float()
+    scale = torch.as_tensor(act_scale, dtype=torch.float32, device=w_scale.device) * w_scale.detach().float()
     return bias.detach().float() / scale, scale
 
 
@@ -209,14 +209,21 @@ def bias_fits(bias: torch.Tensor, act_scale: torch.Tensor | float, w_scale: torc
 
 def requantizable(conv: bool, weight_bits: int | None, act_bits: int | None,
                   output_range: tuple[float, float] | None, bias: torch.Tensor | None,
-                  act_scale: torch.Tensor | float | None, w_scale: torch.Tensor | None) -> bool:
+                  act_scale: torch.Tensor | float | None, w_scale: torch.Tensor | None, wide: bool = False) -> bool:
     """Whether an integer kernel can run a layer's product with its output requantized to
-    ``REQUANT_BITS`` (ONNX Runtime's QLinearConv): a convolution with quantized weights and an input of
-    at most ``MAX_BITS`` (QLinearConv takes 8-bit inputs: not after 16-bit activations), a recorded
-    output range, and a bias that fits the accumulator grid (``bias_fits``). The one predicate the
+    ``requant_bits(act_bits)``: a convolution with quantized weights and an input of at most ``MAX_BITS``
+    (ONNX Runtime's QLinearConv takes 8-bit inputs: not after 16-bit activations), a recorded output
+    range, and a bias that fits the accumulator grid (``bias_fits``). ``wide``: the QNN HTP's integer
+    node units, which also take Linear layers (Gemm) and 16-bit inputs. The one predicate the
     calibrated model's simulation and the exporter both use."""
-    return (conv and weight_bits is not None and act_bits is not None and act_bits <= MAX_BITS
+    return ((conv or wide) and weight_bits is not None and act_bits is not None and (act_bits <= MAX_BITS or wide)
             and output_range is not None and (bias is None or bias_fits(bias, act_scale, w_scale)))
+
+
+def requant_bits(act_bits: int) -> int:
+    """Bits of a requantized product: ``REQUANT_BITS`` after an input of at most ``MAX_BITS``, else
+    ``WIDE_ACT_BITS`` (an A16 layer's output stays 16-bit, as in ONNX Runtime's A16W8 QNN graphs)."""
+    return REQUANT_BITS if act_bits <= MAX_BITS else WIDE_ACT_BITS
 
 
 def requantize(acc: torch.Tensor, act_scale: torch.Tensor, w_scale: torch.Tensor, out_scale: torch.Tensor,

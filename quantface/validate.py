@@ -185,8 +185,10 @@ def validate(cfg: ValidateConfig) -> dict:
 
     # The PyTorch side simulates what the graph computes: requantized conv outputs (ort-cpu, qnn) too.
     requantized = json.loads(onnx_backend.metadata.get("quantface.requantized_layers", "[]"))
-    torch_spec = dataclasses.replace(cfg.model, requant_outputs=bool(requantized))
+    units = bool(json.loads(onnx_backend.metadata.get("quantface.integer_units", "false")))
+    torch_spec = dataclasses.replace(cfg.model, requant_outputs=bool(requantized), integer_units=units)
     compared["requantized_outputs_simulated"] = bool(requantized)
+    compared["integer_units_simulated"] = units  # the recipe's quantizer points (export.integer_units)
     onnx_rec, torch_rec = _Recording(onnx_backend), _Recording(torch_spec.torch_backend())
     onnx_out = _restore(onnx_rec, lqs, batch, "validate: ONNX Runtime")
     torch_out = _restore(torch_rec, lqs, batch, "validate: PyTorch " + ("fake-quant" if cfg.model.recipe else "FP"))

@@ -39,7 +39,8 @@ def layer_parity(onnx_path: str | Path, qmodel: torch.nn.Module, x: np.ndarray) 
         group = [n for n in model.graph.node if n.name.startswith(f"{name}_")]
         if not group:
             continue
-        first = next(n for n in group if n.input[0] not in initializers)
+        made = {v for n in group for v in n.output}  # the layer's input: read by its nodes, made by none of them
+        first = next(n for n in group if n.input[0] not in initializers and n.input[0] not in made)
         ends[name] = (first.input[0], group[-1].output[0])
     outputs = {o.name for o in model.graph.output}
     for value in {v for pair in ends.values() for v in pair} - outputs:

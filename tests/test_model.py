@@ -7,6 +7,7 @@ from quantface.errors import ConfigError, WeightsError
 from quantface.models import load_model
 from quantface.models.reference import ReferenceConfig, ReferenceRestorer, count_parameters
 from quantface.models.store import load_weights, save_weights
+from quantface.points import Point
 from tests.conftest import TINY
 
 
@@ -26,8 +27,10 @@ def test_default_model_size_and_topology():
     model = ReferenceRestorer()
     n = count_parameters(model)
     assert 1e6 < n <= 12e6
-    names = {name.split(".")[0] for name, _ in model.named_modules() if name}
+    names = {name.split(".")[0] for name, m in model.named_modules() if name and not isinstance(m, Point)}
     assert names == {"encoder", "prompt_embedder", "unet", "decoder"}
+    # x0's float ops are the top level's only other modules: parameter-free quantizer points
+    assert {n for n, m in model.named_children() if isinstance(m, Point)} == {"noise_scaled", "denoised"}
     # Self- and cross-attention exist; cross-attention keys read the prompt tokens' width.
     attn2 = [m for name, m in model.named_modules() if name.endswith("attn2")]
     assert attn2 and all(m.to_k.in_features == model.config.context_dim for m in attn2)

@@ -25,6 +25,7 @@ from torch import nn
 from quantface.config import JsonConfig
 from quantface.errors import ConfigError
 from quantface.models.timesteps import SinusoidalTimesteps
+from quantface.points import ConstantPoint, Point
 
 CONFIG_VERSION = 1
 
@@ -76,8 +77,56 @@ class ReferenceConfig(JsonConfig):
         return float(torch.cumprod(1.0 - betas, 0)[self.timestep])
 
 
-def _norm(config: ReferenceConfig, channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(config.groups, channels, eps=1e-6)
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` with quantizer points (``quantface.points``): while they are active, normalize →
+    point → × γ → point → + β → point, the three ops of the QDQ graph's decomposition."""
+
+    def __init__(self, groups: int, channels: int, eps: float = 1e-6):
+        super().__init__(groups, channels, eps=eps)
+        self.normalized, self.scaled, self.shifted = Point(), Point(), Point()
+        self.gamma, self.beta = ConstantPoint(), ConstantPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.normalized.active:
+            return super().forward(x)
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        h = self.normalized(F.group_norm(x, self.num_groups, None, None, self.eps))
+        h = self.scaled(h * self.gamma(self.weight).reshape(view))
+        return self.shifted(h + self.beta(self.bias).reshape(view))
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` with quantizer points, split as ``GroupNorm``'s while they are active."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim)
+        self.normalized, self.scaled, self.shifted = Point(), Point(), Point()
+        self.gamma, self.beta = ConstantPoint(), ConstantPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.normalized.active:
+            return super().forward(x)
+        h = self.normalized(F.layer_norm(x, self.normalized_shape, None, None, self.eps))
+        h = self.scaled(h * self.gamma(self.weight))
+        return self.shifted(h + self.beta(self.bias))
+
+
+class SiLU(nn.Module):
+    """x · sigmoid(x); with active points, the sigmoid's output marked. The product needs no point of its
+    own: every SiLU of the model feeds a quantized layer, whose input quantizer rounds it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = Point()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.gate.active:
+            return F.silu(x)
+        return x * self.gate(torch.sigmoid(x))
+
+
+def _norm(config: ReferenceConfig, channels: int) -> GroupNorm:
+    return GroupNorm(config.groups, channels, eps=1e-6)
 
 
 class ResBlock(nn.Module):
@@ -91,13 +140,17 @@ class ResBlock(nn.Module):
         self.norm2 = _norm(config, cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else None
+        self.act1, self.act2 = SiLU(), SiLU()
+        self.residual = Point()
+        if temb_dim:
+            self.temb, self.temb_added = ConstantPoint(), Point()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        if self.temb_proj is not None:
-            h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
-        return h + (x if self.skip is None else self.skip(x))
+        h = self.conv1(self.act1(self.norm1(x)))
+        if self.temb_proj is not None:  # the timestep path is input-independent: a constant of the graph
+            h = self.temb_added(h + self.temb(self.temb_proj(F.silu(temb))[:, :, None, None]))
+        h = self.conv2(self.act2(self.norm2(h)))
+        return self.residual(h + (x if self.skip is None else self.skip(x)))
 
 
 class Attention(nn.Module):
@@ -110,6 +163,8 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.Linear(dim, dim)
+        # (the context product feeds to_out, whose input quantizer rounds it: no point of its own)
+        self.scores, self.scaled, self.probs = Point(), Point(), Point()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
@@ -119,7 +174,7 @@ class Attention(nn.Module):
             return t.reshape(b, t.shape[1], h, d // h).transpose(1, 2)
 
         q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
-        weights = torch.softmax(q @ k.transpose(-1, -2) * (d // h) ** -0.5, dim=-1)
+        weights = self.probs(torch.softmax(self.scaled(self.scores(q @ k.transpose(-1, -2)) * (d // h) ** -0.5), dim=-1))
         out = (weights @ v).transpose(1, 2).reshape(b, n, d)
         return self.to_out(out)
 
@@ -131,25 +186,26 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.norm = _norm(config, dim)
         self.proj_in = nn.Linear(dim, dim)
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.attn1 = Attention(dim, dim, config.attention_head_dim)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.attn2 = Attention(dim, config.context_dim, config.attention_head_dim)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
         self.ff_in = nn.Linear(dim, 2 * dim)
         self.ff_out = nn.Linear(2 * dim, dim)
         self.proj_out = nn.Linear(dim, dim)
+        self.added1, self.added2, self.added3, self.residual = Point(), Point(), Point(), Point()  # (GELU feeds ff_out)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, hh, ww = x.shape
         h = self.norm(x).flatten(2).transpose(1, 2)  # (b, hw, c)
         h = self.proj_in(h)
         n1 = self.norm1(h)
-        h = h + self.attn1(n1, n1)
-        h = h + self.attn2(self.norm2(h), context)
-        h = h + self.ff_out(F.gelu(self.ff_in(self.norm3(h))))
+        h = self.added1(h + self.attn1(n1, n1))
+        h = self.added2(h + self.attn2(self.norm2(h), context))
+        h = self.added3(h + self.ff_out(F.gelu(self.ff_in(self.norm3(h)))))
         h = self.proj_out(h)
-        return x + h.transpose(1, 2).reshape(b, c, hh, ww)
+        return self.residual(x + h.transpose(1, 2).reshape(b, c, hh, ww))
 
 
 class Downsample(nn.Module):
@@ -181,6 +237,7 @@ class Encoder(nn.Module):
         self.downs = nn.ModuleList(Downsample(ch[i], ch[i + 1]) for i in range(len(ch) - 1))
         self.norm_out = _norm(config, ch[-1])
         self.conv_out = nn.Conv2d(ch[-1], config.latent_channels, 3, padding=1)
+        self.act_out = SiLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -188,7 +245,7 @@ class Encoder(nn.Module):
             h = block(h)
             if i < len(self.downs):
                 h = self.downs[i](h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(self.act_out(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
@@ -202,6 +259,7 @@ class Decoder(nn.Module):
         self.ups = nn.ModuleList(Upsample(ch[i], ch[i + 1]) for i in range(len(ch) - 1))
         self.norm_out = _norm(config, ch[-1])
         self.conv_out = nn.Conv2d(ch[-1], config.image_channels, 3, padding=1)
+        self.act_out = SiLU()
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(z)
@@ -209,7 +267,7 @@ class Decoder(nn.Module):
             h = block(h)
             if i < len(self.ups):
                 h = self.ups[i](h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(self.act_out(self.norm_out(h)))
 
 
 class PromptEmbedder(nn.Module):
@@ -221,7 +279,7 @@ class PromptEmbedder(nn.Module):
         layers: list[nn.Module] = []
         cin = config.image_channels
         for c in ch:
-            layers += [nn.Conv2d(cin, c, 3, stride=2, padding=1), _norm(config, c), nn.SiLU()]
+            layers += [nn.Conv2d(cin, c, 3, stride=2, padding=1), _norm(config, c), SiLU()]
             cin = c
         self.features = nn.Sequential(*layers)
         self.proj = nn.Linear(ch[-1], config.context_dim)
@@ -263,6 +321,8 @@ class UNet(nn.Module):
         )
         self.norm_out = _norm(config, ch[0])
         self.conv_out = nn.Conv2d(ch[0], config.latent_channels, 3, padding=1)
+        self.act_out = SiLU()
+        self.joined = nn.ModuleList(Point() for _ in range(levels - 1))  # the skip concatenations
 
     @staticmethod
     def _attend(block: nn.Module, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -278,9 +338,9 @@ class UNet(nn.Module):
             h = down(h)
         h = self.mid_block2(self._attend(self.mid_attn, self.mid_block1(h, temb), context), temb)
         for i in reversed(range(len(self.up_blocks))):
-            h = torch.cat([self.ups[i](h), skips[i]], dim=1)
+            h = self.joined[i](torch.cat([self.ups[i](h), skips[i]], dim=1))
             h = self._attend(self.up_attn[i], self.up_blocks[i](h, temb), context)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(self.act_out(self.norm_out(h)))
 
 
 class ReferenceRestorer(nn.Module):
@@ -298,6 +358,9 @@ class ReferenceRestorer(nn.Module):
         self.register_buffer("timestep", torch.tensor([self.config.timestep], dtype=torch.long), persistent=False)
         self.register_buffer("sqrt_alpha_bar", torch.tensor(alpha_bar**0.5), persistent=False)
         self.register_buffer("sqrt_one_minus_alpha_bar", torch.tensor((1.0 - alpha_bar) ** 0.5), persistent=False)
+        # x0's float ops (scalar constants: stored exactly, see quantface.points.constant_codes); the
+        # division feeds the decoder's first layer, whose input quantizer rounds it
+        self.noise_scaled, self.denoised = Point(), Point()
 
     def forward(self, lq: torch.Tensor) -> torch.Tensor:
         m = self.config.size_multiple
@@ -306,7 +369,7 @@ class ReferenceRestorer(nn.Module):
         z = self.encoder(lq)
         context = self.prompt_embedder(lq)
         eps = self.unet(z, self.timestep.expand(lq.shape[0]), context)
-        x0 = (z - self.sqrt_one_minus_alpha_bar * eps) / self.sqrt_alpha_bar
+        x0 = self.denoised(z - self.noise_scaled(self.sqrt_one_minus_alpha_bar * eps)) / self.sqrt_alpha_bar
         return self.decoder(x0)
 
 
