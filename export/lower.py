@@ -98,10 +98,11 @@ def _activation_qdq(b: GraphBuilder, p: str, x: str, layer: ExportLayer, profile
     return nodes
 
 
-def _weight(b: GraphBuilder, p: str, layer: ExportLayer, profile: Profile, conv: bool, zero_point: bool = True
-            ) -> tuple[str, list]:
+def _weight(b: GraphBuilder, p: str, layer: ExportLayer, profile: Profile, conv: bool, zero_point: bool = True,
+            gemm: bool = False) -> tuple[str, list]:
     """Name of the (dequantized) weight the main op consumes, and the nodes producing it (without
-    ``zero_point``, the zero points — all 0 — left to the DequantizeLinear's default)."""
+    ``zero_point``, the zero points — all 0 — left to the DequantizeLinear's default). A Linear layer's
+    codes are (in, out) for MatMul, or (out, in) for a ``gemm`` with ``transB``."""
     if layer.weight_bits is None:
         w = _np(layer.quantized_weight())
         return b.initializer(f"{p}.weight", w if conv else w.T), []
@@ -111,10 +112,11 @@ def _weight(b: GraphBuilder, p: str, layer: ExportLayer, profile: Profile, conv:
         raise ExportError(f"layer {p}: weight codes exceed the {layer.weight_bits}-bit range")
     container = profile.weight_type(layer.weight_bits)
     scale = _np(layer.w_scale).astype(np.float32).reshape(-1)
-    codes_name, cast = _codes(b, f"{p}.weight_codes", codes if conv else codes.T, layer.weight_bits, container, profile)
+    rows = conv or gemm  # output channels first
+    codes_name, cast = _codes(b, f"{p}.weight_codes", codes if rows else codes.T, layer.weight_bits, container, profile)
     s = b.initializer(f"{p}.weight_scale", scale)
     z = [b.initializer(f"{p}.weight_zero_point", np.zeros(scale.shape, np.int64), container)] if zero_point else []
-    dq = b.node("DequantizeLinear", [codes_name, s, *z], f"{p}_weight_DequantizeLinear", axis=0 if conv else 1)
+    dq = b.node("DequantizeLinear", [codes_name, s, *z], f"{p}_weight_DequantizeLinear", axis=0 if rows else 1)
     return dq.output[0], [*cast, dq]
 
 
@@ -240,16 +242,7 @@ def _gemm_unit(b: GraphBuilder, p: str, x: str, y: str, layer: ExportLayer, prof
     dequantized input ``x`` to (rows, in) → ``P_Gemm`` (per-channel weight codes (out, in), ``transB``,
     INT32 bias) → ``P_OutputQuantizeLinear`` → ``P_OutputDequantizeLinear`` → ``P_Reshape`` to ``y``, the
     input's leading dimensions (a shape ``export.fold`` folds) and the output width."""
-    codes = _np(layer.weight_codes).astype(np.int64)
-    lo, hi = qrange(layer.weight_bits, signed=True)
-    if codes.min() < lo or codes.max() > hi:
-        raise ExportError(f"layer {p}: weight codes exceed the {layer.weight_bits}-bit range")
-    container = profile.weight_type(layer.weight_bits)
-    scale = _np(layer.w_scale).astype(np.float32).reshape(-1)
-    codes_name, nodes = _codes(b, f"{p}.weight_codes", codes, layer.weight_bits, container, profile)
-    s = b.initializer(f"{p}.weight_scale", scale)  # (zero points: the default 0, left out)
-    nodes.append(b.node("DequantizeLinear", [codes_name, s], f"{p}_weight_DequantizeLinear", axis=0))
-    w = nodes[-1].output[0]
+    w, nodes = _weight(b, p, layer, profile, conv=False, zero_point=False, gemm=True)
     nodes.append(b.node("Flatten", [x], f"{p}_Flatten", axis=-1))
     inputs = [nodes[-1].output[0], w]
     if layer.bias is not None:
@@ -259,7 +252,7 @@ def _gemm_unit(b: GraphBuilder, p: str, x: str, y: str, layer: ExportLayer, prof
     nodes.append(b.node("Gemm", inputs, f"{p}_Gemm", transB=1))
     nodes += _output_qdq(b, p, nodes[-1].output[0], layer)
     leading = b.node("Shape", [x], f"{p}_Shape", end=-1)
-    width = b.initializer(f"{p}.output_width", np.array([codes.shape[0]], np.int64))
+    width = b.initializer(f"{p}.output_width", np.array([layer.weight.shape[0]], np.int64))
     shape = b.node("Concat", [leading.output[0], width], f"{p}_OutputShape", axis=0)
     nodes += [leading, shape, b.node("Reshape", [nodes[-1].output[0], shape.output[0]], f"{p}_Reshape", output=y)]
     return nodes
