@@ -40,8 +40,8 @@ from torch.utils.hooks import RemovableHandle
 from quantface.errors import ConfigError
 from quantface.hadamard import fold_into_weight, rotate_channels
 from quantface.quant import (EPS, act_qparams_from_range, adaround_codes, adaround_fake_quantize,
-                             adaround_init, bias_codes, dequantize, fake_quantize, qrange, quantize, requant_bits, requantizable,
-                             requantize, weight_scale)
+                             adaround_init, bias_codes, dequantize, fake_quantize, qrange, quantize, requant_bits,
+                             requantizable, requantize, weight_scale)
 from quantface.recipe import HadamardSpec
 
 
@@ -360,7 +360,7 @@ class QuantLayer(nn.Module):
         """The quantized path's output for an already transformed input (no low-rank branch); with
         ``requant_output``, what ONNX Runtime's QLinearConv computes for it, bit for bit: the exact
         integer accumulator of the activation and weight codes (in float64) plus the bias as INT32
-        codes on its grid s_x·s_w, requantized to ``REQUANT_BITS`` over ``output_range``."""
+        codes on its grid s_x·s_w, requantized to ``quant.requant_bits`` over ``output_range``."""
         if not (self.requant_output and self.requantizable and self.weight_codes is not None):
             return self._op(self.quantized_input(x), self.quantized_weight(), self.bias)
         qmin, qmax = qrange(self.act_bits, signed=False)
