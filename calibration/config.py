@@ -15,7 +15,9 @@ from quantface.calibration.targets import COSTS as COST_MODELS, TARGETS as TARGE
 from quantface.errors import ConfigError
 
 # The --rank-cost choices (calibration.ranks, which needs torch: not imported here).
-RANK_COSTS = ("params", "macs", "both")
+RANK_COSTS = ("params", "macs", "both", "time", "params+time")
+# The --rank-error choices: a layer's error at each candidate rank measured on the model's output or on its own.
+RANK_ERRORS = ("output", "layer", "energy")
 BITS_PATTERN = re.compile(r"^W([1-9]\d*)A([1-9]\d*)$")
 # The accepted --bits forms, for help texts and errors.
 BITS_FORMS = (f"W<w>A<a> with w in {MIN_BITS}..{MAX_BITS} and a in {MIN_BITS}..{MAX_BITS} or {WIDE_ACT_BITS}, "
@@ -119,6 +121,7 @@ class CalibConfig(JsonConfig):
     # by an integer program. QuantVSR always allocates (its STCA ranks), F = 1.0 being the uniform total.
     rank_budget: float = 1.0
     rank_cost: str = "params"
+    rank_error: str = "output"
 
     def __post_init__(self) -> None:
         parse_bits(self.bits)
@@ -174,6 +177,8 @@ class CalibConfig(JsonConfig):
                               f"branches' cost; 1.0 keeps the uniform ranks)")
         if self.rank_cost not in RANK_COSTS:
             raise ConfigError(f"--rank-cost {self.rank_cost!r} is not one of {', '.join(RANK_COSTS)}")
+        if self.rank_error not in RANK_ERRORS:
+            raise ConfigError(f"--rank-error {self.rank_error!r} is not one of {', '.join(RANK_ERRORS)}")
 
     def check(self) -> None:
         """Before any work: the calibration faces exist, the recipe folder can be written, and the

@@ -61,6 +61,18 @@ class LowRank(nn.Module):
     def rank(self) -> int:
         return self.down.shape[0]
 
+    @classmethod
+    def from_svd(cls, u: torch.Tensor, sigma: torch.Tensor, vh: torch.Tensor, rank: int,
+                 weight: torch.Tensor, conv_args: dict | None) -> "LowRank":
+        """The rank-``rank`` truncated SVD branch of ``weight`` (reshaped to (out, rest)) from its SVD
+        u·diag(σ)·vh: up = U_r·Σ_r, down = V_rᵀ (with the weight's kernel shape for a conv)."""
+        r = min(rank, sigma.numel())
+        up = (u[:, :r] * sigma[:r]).to(weight.dtype)
+        down = vh[:r].to(weight.dtype)
+        if conv_args is not None:
+            return cls(down.reshape(r, *weight.shape[1:]), up[:, :, None, None], conv_args)
+        return cls(down, up, None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.conv_args is not None:
             return F.conv2d(F.conv2d(x, self.down, None, **self.conv_args), self.up)
@@ -170,15 +182,8 @@ class QuantLayer(nn.Module):
 
     def split_lowrank(self, rank: int) -> None:
         """W' = L1·L2 + R by truncated SVD (L1 = U_r·Σ_r, L2 = V_rᵀ); the layer keeps R."""
-        w = self.weight.flatten(1).double()
-        u, sigma, vh = torch.linalg.svd(w, full_matrices=False)
-        r = min(rank, sigma.numel())
-        l1 = (u[:, :r] * sigma[:r]).to(self.weight.dtype)
-        l2 = vh[:r].to(self.weight.dtype)
-        if self.conv_args is not None:
-            branch = LowRank(l2.reshape(r, *self.weight.shape[1:]), l1[:, :, None, None], self.conv_args)
-        else:
-            branch = LowRank(l2, l1, None)
+        u, sigma, vh = torch.linalg.svd(self.weight.flatten(1).double(), full_matrices=False)
+        branch = LowRank.from_svd(u, sigma, vh, rank, self.weight, self.conv_args)
         self.lowrank = branch
         self.weight = self.weight - branch.product().detach()
 
@@ -412,6 +417,15 @@ def wrap_layers(model: nn.Module, include: callable = lambda name: True) -> dict
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, QuantLayer(layer, name))
     return quant_layers(model)
+
+
+def unwrap_layer(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` (the float Conv2d / Linear ``wrap_layers`` replaced) back in place of layer ``name``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if not isinstance(getattr(parent, child), QuantLayer):
+        raise ValueError(f"layer {name} is not wrapped")
+    setattr(parent, child, module)
 
 
 @contextmanager

@@ -70,7 +70,8 @@ from torch import nn
 
 from quantface.calibration.allocation import Option, allocate
 from quantface.calibration.layers import QuantLayer, hooks_removed
-from quantface.calibration.ranks import branch_params, candidates, layer_size, rank_cost, split_rank
+from quantface.calibration.ranks import (branch_params, candidates, cost_unit, energy_beyond, layer_size, rank_cost,
+                                        reference_cost, scaled_budget, split_rank)
 
 if TYPE_CHECKING:
     from quantface.calibration.config import CalibConfig
@@ -121,13 +122,6 @@ def spatial_complexity(model: nn.Module, layers: dict[str, QuantLayer], x: torch
     return {n: LayerComplexity(sums[n] / images[n] if images[n] else 0.0, positions[n], spatial[n]) for n in layers}
 
 
-def energy_beyond(weight: torch.Tensor, ranks: list[int]) -> list[float]:
-    """E(R) = Σ_{k>R} σ_k² / Σ σ_k² of the weight reshaped to (out, rest), per rank."""
-    sigma2 = torch.linalg.svdvals(weight.detach().flatten(1).double()) ** 2
-    total = float(sigma2.sum())
-    return [float(sigma2[r:].sum()) / total if total > 0 else 0.0 for r in ranks]
-
-
 @dataclass
 class StcaAllocation:
     ranks: dict[str, int]  # the SVD branch rank per layer
@@ -154,11 +148,9 @@ def allocate_stca(complexity: dict[str, LayerComplexity], layers: dict[str, Quan
                          for r, e in zip(ranks, energies)]
     ref_params = float(sum(branch_params(l, uniform[n]) for n, l in layers.items()))
     ref_macs = float(sum(branch_params(l, uniform[n]) * complexity[n].positions for n, l in layers.items()))
-    reference = {"params": ref_params, "macs": ref_macs, "both": (ref_params, ref_macs)}[cfg.rank_cost]
-    budget = tuple(cfg.rank_budget * r for r in reference) if isinstance(reference, tuple) \
-        else cfg.rank_budget * reference
-    unit = {"params": "parameters", "macs": "multiply-accumulates per image",
-            "both": "parameters and multiply-accumulates per image, each"}[cfg.rank_cost]
+    reference = reference_cost(layers, uniform, {n: c.positions for n, c in complexity.items()}, cfg.rank_cost)
+    budget = scaled_budget(reference, cfg.rank_budget)
+    unit = cost_unit(cfg.rank_cost)
     sol = allocate(options, budget, lambda c: f"{c:g} branch {unit}")
     ranks = {n: options[n][sol.choice[n]].choice for n in layers}
     params = {n: branch_params(l, ranks[n]) for n, l in layers.items()}

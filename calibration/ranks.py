@@ -51,6 +51,9 @@ if TYPE_CHECKING:
     from quantface.calibration.methods import MethodSpec
 
 RANK_CANDIDATES = (0, 2, 4, 8, 16, 32)
+# The allocated program's other option for a layer: no quantization at all (its float weight, costed as that
+# many branch parameters), instead of a branch of rank ≥ its size that would hold the whole weight.
+FULL_PRECISION = "fp"
 ERROR_BATCH = 8
 
 
@@ -85,6 +88,16 @@ def branch_params(layer: QuantLayer, rank: int) -> int:
 
 def candidates(layer: QuantLayer) -> list[int]:
     return [r for r in RANK_CANDIDATES if r <= rank_cap(layer)]
+
+
+def options_of(layer: QuantLayer) -> list[int | str]:
+    """The allocated program's choices for a layer: its candidate ranks, then ``FULL_PRECISION``."""
+    return [*candidates(layer), FULL_PRECISION]
+
+
+def option_params(layer: QuantLayer, choice: int | str) -> int:
+    """Float parameters a choice keeps: a branch's, or the whole weight's for ``FULL_PRECISION``."""
+    return layer.weight.numel() if choice == FULL_PRECISION else branch_params(layer, choice)
 
 
 @dataclass
@@ -138,19 +151,197 @@ def rank_errors(model: torch.nn.Module, layers: dict[str, QuantLayer], x: torch.
                 model(x[i:i + ERROR_BATCH])
     for st in stats.values():
         st.sq_error = {r: v / len(x) for r, v in st.sq_error.items()}
+        st.sq_error[FULL_PRECISION] = 0.0
     return stats
 
 
-def rank_cost(layer: QuantLayer, rank: int, positions: int, cost: str) -> float | tuple[float, float]:
-    """M_{i,R}: the branch's parameters, its MACs per image, or both (a two-dimensional cost)."""
-    params = float(branch_params(layer, rank))
-    return {"params": params, "macs": params * positions, "both": (params, params * positions)}[cost]
+def energy_beyond(weight: torch.Tensor, ranks: list[int]) -> list[float]:
+    """E(R) = Σ_{k>R} σ_k² / Σ σ_k² of the weight reshaped to (out, rest), per rank."""
+    sigma2 = torch.linalg.svdvals(weight.detach().flatten(1).double()) ** 2
+    total = float(sigma2.sum())
+    return [float(sigma2[r:].sum()) / total if total > 0 else 0.0 for r in ranks]
+
+
+def rank_energy_errors(layers: dict[str, QuantLayer], x_positions: dict[str, int]) -> dict[str, RankStats]:
+    """L_{i,R} = E_i(R) (``rank_error`` = ``energy``, QuantVSR's objective with every complexity equal): the
+    share of the (smoothed, rotated) weight's squared singular values a rank-R branch leaves to the low-bit
+    branch, each layer counted alike; ``x_positions`` the layers' output positions per image (for the costs)."""
+    return {n: RankStats(positions=x_positions[n], sq_error={**dict(zip(candidates(l), energy_beyond(l.weight, candidates(l)))),
+                                                             FULL_PRECISION: 0.0})
+            for n, l in layers.items()}
+
+
+def output_positions(model: torch.nn.Module, layers: dict[str, QuantLayer], x: torch.Tensor) -> dict[str, int]:
+    """Each layer's output positions per image (pixels of a conv's output, tokens of a linear), from one image."""
+    positions: dict[str, int] = {}
+
+    def record(name: str):
+        def run(module: QuantLayer, args, out):
+            positions[name] = out[0].numel() // module.out_channels
+        return run
+
+    with hooks_removed(l.register_forward_hook(record(n)) for n, l in layers.items()):
+        with torch.no_grad():
+            model(x[:1])
+    return positions
+
+
+def rank_output_errors(model: torch.nn.Module, layers: dict[str, QuantLayer], x: torch.Tensor,
+                       act: dict[str, tuple[torch.Tensor, torch.Tensor]], cfg: "CalibConfig",
+                       spec: "MethodSpec") -> dict[str, RankStats]:
+    """L_{i,R} measured on the image (``rank_error`` = ``output``): every layer quantized as calibration
+    starts it — residual W′ − B_U under the weight quantizer (its own scales, the method's scale init),
+    activations under the layer's quantizer (``act``), the rank-U truncated SVD branch B_U in FP, U the
+    layer's uniform rank (capped at its size, as ``QuantLayer.split_lowrank`` caps it) —, then each
+    layer alone at each candidate rank R: the change of the mean squared error of the model's output
+    against the FP model's (outputs in [0, 1]) on ``x``, minus the least change among the layer's
+    candidates (a constant per layer: the program's choice is unchanged, every error ≥ 0). One forward
+    pass of ``x`` per layer and candidate (progress every 10 layers). ``model`` is left as it came (FP,
+    no branch, quantizers off)."""
+    import time
+
+    from quantface.calibration.layers import LowRank
+    from quantface.calibration.sensitivity import SWEEP_BATCH, _to01
+
+    w_bits = cfg.weight_code_bits(cfg.weight_bits)
+    folded = {n: l.weight for n, l in layers.items()}
+    states: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, LowRank | None]]] = {}
+    base: dict[str, int] = {}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            w = folded[name]
+            base[name] = min(uniform_rank(spec, cfg, layer), layer_size(layer))
+            u, sigma, vh = torch.linalg.svd(w.flatten(1).double(), full_matrices=False)
+            states[name] = {}
+            for r in sorted(set(candidates(layer)) | {base[name]}):
+                branch = LowRank.from_svd(u, sigma, vh, r, w, layer.conv_args) if r else None
+                res = w - branch.product() if branch is not None else w
+                states[name][r] = (res, weight_scale(res, w_bits, spec.scale_init), branch)
+
+    def install(name: str, rank: int | str) -> None:
+        layer = layers[name]
+        if rank == FULL_PRECISION:  # no quantizer: W′·x′ = W·x
+            layer.weight, layer.lowrank = folded[name], None
+            layer.set_weight_quant(None, None)
+            layer.set_act_quant(None, None, None)
+            return
+        res, scale, branch = states[name][rank]
+        layer.weight, layer.lowrank = res, branch
+        layer.set_weight_quant(w_bits, scale)
+        layer.set_act_quant(cfg.act_bits, *act[name])
+
+    positions = output_positions(model, layers, x)
+
+    def forward() -> torch.Tensor:
+        return torch.cat([model(x[i:i + SWEEP_BATCH]) for i in range(0, len(x), SWEEP_BATCH)])
+
+    stats = {n: RankStats(sq_error={}) for n in layers}
+    try:
+        with torch.no_grad():
+            ref = _to01(forward())
+            for name in layers:
+                install(name, base[name])
+
+            def mse() -> float:
+                return float(((_to01(forward()) - ref) ** 2).mean())
+
+            base_mse = mse()
+            t0 = time.time()
+            for i, (name, layer) in enumerate(layers.items()):
+                row = {}
+                for r in options_of(layer):
+                    if r == base[name]:
+                        row[r] = base_mse
+                        continue
+                    install(name, r)
+                    row[r] = mse()
+                install(name, base[name])
+                least = min(row.values())
+                stats[name].sq_error = {r: v - least for r, v in row.items()}
+                stats[name].positions = positions[name]
+                if (i + 1) % 10 == 0 or i + 1 == len(layers):
+                    print(f"rank errors: {i + 1}/{len(layers)} layers ({time.time() - t0:.0f}s)", flush=True)
+    finally:
+        for name, layer in layers.items():
+            layer.weight, layer.lowrank = folded[name], None
+            layer.set_weight_quant(None, None)
+            layer.set_act_quant(None, None, None)
+    return stats
+
+
+# ``rank_cost`` names → the cost's dimensions (one budget constraint each).
+COST_DIMS = {"params": ("params",), "macs": ("macs",), "both": ("params", "macs"), "time": ("time",),
+             "params+time": ("params", "time")}
+_DIM_UNITS = {"params": "parameters", "macs": "multiply-accumulates per image", "time": "modelled CPU ms per image"}
+# The ``time`` cost: a branch's kernel time on ONNX Runtime's CPU EP (the ``ort-cpu`` graph: the down conv /
+# MatMul, the up conv / MatMul and the Add onto the quantized product, all float32) modelled as
+#     t(R) = a·(input elements) + b·(output elements) + c·(branch MACs) for R > 0, t(0) = 0,
+# per image. The first two terms are what the three nodes read and write whatever the rank — the down
+# factor reads the layer's whole input, the up factor writes and the Add reads and writes its whole
+# output —, which is why halving every rank (the MACs) removes far less than half the time. a, b, c:
+# non-negative least squares on ONNX Runtime's profiler times of the 2 × 57 branches of the reference
+# model's W4A4 ort-cpu graphs at uniform rank 16 and at the --rank-budget 0.5 ranks (2 threads, 2-core x86,
+# correlation 0.92 between model and measurement).
+BRANCH_TIME_MS = {"input_element": 1.20e-6, "output_element": 2.49e-6, "mac": 5.96e-9}
+
+
+def input_elements(layer: QuantLayer, positions: int) -> int:
+    """Elements of the layer's input per image: in channels × the output positions × the stride's area."""
+    stride = layer.conv_args["stride"] if layer.conv_args is not None else (1, 1)
+    return layer.in_channels * positions * stride[0] * stride[1]
+
+
+def branch_time(layer: QuantLayer, rank: int | str, positions: int) -> float:
+    """The ``time`` cost of a rank-``rank`` branch (``BRANCH_TIME_MS``), modelled ms per image; for
+    ``FULL_PRECISION`` that of a branch holding the whole weight (a float conv of the layer's MACs, where the
+    quantized product it replaces is not subtracted)."""
+    if rank == 0:
+        return 0.0
+    k = BRANCH_TIME_MS
+    return (k["input_element"] * input_elements(layer, positions) + k["output_element"] * layer.out_channels * positions
+            + k["mac"] * option_params(layer, rank) * positions)
+
+
+def rank_cost(layer: QuantLayer, rank: int | str, positions: int, cost: str) -> float | tuple[float, ...]:
+    """M_{i,R}: the branch's parameters (``option_params``), its MACs per image, its modelled CPU time, or a
+    tuple of several (``COST_DIMS``: one budget constraint each)."""
+    params = float(option_params(layer, rank))
+    value = {"params": params, "macs": params * positions, "time": branch_time(layer, rank, positions)}
+    dims = COST_DIMS[cost]
+    return value[dims[0]] if len(dims) == 1 else tuple(value[d] for d in dims)
+
+
+def cost_unit(cost: str) -> str:
+    dims = COST_DIMS[cost]
+    return _DIM_UNITS[dims[0]] if len(dims) == 1 else " and ".join(_DIM_UNITS[d] for d in dims) + ", each"
+
+
+def reference_cost(layers: dict[str, QuantLayer], uniform: dict[str, int], positions: dict[str, int],
+                   cost: str) -> float | tuple[float, ...]:
+    """Σ_i M_{i, U_i}: the uniform branches' cost, the budget's unit."""
+    totals = [rank_cost(l, uniform[n], positions[n], cost) for n, l in layers.items()]
+    if isinstance(totals[0], tuple):
+        return tuple(float(sum(t[d] for t in totals)) for d in range(len(totals[0])))
+    return float(sum(totals))
+
+
+def scaled_budget(reference: float | tuple[float, ...], fraction: float) -> float | tuple[float, ...]:
+    return tuple(fraction * r for r in reference) if isinstance(reference, tuple) else fraction * reference
 
 
 @dataclass
 class RankAllocation:
-    ranks: dict[str, int]  # the merged branch rank per layer
+    ranks: dict[str, int | str]  # the merged branch rank per layer, or FULL_PRECISION
     meta: dict[str, Any]  # the recipe's "rank_allocation" section
+
+    @property
+    def full_precision(self) -> list[str]:
+        """Layers the program keeps unquantized (``calibration.run.prepare`` unwraps them)."""
+        return [n for n, r in self.ranks.items() if r == FULL_PRECISION]
+
+
+def _rank(choice: int | str) -> int:
+    return 0 if choice == FULL_PRECISION else choice
 
 
 def allocate_ranks(model: torch.nn.Module, layers: dict[str, QuantLayer], x: torch.Tensor,
@@ -160,48 +351,58 @@ def allocate_ranks(model: torch.nn.Module, layers: dict[str, QuantLayer], x: tor
     import time
 
     t0 = time.time()
-    stats = rank_errors(model, layers, x, act, cfg, spec)
+    if cfg.rank_error == "energy":
+        stats = rank_energy_errors(layers, output_positions(model, layers, x))
+    else:
+        stats = (rank_output_errors if cfg.rank_error == "output" else rank_errors)(model, layers, x, act, cfg, spec)
     measure_seconds = time.time() - t0
     options = {n: [Option(r, stats[n].sq_error[r], rank_cost(l, r, stats[n].positions, cfg.rank_cost))
-                   for r in candidates(l)] for n, l in layers.items()}
+                   for r in options_of(l)] for n, l in layers.items()}
     uniform = {n: uniform_rank(spec, cfg, l) for n, l in layers.items()}
+    positions = {n: stats[n].positions for n in layers}
     ref_params = sum(branch_params(l, uniform[n]) for n, l in layers.items())
-    ref_macs = sum(branch_params(l, uniform[n]) * stats[n].positions for n, l in layers.items())
-    reference = {"params": ref_params, "macs": ref_macs, "both": (ref_params, ref_macs)}[cfg.rank_cost]
+    ref_macs = sum(branch_params(l, uniform[n]) * positions[n] for n, l in layers.items())
+    ref_time = sum(branch_time(l, uniform[n], positions[n]) for n, l in layers.items())
+    reference = reference_cost(layers, uniform, positions, cfg.rank_cost)
     dims = reference if isinstance(reference, tuple) else (reference,)
-    budget = tuple(cfg.rank_budget * r for r in dims) if isinstance(reference, tuple) else cfg.rank_budget * reference
-    unit = {"params": "parameters", "macs": "multiply-accumulates per image",
-            "both": "parameters and multiply-accumulates per image, each"}[cfg.rank_cost]
+    budget = scaled_budget(reference, cfg.rank_budget)
+    unit = cost_unit(cfg.rank_cost)
 
     def describe(c: float) -> str:
         return f"{c:g} branch {unit}"
 
     sol = allocate(options, budget, describe)
     ranks = {n: options[n][sol.choice[n]].choice for n in layers}
-    params = {n: branch_params(l, ranks[n]) for n, l in layers.items()}
+    params = {n: option_params(l, ranks[n]) for n, l in layers.items()}
     macs = {n: params[n] * stats[n].positions for n in layers}
+    times = {n: branch_time(l, ranks[n], positions[n]) for n, l in layers.items()}
     achieved = sol.cost if isinstance(sol.cost, tuple) else (sol.cost,)
     meta = {
-        "budget": cfg.rank_budget, "cost": cfg.rank_cost, "cost_unit": unit,
+        "budget": cfg.rank_budget, "cost": cfg.rank_cost, "cost_unit": unit, "error": cfg.rank_error,
         "reference": f"uniform rank (svd_rank + lora_rank)·r = {(spec.svd_rank + spec.lora_rank) * cfg.rank}, "
-                     f"capped at size − 1",
+                     f"as without --rank-budget",
         "reference_cost": reference, "budget_cost": budget, "achieved_cost": sol.cost,
         "achieved_budget": max(a / r for a, r in zip(achieved, dims)) if all(dims) else 0.0,
         "branch_params": sum(params.values()), "uniform_branch_params": ref_params,
         "branch_macs_per_image": sum(macs.values()), "uniform_branch_macs_per_image": ref_macs,
-        "candidates": list(RANK_CANDIDATES), "error_images": len(x),
+        "branch_time_ms": sum(times.values()), "uniform_branch_time_ms": ref_time, "time_model": BRANCH_TIME_MS,
+        "candidates": [*RANK_CANDIDATES, FULL_PRECISION], "error_images": len(x),
+        "full_precision_layers": [n for n in layers if ranks[n] == FULL_PRECISION],
         "objective": sol.objective, "solve_seconds": sol.seconds, "solver": "pulp CBC",
         "measure_seconds": round(measure_seconds, 1),
         "layers": {n: {"index": i, "size": layer_size(l), "uniform_rank": uniform[n],
                        "candidates": [o.choice for o in options[n]], "errors": [o.error for o in options[n]],
                        "costs": [o.cost for o in options[n]], "rank": ranks[n],
-                       "svd_rank": split_rank(spec, ranks[n])[0], "lora_rank": split_rank(spec, ranks[n])[1],
+                       "svd_rank": split_rank(spec, _rank(ranks[n]))[0],
+                       "lora_rank": split_rank(spec, _rank(ranks[n]))[1],
                        "output_positions": stats[n].positions}
                    for i, (n, l) in enumerate(layers.items())},
     }
-    print(f"rank allocation (budget {cfg.rank_budget:g} of the uniform branches' {unit}): parameters "
+    fp = meta["full_precision_layers"]
+    print(f"rank allocation (budget {cfg.rank_budget:g} of the uniform branches' {unit}; full precision: "
+          f"{', '.join(fp) if fp else 'none'}): parameters "
           f"{sum(params.values()) / max(ref_params, 1):.3f}, MACs {sum(macs.values()) / max(ref_macs, 1):.3f} of "
-          f"the uniform branches', solved in {sol.seconds:.2f}s")
+          f"the uniform branches', modelled CPU time {sum(times.values()) / max(ref_time, 1e-12):.3f}, solved in {sol.seconds:.2f}s")
     return RankAllocation(ranks, meta)
 
 

@@ -44,7 +44,7 @@ import torch
 
 from quantface import distributed as dist
 from quantface.calibration.config import CalibConfig
-from quantface.calibration.layers import QuantLayer, quant_layers, wrap_layers
+from quantface.calibration.layers import QuantLayer, quant_layers, unwrap_layer, wrap_layers
 from quantface.calibration.methods import DEFAULT_STEPS, MethodSpec, get_method
 from quantface.calibration.ranks import allocate_ranks, split_rank, uniform_rank
 from quantface.calibration.sensitivity import QParams
@@ -264,6 +264,7 @@ def prepare(model: torch.nn.Module, data: CalibData, cfg: CalibConfig, spec: Met
     ``sections``, if given, the recipe's "rank_allocation" section where ``rank_budget`` allocates
     the branch ranks (``calibration.ranks``)."""
     patterns = cfg.fp_layers
+    originals = dict(model.named_modules())  # the float modules, for layers the rank program keeps in FP
     layers = wrap_layers(model, include=lambda name: not any(fnmatch.fnmatch(name, p) for p in patterns))
     if not layers:
         raise ConfigError("no layer is left to quantize: the --fp-layers patterns match every layer")
@@ -293,6 +294,12 @@ def prepare(model: torch.nn.Module, data: CalibData, cfg: CalibConfig, spec: Met
         ranks = allocation.ranks
         if sections is not None:
             sections["rank_allocation"] = allocation.meta
+        for name in allocation.full_precision:  # the float layer back in place: not in the recipe, as --fp-layers
+            unwrap_layer(model, name, originals[name])
+            del layers[name]
+        if not layers:
+            raise ConfigError("the rank program kept every layer in full precision: nothing is left to quantize "
+                              "(a larger --rank-budget than the whole model's weights?)")
     else:
         ranks = {n: uniform_rank(spec, cfg, layer) for n, layer in layers.items()}
     for name, layer in layers.items():

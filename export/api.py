@@ -13,6 +13,7 @@
                              arithmetic) → initializers
     annotate_shapes          static shapes of every value recorded in value_info
     integer_linears          (ort-cpu) quantized Linear layers → Q → com.microsoft.MatMulIntegerToFloat
+    compact                  value names shortened, value_info dropped (every profile)
     add_metadata             per-layer bits, profile, recipe sha256, tool version, ...
 
 and ``export_onnx`` checks (``onnx.checker``, full check) and writes the result atomically. With the
@@ -35,11 +36,11 @@ import torch
 from quantface.export.config import ExportConfig
 from quantface.export.errors import ExportError
 from quantface.export.fold import annotate_shapes, constants_to_initializers, fold_constants, remove_identities
-from quantface.export.graph import op_counts
+from quantface.export.graph import compact, op_counts
 from quantface.export.layer import export_layers
 from quantface.export.lower import integer_linears, lower_quant_layers, requantized
 from quantface.export.integer_units import (layer_norms_as_instance_norms, lower_points, plain_integer, store_constants,
-                                           compact, through_data_movement, widen_norm_inputs)
+                                           through_data_movement, widen_norm_inputs)
 from quantface.export.norms import group_norm_to_instance_norm
 from quantface.export.profiles import get_profile
 from quantface.export.save import add_metadata, save_atomic
@@ -99,9 +100,9 @@ def build_onnx(cfg: ExportConfig, work: Path | None = None) -> tuple[onnx.ModelP
         partial(fold_constants, base_dir=work),
         annotate_shapes,
         partial(integer_linears, layers=layers, profile=profile),
-        *([layer_norms_as_instance_norms, through_data_movement, widen_norm_inputs, store_constants, annotate_shapes,
-            compact]
+        *([layer_norms_as_instance_norms, through_data_movement, widen_norm_inputs, store_constants, annotate_shapes]
           if units else []),
+        compact,
     ]
     model = trace_to_onnx(fp_model, cfg.batch, size, list(layers), work=work, exporter=cfg.exporter, points=units)
     del fp_model

@@ -157,3 +157,25 @@ def shape_view(model: onnx.ModelProto, keep_bytes: int = 1 << 16) -> onnx.ModelP
         if len(init.raw_data) > keep_bytes:
             init.ClearField("raw_data")
     return view
+
+
+def compact(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Requires: nothing. Ensures: every intermediate value (a node output that is not a graph output)
+    is named ``t<i>`` in graph order, and no ``value_info`` (ONNX Runtime infers every shape when the
+    session starts; the QNN EP places the whole graph without it); nodes, initializers and the graph's
+    inputs and outputs keep their names (the names passes and tests look nodes up by). The last pass of
+    every profile: the value names and shape records were 0.34 MB of the W4A4 ``reference`` graph's 4.05 MB,
+    and a tenth of the integer-unit ``qnn`` graph (a Q → DQ pair on every tensor)."""
+    graph = model.graph
+    keep = {v.name for v in (*graph.input, *graph.output)} | {i.name for i in graph.initializer}
+    renamed: dict[str, str] = {}
+    for node in graph.node:
+        for j, v in enumerate(node.output):
+            if v and v not in keep:
+                renamed[v] = node.output[j] = f"t{len(renamed)}"
+    for node in graph.node:
+        for j, v in enumerate(node.input):
+            if v in renamed:
+                node.input[j] = renamed[v]
+    del graph.value_info[:]
+    return model

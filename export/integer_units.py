@@ -296,24 +296,3 @@ def float_ops(model: onnx.ModelProto) -> list[str]:
                   (f"output {loose[0]} read unquantized" if loose else "")
             problems.append(f"node {node.name} ({node.op_type}): {why}")
     return problems
-
-
-def compact(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Requires: nothing. Ensures: every intermediate value (a node output that is not a graph output)
-    is named ``t<i>`` in graph order, and no ``value_info`` (ONNX Runtime infers every shape when the
-    session starts; the QNN EP places the whole graph without it); nodes, initializers and the graph's
-    inputs and outputs keep their names. The integer-unit graph has a Q → DQ pair on every tensor: its
-    value names and shape records would be a tenth of its bytes."""
-    graph = model.graph
-    keep = {v.name for v in (*graph.input, *graph.output)} | {i.name for i in graph.initializer}
-    renamed: dict[str, str] = {}
-    for node in graph.node:
-        for j, v in enumerate(node.output):
-            if v and v not in keep:
-                renamed[v] = node.output[j] = f"t{len(renamed)}"
-    for node in graph.node:
-        for j, v in enumerate(node.input):
-            if v in renamed:
-                node.input[j] = renamed[v]
-    del graph.value_info[:]
-    return model

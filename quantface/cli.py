@@ -130,8 +130,10 @@ def _mp_args(a: argparse.Namespace) -> dict:
 
     if a.mp_latency_budget is not None and a.target != "qnn":
         raise ConfigError("--mp-latency-budget applies to --target qnn")
-    if a.mp_budget is None and given and get_target(a.target).default_budget is None:
-        flag = "--" + next(iter(given)).replace("_", "-")
+    # --mp-sweep-images also sets the images a --rank-budget program measures its errors on.
+    bit_only = {k: v for k, v in given.items() if not (k == "mp_sweep_images" and a.rank_budget != 1.0)}
+    if a.mp_budget is None and bit_only and get_target(a.target).default_budget is None:
+        flag = "--" + next(iter(bit_only)).replace("_", "-")
         raise ConfigError(f"{flag} only applies to adaptive bit widths; give --mp-budget too")
     if a.mp_candidates is not None:
         if get_target(a.target).candidates_refusal:
@@ -156,7 +158,8 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
                       fold_lowrank=a.fold_lowrank, reduce_range=a.reduce_range, weight_rounding=a.weight_rounding,
                       lpips_backbone=a.lpips_backbone, lpips_lin=a.lpips_lin, lpips_net=a.lpips_net,
                       fp_layers=tuple(a.fp_layers), resume=not a.no_resume, threads=a.threads, device=a.device,
-                      rank_budget=a.rank_budget, rank_cost=a.rank_cost, **_mp_args(a))
+                      rank_budget=a.rank_budget, rank_cost=a.rank_cost, rank_error=a.rank_error,
+                      **_mp_args(a))
     calibrate(cfg)
     return 0
 
@@ -302,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
 
     from quantface.calibration import METHODS, CalibConfig
-    from quantface.calibration.config import BITS_FORMS, DEFAULT_EPSILON, FOLD_MIN_WEIGHT_BITS, FOLD_POLICIES
+    from quantface.calibration.config import (BITS_FORMS, DEFAULT_EPSILON, FOLD_MIN_WEIGHT_BITS, FOLD_POLICIES, RANK_COSTS,
+                                            RANK_ERRORS)
     from quantface.calibration.methods import DEFAULT_STEPS
     from quantface.calibration.targets import CPU_DEFAULT_BUDGET, QNN_DEFAULT_BUDGET, QNN_DEFAULT_LATENCY
     from quantface.config import SHIPPED_LFW
@@ -380,9 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "program, each layer's rank one of 0,2,4,8,16,32 below its size (default %(default)s: the "
                         "uniform rank, capped below each layer's size; quantvsr: its STCA ranks within the uniform "
                         "branches' total)")
-    g.add_argument("--rank-cost", default=d.rank_cost, choices=["params", "macs", "both"],
-                   help="branch cost: its parameters, its multiply-accumulates per image, or both (each within the "
+    g.add_argument("--rank-cost", default=d.rank_cost, choices=list(RANK_COSTS),
+                   help="branch cost: its parameters, its multiply-accumulates per image, both, its modelled ONNX "
+                        "Runtime CPU time (calibration.ranks.BRANCH_TIME_MS), or parameters and time (each within the "
                         "budget; default: %(default)s)")
+    g.add_argument("--rank-error", default=d.rank_error, choices=list(RANK_ERRORS),
+                   help="each layer's error at a candidate rank: the change of the model output's squared error to FP "
+                        "with that layer alone at that rank, or the layer's own output error (default: %(default)s)")
     g = p.add_argument_group("adaptive bit widths (QuantFace-MP, calibration.mixed)")
     g.add_argument("--mp-budget", type=float, default=None,
                    help="allocate activation bits per layer: mean activation bits (e.g. 4.0), or with "

@@ -14,7 +14,9 @@ from quantface.calibration import CalibConfig, calibrate
 from quantface.calibration.allocation import Option, allocate
 from quantface.calibration.layers import QuantLayer
 from quantface.calibration.methods import get_method
-from quantface.calibration.ranks import RANK_CANDIDATES, candidates, rank_cap, split_rank, uniform_rank
+from quantface.calibration.ranks import (RANK_CANDIDATES, branch_time, candidates, energy_beyond, input_elements,
+                                        rank_cap, rank_cost, rank_energy_errors, rank_output_errors, split_rank,
+                                        uniform_rank)
 from quantface.calibration.recipe import apply_recipe
 from quantface.errors import ConfigError
 from quantface.recipe import read_recipe, write_recipe
@@ -48,6 +50,7 @@ def test_calibration_with_a_rank_budget_records_each_layers_rank_and_reproduces_
     assert alloc["branch_macs_per_image"] <= 0.5 * alloc["uniform_branch_macs_per_image"]
     ranks = {n: e["rank"] for n, e in alloc["layers"].items()}
     assert len(set(ranks.values())) > 1  # not one rank for all
+    assert sorted(meta["layers"]) == sorted(n for n, r in ranks.items() if r != "fp")
     for name, entry in meta["layers"].items():
         assert entry["lowrank_rank"] == ranks[name] and ranks[name] in RANK_CANDIDATES
         assert ranks[name] < min(entry["weight_shape"][0], int(np.prod(entry["weight_shape"][1:])))
@@ -101,6 +104,8 @@ def test_rank_budget_is_checked_before_work(image_folder, tmp_path, tiny_weights
         CalibConfig(rank_budget=0)
     with pytest.raises(ConfigError, match="--rank-cost"):
         CalibConfig(rank_cost="bytes")
+    with pytest.raises(ConfigError, match="--rank-error 'psnr' is not one of output, layer, energy"):
+        CalibConfig(rank_error="psnr")
     with pytest.raises(ConfigError, match="method minmax has no branch"):
         calibrate(_cfg(image_folder, tmp_path, tiny_weights, method="minmax", rank_budget=0.5))
 
@@ -141,6 +146,9 @@ def test_export_builds_each_layers_branch_at_its_own_rank(budget_recipe, tmp_pat
         assert set(exported.constant_layers) < set(ranks)
         for name, rank in ranks.items():
             branch_nodes = [n for n in nodes if n.startswith(f"{name}_LowRank")]
+            if rank == "fp":  # kept in full precision: a float layer, nothing of the exporter's
+                assert name not in result_meta(result)["layers"] and not any(n.startswith(f"{name}_") for n in nodes)
+                continue
             if name in exported.constant_layers:  # the timestep path, folded into constants with its branch
                 assert not any(n.startswith(f"{name}_") for n in nodes)
                 continue
@@ -154,6 +162,105 @@ def test_export_builds_each_layers_branch_at_its_own_rank(budget_recipe, tmp_pat
             assert (up.shape[1] if conv else up.shape[0]) == rank  # (out, R, 1, 1) or (R, out)
             assert nodes[f"{name}_LowRankUp"].input[0] == nodes[f"{name}_LowRankDown"].output[0]
             assert nodes[f"{name}_LowRankAdd"].input[1] == nodes[f"{name}_LowRankUp"].output[0]
+
+
+def _quantizable(model):
+    from quantface.calibration.layers import wrap_layers
+    from quantface.quant import act_qparams
+
+    layers = wrap_layers(model)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    samples = {}
+
+    def keep(name):
+        def hook(module, args):
+            samples[name] = module.transform_input(args[0].detach()).flatten()
+        return hook
+
+    hooks = [l.register_forward_pre_hook(keep(n)) for n, l in layers.items()]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    act = {n: act_qparams(s, 4, "mse") for n, s in samples.items()}
+    return layers, x, act
+
+
+def test_output_rank_errors_are_the_measured_change_of_the_output_error_and_leave_the_model_as_it_came(tiny_model):
+    """Each layer's error at rank R is what the whole model's output MSE to FP becomes with that layer alone
+    at R (everything else at its uniform rank, W4A4), less the layer's best: rebuilt here by hand through
+    QuantLayer's own split for two layers, the full-precision option too; the FP model is unchanged afterwards."""
+    from quantface.calibration.sensitivity import _to01
+    from quantface.quant import weight_scale
+
+    spec, cfg = get_method("quantface"), CalibConfig(bits="W4A4", rank=2)
+    layers, x, act = _quantizable(tiny_model)
+    with torch.no_grad():
+        ref = tiny_model(x)
+    stats = rank_output_errors(tiny_model, layers, x, act, cfg, spec)
+    with torch.no_grad():
+        assert torch.equal(tiny_model(x), ref)
+    assert all(l.lowrank is None and l.weight_bits is None and l.act_bits is None for l in layers.values())
+    for st in stats.values():
+        assert min(st.sq_error.values()) == 0.0 and all(v >= 0 for v in st.sq_error.values())
+
+    folded = {n: l.weight.clone() for n, l in layers.items()}
+
+    def setup(name, rank):
+        layer = layers[name]
+        layer.weight, layer.lowrank = folded[name].clone(), None
+        if rank == "fp":
+            layer.set_weight_quant(None, None)
+            layer.set_act_quant(None, None, None)
+            return
+        if rank:
+            layer.split_lowrank(rank)
+        layer.set_weight_quant(4, weight_scale(layer.weight, 4, spec.scale_init))
+        layer.set_act_quant(4, *act[name])
+
+    def mse():
+        with torch.no_grad():
+            return float(((_to01(tiny_model(x)) - _to01(ref)) ** 2).mean())
+
+    uniform = {n: min(uniform_rank(spec, cfg, l), l.weight.flatten(1).shape[0], l.weight[0].numel())
+               for n, l in layers.items()}
+    checked = [n for n, l in layers.items() if len(candidates(l)) >= 3][:2]
+    assert checked
+    for name in checked:
+        measured = {}
+        for r in [*candidates(layers[name]), "fp"]:
+            for n in layers:
+                setup(n, r if n == name else uniform[n])
+            measured[r] = mse()
+        least = min(measured.values())
+        for r, v in measured.items():
+            assert stats[name].sq_error[r] == pytest.approx(v - least, rel=1e-6, abs=1e-12)
+
+
+def test_energy_rank_errors_and_the_time_cost():
+    """``energy``: QuantVSR's weight-energy share per candidate. ``time``: zero without a branch, and a
+    branch costs at least what its layer's input and output take to read and write, whatever its rank."""
+    conv = QuantLayer(nn.Conv2d(16, 24, 3, stride=2, padding=1))
+    linear = QuantLayer(nn.Linear(20, 12))
+    stats = rank_energy_errors({"c": conv, "l": linear}, {"c": 64, "l": 10})
+    assert stats["c"].sq_error == {**dict(zip(candidates(conv), energy_beyond(conv.weight, candidates(conv)))), "fp": 0.0}
+    assert stats["c"].sq_error[0] == pytest.approx(1.0) and stats["l"].positions == 10
+    assert input_elements(conv, 64) == 16 * 64 * 4 and input_elements(linear, 10) == 200
+    assert branch_time(conv, 0, 64) == 0.0
+    times = [branch_time(conv, r, 64) for r in (2, 4, 8, 16)]
+    assert times == sorted(times) and times[0] > 0
+    fixed = branch_time(conv, 2, 64) - (branch_time(conv, 4, 64) - branch_time(conv, 2, 64))
+    assert fixed > 0  # what does not shrink with the rank
+    assert rank_cost(conv, 4, 64, "params+time") == (4.0 * (16 * 9 + 24), branch_time(conv, 4, 64))
+
+
+def test_a_params_and_time_budget_holds_both(image_folder, tmp_path, tiny_weights):
+    result = calibrate(_cfg(image_folder, tmp_path, tiny_weights, steps=0, rank_budget=0.5, rank_cost="params+time",
+                            rank_error="energy"))
+    alloc = result_meta(result)["rank_allocation"]
+    assert alloc["error"] == "energy" and alloc["cost"] == "params+time"
+    assert alloc["branch_params"] <= 0.5 * alloc["uniform_branch_params"]
+    assert alloc["branch_time_ms"] <= 0.5 * alloc["uniform_branch_time_ms"] * (1 + 1e-9)
 
 
 def result_meta(result):
