@@ -20,7 +20,9 @@ the floor). Two regimes:
     branches for removal and keep the few-parameter, full-resolution ones, whose MACs dominate
     (on the reference model F = 0.5 by parameters leaves 1.05 × the uniform MACs);
   - budget = F × Σ_i M_{i, uniform R_i} (the capped uniform branches above), per dimension;
-  - error L_{i,R} = ‖W′X − Q(W′ − B_R)·Q_a(X) − B_R·X‖²_F per image, B_R the rank-R truncated SVD of the
+  - error (``rank_error``): ``output`` (default, ``rank_output_errors``: the change of the model output's MSE
+    to FP with layer i alone at R), ``energy`` (``rank_energy_errors``), or ``layer``:
+    L_{i,R} = ‖W′X − Q(W′ − B_R)·Q_a(X) − B_R·X‖²_F per image, B_R the rank-R truncated SVD of the
     layer's (smoothed, rotated) weight W′, Q the weight quantizer on the residual (its own scales,
     the method's scale init), Q_a the layer's activation quantizer (range from the observed
     sample, as ``prepare`` sets it), X the layer's transformed input in the unquantized model on the
@@ -28,7 +30,9 @@ the floor). Two regimes:
     error of the best rank-R branch the layer could start from; the branch itself starts as SVD
     (R·svd share) + zero-initialised LoRA (the rest) and is then distilled.
 
-  R = 0 means no branch: the whole weight is quantized and the export emits no branch nodes.
+  R = 0 means no branch: the whole weight is quantized and the export emits no branch nodes. Besides the
+  ranks, ``FULL_PRECISION``: the layer stays a float layer (not in the recipe), costed as its whole weight.
+  Measurements: docs/calibration_notes.md, "Per-layer ranks, second round".
 
 With ``--mp-budget`` as well, the ranks are chosen first (this program) and the activation bits
 then by the bit allocation on the model with those ranks: two programs in sequence, not one joint
