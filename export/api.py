@@ -13,7 +13,7 @@
                              arithmetic) → initializers
     annotate_shapes          static shapes of every value recorded in value_info
     integer_linears          (ort-cpu) quantized Linear layers → Q → com.microsoft.MatMulIntegerToFloat
-    compact                  value names shortened, value_info dropped (every profile)
+    compact                  value names shortened, value_info dropped (reference, integer units)
     add_metadata             per-layer bits, profile, recipe sha256, tool version, ...
 
 and ``export_onnx`` checks (``onnx.checker``, full check) and writes the result atomically. With the
@@ -102,7 +102,7 @@ def build_onnx(cfg: ExportConfig, work: Path | None = None) -> tuple[onnx.ModelP
         partial(integer_linears, layers=layers, profile=profile),
         *([layer_norms_as_instance_norms, through_data_movement, widen_norm_inputs, store_constants, annotate_shapes]
           if units else []),
-        compact,
+        *([compact] if units or profile.name == "reference" else []),
     ]
     model = trace_to_onnx(fp_model, cfg.batch, size, list(layers), work=work, exporter=cfg.exporter, points=units)
     del fp_model
