@@ -97,6 +97,13 @@ def kernel_time_by_part(path: str | Path, threads: int = 2, runs: int = 20, seed
     """Mean milliseconds per run that ONNX Runtime's profiler attributes to each of ``PARTS`` (node
     kernel times summed; a run's wall time adds scheduling between nodes). Nodes are classified by
     the exporter's names (``<layer>_LowRank*``, ``<layer>_Hadamard`` and its inlined body) and by op."""
+    return profile_kernel_time(path, threads, runs, seed)[0]
+
+
+def profile_kernel_time(path: str | Path, threads: int = 2, runs: int = 20,
+                        seed: int = 0) -> tuple[dict[str, float], dict[str, float]]:
+    """One profiled session: ``kernel_time_by_part``'s parts, and the low-rank branch kernel time of
+    each layer (mean milliseconds per run, keyed by the layer's name in the exporter's node names)."""
     with tempfile.TemporaryDirectory() as tmp:
         backend = OnnxBackend(path, threads=threads, profile_prefix=str(Path(tmp) / "profile"))
         x = np.random.default_rng(seed).uniform(-1, 1, backend.input_shape).astype(np.float32)
@@ -104,7 +111,12 @@ def kernel_time_by_part(path: str | Path, threads: int = 2, runs: int = 20, seed
             backend(x)
         events = json.loads(Path(backend.session.end_profiling()).read_text())
     totals = dict.fromkeys(PARTS, 0.0)
+    branches: dict[str, float] = {}
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            totals[_part(e["name"], e["args"].get("op_name", ""))] += e["dur"] / 1000.0 / runs
-    return totals
+            ms = e["dur"] / 1000.0 / runs
+            totals[_part(e["name"], e["args"].get("op_name", ""))] += ms
+            if "_LowRank" in e["name"]:
+                layer = e["name"].split("_LowRank")[0]
+                branches[layer] = branches.get(layer, 0.0) + ms
+    return totals, branches

@@ -358,6 +358,17 @@ def test_kernel_time_by_part_finds_every_part_of_an_ort_cpu_graph(cache):
     assert kernel_time_by_part(cache.export(None), threads=1, runs=2)["integer convolutions (QLinearConv)"] == 0
 
 
+def test_branch_time_by_layer_sums_to_the_branch_part_and_names_branched_layers(cache):
+    """``profile_kernel_time``'s per-layer branch times (tools/bench_ranks.py) split the branch part
+    among the layers that carry a branch, and only those."""
+    from quantface.export.bench import profile_kernel_time
+
+    branched = {name for name, e in cache.recipe_layers("quantface", "W4A4").items() if e.get("lowrank_rank")}
+    parts, layers = profile_kernel_time(cache.export("quantface", "W4A4", "ort-cpu"), threads=1, runs=2)
+    assert layers and set(layers) <= branched
+    assert sum(layers.values()) == pytest.approx(parts["low-rank branches"], rel=1e-9)
+
+
 def test_output_ranges_added_to_an_old_recipe_are_the_calibrated_ones(cache, tmp_path):
     """``add_output_ranges`` (tools/add_output_ranges.py) reproduces calibration's stage 8 exactly;
     without ranges the ort-cpu export keeps its convolutions in float (no output Q/DQ)."""
