@@ -52,6 +52,14 @@ def tensor_breakdown(path: Path) -> dict[str, int]:
     return dict(kinds)
 
 
+def publish(report: dict, text: str, out: str | None) -> None:
+    """Print a benchmark's Markdown and, with ``out``, write it there and its raw numbers as JSON beside it."""
+    print(text)
+    if out:
+        atomic_write_bytes(out, text.encode())
+        atomic_write_bytes(Path(out).with_suffix(".json"), (json.dumps(report, indent=2) + "\n").encode())
+
+
 def run(recipe: str, threads: int, repeats: int, size: int | None, workdir: Path) -> dict:
     variants = {
         "fp32": ExportConfig(recipe=None, out=str(workdir / "fp32.onnx"), size=size),
@@ -129,11 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     def job() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             r = run(args.recipe, args.threads, args.repeats, args.size, Path(tmp))
-        text = markdown(r)
-        print(text)
-        if args.out:
-            atomic_write_bytes(args.out, text.encode())
-            atomic_write_bytes(Path(args.out).with_suffix(".json"), (json.dumps(r, indent=2) + "\n").encode())
+        publish(r, markdown(r), args.out)
 
     return exit_status(job)
 

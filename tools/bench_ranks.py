@@ -33,10 +33,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_export import tensor_breakdown  # noqa: E402
+from bench_export import publish, tensor_breakdown  # noqa: E402
 
 from quantface import __version__  # noqa: E402
-from quantface.data import atomic_write_bytes  # noqa: E402
 from quantface.errors import ConfigError, exit_status  # noqa: E402
 from quantface.export import ExportConfig, export_onnx  # noqa: E402
 from quantface.export.bench import PARTS, compare_latency, profile_kernel_time  # noqa: E402
@@ -155,11 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--threads, --runs, --rounds and --repeats must be positive")
         with tempfile.TemporaryDirectory() as tmp:
             r = run(args.recipe, args.baseline, args.threads, args.runs, args.rounds, args.repeats, args.size, Path(tmp))
-        text = markdown(r)
-        print(text)
-        if args.out:
-            atomic_write_bytes(args.out, text.encode())
-            atomic_write_bytes(Path(args.out).with_suffix(".json"), (json.dumps(r, indent=2) + "\n").encode())
+        publish(r, markdown(r), args.out)
 
     return exit_status(job)
 
