@@ -122,6 +122,8 @@ class CalibConfig(JsonConfig):
     rank_budget: float = 1.0
     rank_cost: str = "params"
     rank_error: str = "output"
+    # With a time dimension in rank_cost: the time constraint's own fraction (None: rank_budget's).
+    rank_time_budget: float | None = None
 
     def __post_init__(self) -> None:
         parse_bits(self.bits)
@@ -177,6 +179,14 @@ class CalibConfig(JsonConfig):
                               f"branches' cost; 1.0 keeps the uniform ranks)")
         if self.rank_cost not in RANK_COSTS:
             raise ConfigError(f"--rank-cost {self.rank_cost!r} is not one of {', '.join(RANK_COSTS)}")
+        t = self.rank_time_budget
+        if t is not None:
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf:
+                raise ConfigError(f"--rank-time-budget {t!r} must be a positive number (a fraction of the uniform "
+                                  f"branches' modelled time)")
+            if "time" not in self.rank_cost:
+                raise ConfigError(f"--rank-time-budget needs a --rank-cost with time (time or params+time), "
+                                  f"not {self.rank_cost!r}")
         if self.rank_error not in RANK_ERRORS:
             raise ConfigError(f"--rank-error {self.rank_error!r} is not one of {', '.join(RANK_ERRORS)}")
 

@@ -329,6 +329,13 @@ def reference_cost(layers: dict[str, QuantLayer], uniform: dict[str, int], posit
     return float(sum(totals))
 
 
+def budget_fractions(cfg: "CalibConfig") -> tuple[float, ...]:
+    """The budget's fraction of the uniform cost per dimension of ``cfg.rank_cost``: ``rank_budget`` for each,
+    except the time dimension where ``rank_time_budget`` is set."""
+    return tuple(cfg.rank_time_budget if d == "time" and cfg.rank_time_budget is not None else cfg.rank_budget
+                 for d in COST_DIMS[cfg.rank_cost])
+
+
 def scaled_budget(reference: float | tuple[float, ...], fraction: float) -> float | tuple[float, ...]:
     return tuple(fraction * r for r in reference) if isinstance(reference, tuple) else fraction * reference
 
@@ -369,7 +376,9 @@ def allocate_ranks(model: torch.nn.Module, layers: dict[str, QuantLayer], x: tor
     ref_time = sum(branch_time(l, uniform[n], positions[n]) for n, l in layers.items())
     reference = reference_cost(layers, uniform, positions, cfg.rank_cost)
     dims = reference if isinstance(reference, tuple) else (reference,)
-    budget = scaled_budget(reference, cfg.rank_budget)
+    fractions = budget_fractions(cfg)
+    budget = tuple(f * r for f, r in zip(fractions, dims))
+    budget = budget if isinstance(reference, tuple) else budget[0]
     unit = cost_unit(cfg.rank_cost)
 
     def describe(c: float) -> str:
@@ -387,6 +396,8 @@ def allocate_ranks(model: torch.nn.Module, layers: dict[str, QuantLayer], x: tor
                      f"as without --rank-budget",
         "reference_cost": reference, "budget_cost": budget, "achieved_cost": sol.cost,
         "achieved_budget": max(a / r for a, r in zip(achieved, dims)) if all(dims) else 0.0,
+        "budget_fractions": dict(zip(COST_DIMS[cfg.rank_cost], fractions)),
+        "achieved_fractions": dict(zip(COST_DIMS[cfg.rank_cost], (a / r if r else 0.0 for a, r in zip(achieved, dims)))),
         "branch_params": sum(params.values()), "uniform_branch_params": ref_params,
         "branch_macs_per_image": sum(macs.values()), "uniform_branch_macs_per_image": ref_macs,
         "branch_time_ms": sum(times.values()), "uniform_branch_time_ms": ref_time, "time_model": BRANCH_TIME_MS,
@@ -403,7 +414,8 @@ def allocate_ranks(model: torch.nn.Module, layers: dict[str, QuantLayer], x: tor
                    for i, (n, l) in enumerate(layers.items())},
     }
     fp = meta["full_precision_layers"]
-    print(f"rank allocation (budget {cfg.rank_budget:g} of the uniform branches' {unit}; full precision: "
+    shares = ", ".join(f"{d} {f:g}" for d, f in zip(COST_DIMS[cfg.rank_cost], fractions))
+    print(f"rank allocation (budget {shares} of the uniform branches' {unit}; full precision: "
           f"{', '.join(fp) if fp else 'none'}): parameters "
           f"{sum(params.values()) / max(ref_params, 1):.3f}, MACs {sum(macs.values()) / max(ref_macs, 1):.3f} of "
           f"the uniform branches', modelled CPU time {sum(times.values()) / max(ref_time, 1e-12):.3f}, solved in {sol.seconds:.2f}s")

@@ -159,6 +159,7 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
                       lpips_backbone=a.lpips_backbone, lpips_lin=a.lpips_lin, lpips_net=a.lpips_net,
                       fp_layers=tuple(a.fp_layers), resume=not a.no_resume, threads=a.threads, device=a.device,
                       rank_budget=a.rank_budget, rank_cost=a.rank_cost, rank_error=a.rank_error,
+                      rank_time_budget=a.rank_time_budget,
                       **_mp_args(a))
     calibrate(cfg)
     return 0
@@ -388,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="branch cost: its parameters, its multiply-accumulates per image, both, its modelled ONNX "
                         "Runtime CPU time (calibration.ranks.BRANCH_TIME_MS), or parameters and time (each within the "
                         "budget; default: %(default)s)")
+    g.add_argument("--rank-time-budget", type=float, default=None,
+                   help="with --rank-cost time or params+time: the time constraint's own fraction of the uniform "
+                        "branches' modelled time (default: --rank-budget's)")
     g.add_argument("--rank-error", default=d.rank_error, choices=list(RANK_ERRORS),
                    help="each layer's error at a candidate rank: the change of the model output's squared error to FP "
                         "with that layer alone at that rank, or the layer's own output error (default: %(default)s)")

@@ -106,6 +106,10 @@ def test_rank_budget_is_checked_before_work(image_folder, tmp_path, tiny_weights
         CalibConfig(rank_cost="bytes")
     with pytest.raises(ConfigError, match="--rank-error 'psnr' is not one of output, layer, energy"):
         CalibConfig(rank_error="psnr")
+    with pytest.raises(ConfigError, match="--rank-time-budget needs a --rank-cost with time"):
+        CalibConfig(rank_budget=0.5, rank_time_budget=0.6)
+    with pytest.raises(ConfigError, match="--rank-time-budget -1"):
+        CalibConfig(rank_budget=0.5, rank_cost="time", rank_time_budget=-1)
     with pytest.raises(ConfigError, match="method minmax has no branch"):
         calibrate(_cfg(image_folder, tmp_path, tiny_weights, method="minmax", rank_budget=0.5))
 
@@ -254,13 +258,18 @@ def test_energy_rank_errors_and_the_time_cost():
     assert rank_cost(conv, 4, 64, "params+time") == (4.0 * (16 * 9 + 24), branch_time(conv, 4, 64))
 
 
-def test_a_params_and_time_budget_holds_both(image_folder, tmp_path, tiny_weights):
+@pytest.mark.parametrize("time_budget", [None, 0.3])
+def test_a_params_and_time_budget_holds_both(image_folder, tmp_path, tiny_weights, time_budget):
+    """Both constraints hold; ``rank_time_budget`` gives the time constraint its own fraction."""
     result = calibrate(_cfg(image_folder, tmp_path, tiny_weights, steps=0, rank_budget=0.5, rank_cost="params+time",
-                            rank_error="energy"))
+                            rank_error="energy", rank_time_budget=time_budget))
     alloc = result_meta(result)["rank_allocation"]
+    t = 0.5 if time_budget is None else time_budget
     assert alloc["error"] == "energy" and alloc["cost"] == "params+time"
+    assert alloc["budget_fractions"] == {"params": 0.5, "time": t}
     assert alloc["branch_params"] <= 0.5 * alloc["uniform_branch_params"]
-    assert alloc["branch_time_ms"] <= 0.5 * alloc["uniform_branch_time_ms"] * (1 + 1e-9)
+    assert alloc["branch_time_ms"] <= t * alloc["uniform_branch_time_ms"] * (1 + 1e-9)
+    assert alloc["achieved_fractions"]["time"] <= t * (1 + 1e-9)
 
 
 def result_meta(result):
