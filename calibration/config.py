@@ -124,6 +124,10 @@ class CalibConfig(JsonConfig):
     rank_error: str = "output"
     # With a time dimension in rank_cost: the time constraint's own fraction (None: rank_budget's).
     rank_time_budget: float | None = None
+    # A recipe folder whose rank allocation measured the per-layer errors under the same settings
+    # (calibration.ranks.reused_rank_errors): the program reuses them instead of measuring again, so a sweep
+    # over --rank-budget / --rank-cost / --rank-time-budget pays for the measurement once.
+    rank_errors_from: str | None = None
 
     def __post_init__(self) -> None:
         parse_bits(self.bits)
@@ -189,6 +193,9 @@ class CalibConfig(JsonConfig):
                                   f"not {self.rank_cost!r}")
         if self.rank_error not in RANK_ERRORS:
             raise ConfigError(f"--rank-error {self.rank_error!r} is not one of {', '.join(RANK_ERRORS)}")
+        if self.rank_errors_from is not None and self.rank_budget == 1.0:
+            raise ConfigError("--rank-errors-from reuses a rank allocation's measured errors; it needs a --rank-budget "
+                              "other than 1.0 (the uniform ranks measure none)")
 
     def check(self) -> None:
         """Before any work: the calibration faces exist, the recipe folder can be written, and the
@@ -208,6 +215,10 @@ class CalibConfig(JsonConfig):
             # the recipe writer replaces the whole folder: never a folder that is not an earlier recipe
             raise ConfigError(f"--out {out} is a folder that holds no recipe.json; give a new folder or an "
                               f"earlier recipe's")
+        if self.rank_errors_from is not None:
+            from quantface.calibration.ranks import reused_rank_errors
+
+            reused_rank_errors(self)  # readable, with an allocation measured under these settings
         if self.lpips_backbone:
             from quantface.lpips import load_lpips
 

@@ -34,6 +34,10 @@ the floor). Two regimes:
   ranks, ``FULL_PRECISION``: the layer stays a float layer (not in the recipe), costed as its whole weight.
   Measurements: docs/calibration_notes.md, "Per-layer ranks, second round".
 
+The errors are the expensive part (one forward pass per layer and candidate); ``rank_errors_from``
+(``--rank-errors-from RECIPE``) takes them from an earlier allocated recipe calibrated under the same
+settings (``reused_rank_errors``), so sweeping the budget, the cost or the time budget re-solves only the program.
+
 With ``--mp-budget`` as well, the ranks are chosen first (this program) and the activation bits
 then by the bit allocation on the model with those ranks: two programs in sequence, not one joint
 program (the joint program is not implemented).
@@ -41,13 +45,17 @@ program (the joint program is not implemented).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from quantface.calibration.allocation import Option, allocate
 from quantface.calibration.layers import QuantLayer, hooks_removed
+from quantface.errors import ConfigError
 from quantface.quant import EPS, act_qparams, dequantize, qrange, quantize, weight_scale
 
 if TYPE_CHECKING:
@@ -273,6 +281,75 @@ def rank_output_errors(model: torch.nn.Module, layers: dict[str, QuantLayer], x:
     return stats
 
 
+# Settings the measured rank errors do not depend on: what happens after the measurement (refinement, the
+# bit allocation that follows the rank program), the program's own budget, and where and how the run goes.
+# A recipe calibrated with every other setting equal lends its errors (``rank_errors_from``); the weights
+# are compared by fingerprint, not by path.
+_ERRORS_IRRELEVANT = {"out", "steps", "lr", "scale_lr", "lora_lr", "lambda_perceptual", "lambda_mse", "checkpoint_every",
+                      "resume", "threads", "device", "trq_steps", "e2e_steps", "timestep_lr", "lba_steps", "lba_lr",
+                      "lpips_backbone", "lpips_lin", "lpips_net", "mp_budget", "mp_latency_budget", "mp_candidates",
+                      "mp_epsilon", "mp_metric", "mp_cost", "rank_budget", "rank_cost", "rank_time_budget",
+                      "rank_errors_from", "weights"}
+
+
+def reused_rank_errors(cfg: "CalibConfig", weights_sha256: str | None = None) -> dict[str, Any]:
+    """The "rank_allocation" section of the recipe in ``cfg.rank_errors_from``, checked before any work to
+    have been measured under ``cfg``'s settings (all but ``_ERRORS_IRRELEVANT`` equal) and, given
+    ``weights_sha256``, on the same FP weights; a clear ``ConfigError`` otherwise."""
+    from quantface.calibration.config import CalibConfig
+
+    folder = cfg.rank_errors_from
+    path = Path(folder, "recipe.json")
+    if not path.is_file():
+        raise ConfigError(f"--rank-errors-from {folder} is not a recipe folder (no recipe.json)")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--rank-errors-from {path} cannot be read: {exc}") from None
+    section = meta.get("rank_allocation") if isinstance(meta, dict) else None
+    entries = section.get("layers") if isinstance(section, dict) else None
+    if not isinstance(entries, dict) or not all(isinstance(e, dict) and {"candidates", "errors", "output_positions"}
+                                                <= set(e) for e in entries.values()):
+        raise ConfigError(f"--rank-errors-from {folder}: its recipe holds no measured rank errors (it was "
+                          f"calibrated without --rank-budget, or by a method that allocates no ranks this way)")
+    if section.get("candidates") != [*RANK_CANDIDATES, FULL_PRECISION]:
+        raise ConfigError(f"--rank-errors-from {folder} measured other candidates ({section.get('candidates')}, "
+                          f"not {[*RANK_CANDIDATES, FULL_PRECISION]}: an earlier version's recipe)")
+    fields = {f.name: f.default for f in dataclasses.fields(CalibConfig)}
+    raw = meta.get("calibration") if isinstance(meta.get("calibration"), dict) else {}
+    try:  # normalised as this code normalises its own (a method's default weight rounding, say)
+        theirs = CalibConfig.from_dict({k: v for k, v in raw.items() if k in fields}).to_dict()
+    except ConfigError:
+        theirs = {**fields, **raw}
+    mine, theirs = json.loads(json.dumps(cfg.to_dict())), json.loads(json.dumps(theirs))
+    differ = [f"{k}={theirs.get(k)!r} there, {v!r} here" for k, v in mine.items()
+              if k not in _ERRORS_IRRELEVANT and theirs.get(k) != v]
+    if differ:
+        raise ConfigError(f"--rank-errors-from {folder} measured its rank errors under other settings "
+                          f"({'; '.join(differ[:3])}): calibrate with the same ones, or without --rank-errors-from")
+    if weights_sha256 is not None and (meta.get("model") or {}).get("weights_sha256") != weights_sha256:
+        raise ConfigError(f"--rank-errors-from {folder} was calibrated from other model weights (fingerprints "
+                          f"differ): its rank errors do not apply")
+    return section
+
+
+def _stats_from(section: dict[str, Any], layers: dict[str, QuantLayer], images: int, folder: str) -> dict[str, RankStats]:
+    """RankStats per layer from a reused "rank_allocation" section, checked against this model's layers."""
+    entries = section["layers"]
+    if set(entries) != set(layers) or section.get("error_images") != images:
+        raise ConfigError(f"--rank-errors-from {folder}: its errors were measured on other layers or another number "
+                          f"of images ({section.get('error_images')} there, {images} here)")
+    stats = {}
+    for name, layer in layers.items():
+        e = entries[name]
+        if list(e["candidates"]) != options_of(layer):
+            raise ConfigError(f"--rank-errors-from {folder}: layer {name}'s candidates differ "
+                              f"({e['candidates']} there, {options_of(layer)} here)")
+        stats[name] = RankStats(positions=int(e["output_positions"]),
+                                sq_error={c: float(v) for c, v in zip(e["candidates"], e["errors"])})
+    return stats
+
+
 # ``rank_cost`` names → the cost's dimensions (one budget constraint each).
 COST_DIMS = {"params": ("params",), "macs": ("macs",), "both": ("params", "macs"), "time": ("time",),
              "params+time": ("params", "time")}
@@ -362,7 +439,11 @@ def allocate_ranks(model: torch.nn.Module, layers: dict[str, QuantLayer], x: tor
     import time
 
     t0 = time.time()
-    if cfg.rank_error == "energy":
+    if cfg.rank_errors_from is not None:
+        section = reused_rank_errors(cfg)
+        stats = _stats_from(section, layers, len(x), cfg.rank_errors_from)
+        print(f"rank errors: reused from {cfg.rank_errors_from} (measured there in {section.get('measure_seconds')} s)")
+    elif cfg.rank_error == "energy":
         stats = rank_energy_errors(layers, output_positions(model, layers, x))
     else:
         stats = (rank_output_errors if cfg.rank_error == "output" else rank_errors)(model, layers, x, act, cfg, spec)
@@ -404,7 +485,7 @@ def allocate_ranks(model: torch.nn.Module, layers: dict[str, QuantLayer], x: tor
         "candidates": [*RANK_CANDIDATES, FULL_PRECISION], "error_images": len(x),
         "full_precision_layers": [n for n in layers if ranks[n] == FULL_PRECISION],
         "objective": sol.objective, "solve_seconds": sol.seconds, "solver": "pulp CBC",
-        "measure_seconds": round(measure_seconds, 1),
+        "measure_seconds": round(measure_seconds, 1), "errors_from": cfg.rank_errors_from,
         "layers": {n: {"index": i, "size": layer_size(l), "uniform_rank": uniform[n],
                        "candidates": [o.choice for o in options[n]], "errors": [o.error for o in options[n]],
                        "costs": [o.cost for o in options[n]], "rank": ranks[n],

@@ -46,7 +46,7 @@ from quantface import distributed as dist
 from quantface.calibration.config import CalibConfig
 from quantface.calibration.layers import QuantLayer, quant_layers, unwrap_layer, wrap_layers
 from quantface.calibration.methods import DEFAULT_STEPS, MethodSpec, get_method
-from quantface.calibration.ranks import allocate_ranks, split_rank, uniform_rank
+from quantface.calibration.ranks import allocate_ranks, reused_rank_errors, split_rank, uniform_rank
 from quantface.calibration.sensitivity import QParams
 from quantface.calibration.targets import get_target
 from quantface.calibration.recipe import apply_recipe, save_recipe
@@ -374,6 +374,8 @@ def _calibrate(cfg: CalibConfig, spec: MethodSpec, device: torch.device) -> Cali
     np.random.seed(cfg.seed)
     t0 = time.time()
     fp_model = load_model(cfg.model, cfg.weights).to(device)
+    if cfg.rank_errors_from is not None:  # the lent rank errors were measured on these weights
+        reused_rank_errors(cfg, weights_fingerprint(fp_model))
     size = cfg.size if cfg.size is not None else fp_model.config.working_size
     if size % fp_model.config.size_multiple:
         raise ConfigError(f"--size {size} is not a multiple of {fp_model.config.size_multiple}, which the model needs")

@@ -63,7 +63,7 @@ CACHE_SUFFIX = ".mp_cache"
 _SWEEP_IRRELEVANT = {"out", "steps", "batch_size", "lr", "scale_lr", "lora_lr", "lambda_perceptual", "lambda_mse",
                      "checkpoint_every", "resume", "threads", "mp_budget", "mp_latency_budget", "mp_candidates", "mp_cost", "target",
                      "bits", "fold_lowrank",
-                     "rank_budget", "rank_cost", "rank_error"}  # the sweep runs with quantizers off but one: branches cancel
+                     "rank_budget", "rank_cost", "rank_error", "rank_time_budget", "rank_errors_from"}  # the sweep runs with quantizers off but one: branches cancel
 
 
 @contextmanager

@@ -159,7 +159,7 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
                       lpips_backbone=a.lpips_backbone, lpips_lin=a.lpips_lin, lpips_net=a.lpips_net,
                       fp_layers=tuple(a.fp_layers), resume=not a.no_resume, threads=a.threads, device=a.device,
                       rank_budget=a.rank_budget, rank_cost=a.rank_cost, rank_error=a.rank_error,
-                      rank_time_budget=a.rank_time_budget,
+                      rank_time_budget=a.rank_time_budget, rank_errors_from=a.rank_errors_from,
                       **_mp_args(a))
     calibrate(cfg)
     return 0
@@ -395,6 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rank-error", default=d.rank_error, choices=list(RANK_ERRORS),
                    help="each layer's error at a candidate rank: the change of the model output's squared error to FP "
                         "with that layer alone at that rank, or the layer's own output error (default: %(default)s)")
+    g.add_argument("--rank-errors-from", default=None, metavar="RECIPE",
+                   help="reuse the per-layer rank errors an earlier --rank-budget calibration measured (its recipe "
+                        "folder; every setting the errors depend on must match): sweep --rank-budget, --rank-cost "
+                        "or --rank-time-budget without measuring again")
     g = p.add_argument_group("adaptive bit widths (QuantFace-MP, calibration.mixed)")
     g.add_argument("--mp-budget", type=float, default=None,
                    help="allocate activation bits per layer: mean activation bits (e.g. 4.0), or with "

@@ -274,3 +274,28 @@ def test_a_params_and_time_budget_holds_both(image_folder, tmp_path, tiny_weight
 
 def result_meta(result):
     return json.loads((result.recipe / "recipe.json").read_text())
+
+
+def test_rank_errors_reused_from_a_recipe_give_the_freshly_measured_allocation(image_folder, tmp_path, tiny_weights):
+    """--rank-errors-from: the lent errors are the measured ones, and the program on them picks what a fresh
+    measurement at the new budget picks; a recipe measured under other settings is refused before work."""
+    first = result_meta(calibrate(_cfg(image_folder, tmp_path, tiny_weights, "a", steps=0, rank_budget=0.5,
+                                       rank_cost="params+time", rank_error="energy")))["rank_allocation"]
+    kw = dict(steps=0, rank_budget=0.7, rank_cost="params", rank_error="energy")
+    fresh = result_meta(calibrate(_cfg(image_folder, tmp_path, tiny_weights, "b", **kw)))["rank_allocation"]
+    lent = result_meta(calibrate(_cfg(image_folder, tmp_path, tiny_weights, "c",
+                                      rank_errors_from=str(tmp_path / "recipes" / "a"), **kw)))["rank_allocation"]
+    assert lent["errors_from"] == str(tmp_path / "recipes" / "a") and fresh["errors_from"] is None
+    for name, entry in lent["layers"].items():
+        assert entry["errors"] == first["layers"][name]["errors"] == fresh["layers"][name]["errors"]
+        assert entry["rank"] == fresh["layers"][name]["rank"]
+    assert lent["budget_fractions"] == {"params": 0.7} and lent["objective"] == fresh["objective"]
+    with pytest.raises(ConfigError, match="seed=0 there, 1 here"):
+        calibrate(_cfg(image_folder, tmp_path, tiny_weights, "d", seed=1,
+                       rank_errors_from=str(tmp_path / "recipes" / "a"), **kw))
+    with pytest.raises(ConfigError, match="holds no measured rank errors"):
+        uniform = calibrate(_cfg(image_folder, tmp_path, tiny_weights, "u", steps=0)).recipe
+        calibrate(_cfg(image_folder, tmp_path, tiny_weights, "e", rank_errors_from=str(uniform), **kw))
+    with pytest.raises(ConfigError, match="needs a --rank-budget"):
+        CalibConfig(rank_errors_from=str(tmp_path / "recipes" / "a"))
+    assert not (tmp_path / "recipes" / "d").exists() and not (tmp_path / "recipes" / "e").exists()
