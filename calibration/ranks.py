@@ -48,7 +48,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -57,6 +56,7 @@ from quantface.calibration.allocation import Option, allocate
 from quantface.calibration.layers import QuantLayer, hooks_removed
 from quantface.errors import ConfigError
 from quantface.quant import EPS, act_qparams, dequantize, qrange, quantize, weight_scale
+from quantface.recipe import RecipeError, read_recipe_meta
 
 if TYPE_CHECKING:
     from quantface.calibration.config import CalibConfig
@@ -299,14 +299,11 @@ def reused_rank_errors(cfg: "CalibConfig", weights_sha256: str | None = None) ->
     from quantface.calibration.config import CalibConfig
 
     folder = cfg.rank_errors_from
-    path = Path(folder, "recipe.json")
-    if not path.is_file():
-        raise ConfigError(f"--rank-errors-from {folder} is not a recipe folder (no recipe.json)")
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"--rank-errors-from {path} cannot be read: {exc}") from None
-    section = meta.get("rank_allocation") if isinstance(meta, dict) else None
+        meta = read_recipe_meta(folder)
+    except RecipeError as exc:
+        raise ConfigError(f"--rank-errors-from: {exc}") from None
+    section = meta.get("rank_allocation")
     entries = section.get("layers") if isinstance(section, dict) else None
     if not isinstance(entries, dict) or not all(isinstance(e, dict) and {"candidates", "errors", "output_positions"}
                                                 <= set(e) for e in entries.values()):

@@ -364,10 +364,11 @@ def _read_layer(name: str, e: dict, tensors: dict, js: Path, version: int) -> La
     return layer
 
 
-def read_recipe(path: str | Path) -> Recipe:
-    """Read and check a recipe folder (see the module docstring); RecipeError on anything wrong."""
+def read_recipe_meta(path: str | Path) -> dict:
+    """The JSON of a recipe folder, its format and version checked, without reading its tensors; RecipeError
+    on anything wrong."""
     path = Path(path)
-    js, st = path / JSON_NAME, path / TENSORS_NAME
+    js = path / JSON_NAME
     if not path.is_dir():
         raise RecipeError(f"recipe folder {path} does not exist" if not path.exists()
                           else f"recipe {path} is not a folder (a recipe is a folder with {JSON_NAME})")
@@ -383,6 +384,15 @@ def read_recipe(path: str | Path) -> Recipe:
     if version not in READABLE_VERSIONS:
         raise RecipeError(f"recipe {js} has version {version}; this tool reads versions "
                           f"{', '.join(map(str, READABLE_VERSIONS))}")
+    return meta
+
+
+def read_recipe(path: str | Path) -> Recipe:
+    """Read and check a recipe folder (see the module docstring); RecipeError on anything wrong."""
+    path = Path(path)
+    js, st = path / JSON_NAME, path / TENSORS_NAME
+    meta = read_recipe_meta(path)
+    version = meta["version"]
     top = _Fields(meta, "the recipe", js)
     model = _Fields(top.get("model", dict), "the model entry", js)
     model.get("weights_sha256", str)

@@ -90,6 +90,9 @@ def run(recipe: str, baseline: str, threads: int, runs: int, rounds: int, repeat
         "kernel_ms_by_part": mean_parts,
         "kernel_ms_by_part_rounds": parts,
         "branch_ratio": mean_parts["recipe ort-cpu"][BRANCH] / mean_parts["baseline ort-cpu"][BRANCH],
+        # Round i profiles the two graphs back to back, so the machine's drift between rounds cancels in its ratio.
+        "branch_ratio_rounds": [c[BRANCH] / b[BRANCH] if b[BRANCH] else None
+                                for b, c in zip(parts["baseline ort-cpu"], parts["recipe ort-cpu"])],
         "latency_ms": {k: {"median_ms": t.median_ms, "min_ms": t.min_ms} for k, t in latency.items()},
         "branch_ms_by_layer": {"baseline": base_layers, "recipe": rec_layers},
         "ranks": ranks,
@@ -118,8 +121,11 @@ def markdown(r: dict) -> str:
                  f"{lat[c]['median_ms']:.1f} ms | {lat[c]['median_ms'] / lat[b]['median_ms']:.3f} |")
     rounds_b = [x[BRANCH] for x in r["kernel_ms_by_part_rounds"][b]]
     rounds_c = [x[BRANCH] for x in r["kernel_ms_by_part_rounds"][c]]
+    ratios = [x for x in r["branch_ratio_rounds"] if x is not None]
+    spread = (f" Recipe / baseline within each round: median {statistics.median(ratios):.3f} "
+              f"(min {min(ratios):.3f}, max {max(ratios):.3f})." if ratios else "")
     lines += ["", f"Branch kernel time per round (ms): baseline {', '.join(f'{x:.2f}' for x in rounds_b)}; "
-              f"recipe {', '.join(f'{x:.2f}' for x in rounds_c)}.", "",
+              f"recipe {', '.join(f'{x:.2f}' for x in rounds_c)}.{spread}", "",
               "Kernel time by part (ms):", "", "| part | baseline | recipe |", "|---|---:|---:|"]
     for part in PARTS:
         lines.append(f"| {part} | {mp[b][part]:.2f} | {mp[c][part]:.2f} |")
@@ -143,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", required=True, help="recipe to compare with (uniform ranks)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=10, help="inferences per profiled session")
-    ap.add_argument("--rounds", type=int, default=4, help="alternated profiling rounds per graph")
+    ap.add_argument("--rounds", type=int, default=10,
+                    help="alternated profiling rounds per graph (the machine's speed drifts: 4 rounds gave ratios "
+                         "0.39-0.50 for the same two graphs)")
     ap.add_argument("--repeats", type=int, default=30, help="interleaved latency runs")
     ap.add_argument("--size", type=int, default=None)
     ap.add_argument("--out", default=None, help="Markdown file to write (JSON beside it)")
