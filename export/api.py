@@ -43,13 +43,13 @@ from quantface.export.integer_units import (layer_norms_as_instance_norms, lower
                                            through_data_movement, widen_norm_inputs)
 from quantface.export.norms import group_norm_to_instance_norm
 from quantface.export.profiles import get_profile
-from quantface.export.save import add_metadata, save_atomic
+from quantface.export.save import METADATA_PREFIX, add_metadata, save_atomic
 from quantface.export.trace import INPUT_NAME, trace_to_onnx
 from quantface import __version__
 from quantface.errors import ConfigError
 from quantface.models import load_model
 from quantface.models.timesteps import model_timestep, set_timestep
-from quantface.onnx_runtime import cpu_session
+from quantface.onnx_runtime import cpu_session, u8s8_saturates
 from quantface.points import recipe_points
 from quantface.recipe import read_recipe
 
@@ -145,20 +145,42 @@ def export_onnx(cfg: ExportConfig) -> ExportResult:
     return ExportResult(out, written, op_counts(model), constant)
 
 
+def _profile(path: Path) -> str | None:
+    """The export profile recorded in a graph's metadata; None if it records none or cannot be parsed
+    (ONNX Runtime then says why it cannot load it)."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # protobuf's DecodeError and the like: the session's own error is the clearer one
+        return None
+    return next((p.value for p in model.metadata_props if p.key == METADATA_PREFIX + "profile"), None)
+
+
 class OnnxBackend:
     """Runs an exported model with ONNX Runtime's CPU execution provider, as a pipeline backend:
     (N, 3, H, W) float32 in [-1, 1] → the model's output. A model exported for a static batch b is
-    run b images at a time (the last chunk padded by repeating its last image)."""
+    run b images at a time (the last chunk padded by repeating its last image).
 
-    def __init__(self, path: str | Path, threads: int | None = None, profile_prefix: str | None = None):
+    ``exact_qdq`` keeps ORT's QDQ → integer-kernel fusions off (``quantface.onnx_runtime``). None, the
+    default, turns it on for a graph exported with the ``qnn`` profile on a CPU whose fused U8S8 kernels
+    saturate (x86 without VNNI): that graph is meant for the HTP, which computes its full-range W8A8
+    units exactly, so its CPU reference must too (on such a CPU, ORT's fusions cost a tiny model 12 dB
+    against the simulation). Every other graph runs as ORT runs it by default: on that CPU a full-range
+    W8A8 ``ort-cpu`` graph is meant to be saturated by the runtime it ships on, and says so (``--reduce-range``).
+    ``self.exact_qdq`` tells which way the session was made."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, profile_prefix: str | None = None,
+                 exact_qdq: bool | None = None):
         path = Path(path)
         if not path.is_file():
             raise ExportError(f"ONNX model {path} does not exist")
+        if exact_qdq is None:
+            exact_qdq = u8s8_saturates() and _profile(path) == "qnn"
         try:
-            self.session = cpu_session(path, threads, profile_prefix=profile_prefix)
+            self.session = cpu_session(path, threads, profile_prefix=profile_prefix, exact_qdq=exact_qdq)
         except Exception as exc:  # onnxruntime raises its own pybind error types for unreadable models
             raise ExportError(f"ONNX model {path} cannot be loaded by ONNX Runtime: "
                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        self.exact_qdq = exact_qdq
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_shape = list(inp.shape)

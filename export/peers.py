@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import platform
 import shutil
 import tempfile
 import time
@@ -44,23 +43,14 @@ import onnx
 from quantface.degradation import degraded_inputs
 from quantface.errors import ConfigError
 from quantface.export.save import add_metadata, save_atomic
+from quantface.onnx_runtime import u8s8_saturates
 
 CALIB_CHUNK = 4  # faces per calibration pass (see the module docstring)
 
 
-def cpu_has_vnni() -> bool | None:
-    """Whether this CPU has a VNNI dot-product instruction (Linux /proc/cpuinfo flags); None if unknown."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    return "avx512_vnni" in flags or "avx_vnni" in flags
-
-
 def default_reduce_range() -> bool:
     """``quantize_static``'s guidance for CPU inference: ``reduce_range=True`` on x86/x64 without VNNI."""
-    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
-    return x86 and cpu_has_vnni() is False
+    return u8s8_saturates()
 
 
 class FaceCalibrationReader:

@@ -152,6 +152,7 @@ def _htp_placement(rows: dict[str, dict], faces: np.ndarray) -> str:
     from quantface.export.api import OnnxBackend
     from quantface.export.qnn_ep import HtpBackend, placement
     from quantface.metrics import output_psnr
+    from quantface.onnx_runtime import u8s8_saturates
 
     htp = [name for name, row in rows.items() if _htp_graph(row)]
     if not htp:
@@ -166,7 +167,7 @@ def _htp_placement(rows: dict[str, dict], faces: np.ndarray) -> str:
             t0 = time.perf_counter()
             on_htp = HtpBackend(rows[name]["path"])(faces)
             seconds = (time.perf_counter() - t0) / len(faces)
-            on_cpu = OnnxBackend(rows[name]["path"])(faces)
+            on_cpu = OnnxBackend(rows[name]["path"], exact_qdq=u8s8_saturates())(faces)  # peers too
             rows[name]["htp_placement"].update(parity_faces=len(faces),
                                                psnr_htp_vs_cpu=_finite(output_psnr(on_htp, on_cpu)),
                                                max_abs_htp_vs_cpu=float(np.abs(on_htp - on_cpu).max()),
@@ -178,8 +179,8 @@ def deploy_bench(cfg: DeployBenchConfig) -> dict:
     """Build, time and score every graph of ``cfg``; returns the report (and writes it where asked)."""
     from quantface.export import ExportConfig, export_onnx
     from quantface.export.bench import PARTS, compare_latency, kernel_time_by_part
-    from quantface.export.peers import (FaceCalibrationReader, build_peer, cpu_has_vnni, default_reduce_range,
-                                        get_peer)
+    from quantface.export.peers import FaceCalibrationReader, build_peer, default_reduce_range, get_peer
+    from quantface.onnx_runtime import cpu_has_vnni
 
     import onnxruntime
 
@@ -325,9 +326,11 @@ def markdown(r: dict) -> str:
     if r.get("cpu_has_vnni") is False:
         lines += ["", "This CPU has no VNNI instruction: ONNX Runtime's U8S8 integer kernels (QLinearConv, QGemm, ...) "
                   "can saturate their 16-bit intermediate sums on it. `quantize_static`'s guidance for such CPUs "
-                  "(`reduce_range=True`, 7-bit weights) avoids that; 8-bit-weight graphs made without it (the QNN "
-                  "recipe's A8W8) can lose quality here that comes from this CPU's kernels, not from the "
-                  "quantization: read their quality columns as this CPU EP's, not the recipe's."]
+                  "(`reduce_range=True`, 7-bit weights) avoids that; CPU graphs with full-range 8-bit weights "
+                  "made without it can lose quality here that comes from this CPU's kernels, not from the "
+                  "quantization. Graphs meant for the HTP (our `qnn` profile in the quality columns, every HTP "
+                  "graph in the HTP-vs-CPU column) are scored with ORT's QDQ fusions off "
+                  "(`session.disable_quant_qdq`), as the HTP computes them; their CPU times are ORT's default."]
     placed = [(n, m["htp_placement"]) for n, m in rows.items() if m.get("htp_placement")]
     if placed:
         lines += ["", f"Qualcomm HTP placement (the real QNN EP, HTP emulated on this machine, SoC {placed[0][1]['soc']}):",

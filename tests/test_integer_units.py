@@ -126,6 +126,43 @@ def test_qnn_graph_with_points_is_integer_units_only_and_matches_the_simulation(
     assert np.abs(y_sim).max() > 0.1 and _psnr(y_graph, y_sim) >= 36
 
 
+def _config_entry(session, key: str) -> str | None:
+    try:
+        return session.get_session_options().get_session_config_entry(key)
+    except RuntimeError:  # ORT raises for a key the options do not hold
+        return None
+
+
+def test_with_qdq_fusions_off_onnx_runtime_computes_full_range_w8a8_codes_exactly_on_any_cpu():
+    """ORT's fused U8S8 convolution saturates full-range W8A8 codes exactly where ``u8s8_saturates`` says
+    (x86 without VNNI); a session with its QDQ fusions off (``exact_qdq``) is exact everywhere."""
+    from quantface.onnx_runtime import u8s8_saturates
+    from tools.check_u8s8_saturation import mismatch
+
+    assert mismatch(127, 255, exact_qdq=True) == (0.0, 0.0)
+    assert (mismatch(127, 255)[0] > 0.01) == u8s8_saturates()
+    assert mismatch(63, 255) == (0.0, 0.0)  # 7-bit weights (reduce_range): exact with the fusions on too
+
+
+def test_onnx_backend_runs_a_qnn_graph_without_qdq_fusions_where_they_saturate_and_others_as_ort_does(
+        units, tmp_path, monkeypatch):
+    import quantface.export.api as api
+    from quantface.onnx_runtime import DISABLE_QUANT_QDQ
+
+    ort_cpu = tmp_path / "ort_cpu.onnx"
+    export_onnx(ExportConfig(weights=str(units["weights"]), recipe=str(units["recipe"]), profile="ort-cpu",
+                             out=str(ort_cpu)))
+    for saturates in (True, False):
+        monkeypatch.setattr(api, "u8s8_saturates", lambda: saturates)
+        qnn, cpu = OnnxBackend(units["qnn"]), OnnxBackend(ort_cpu)
+        assert (qnn.exact_qdq, cpu.exact_qdq) == (saturates, False)
+        assert (_config_entry(qnn.session, DISABLE_QUANT_QDQ) == "1") == saturates
+        assert not OnnxBackend(units["qnn"], exact_qdq=False).exact_qdq and OnnxBackend(ort_cpu, exact_qdq=True).exact_qdq
+    x = images_to_tensor(load_folder(str(units["faces"]), SIZE, 1).images).numpy()
+    monkeypatch.setattr(api, "u8s8_saturates", lambda: True)
+    assert np.array_equal(OnnxBackend(units["qnn"])(x), OnnxBackend(units["qnn"], exact_qdq=True)(x))
+
+
 def test_other_profiles_and_recipes_with_online_ops_ignore_the_points(units, tmp_path):
     for profile in ("ort-cpu", "reference"):
         a, b = tmp_path / f"{profile}_a.onnx", tmp_path / f"{profile}_b.onnx"
@@ -190,7 +227,7 @@ def test_add_points_reproduces_what_calibration_recorded(units, tmp_path):
 def test_every_integer_unit_layer_matches_its_simulation_layer_by_layer(units):
     """Each quantized layer of the integer-unit graph (requantized convs, 16-bit ones included, Linear
     layers as Gemm units) computes what ``apply_recipe(..., points=True)`` simulates, on the graph's own input."""
-    from quantface.export.peers import cpu_has_vnni
+    from quantface.onnx_runtime import cpu_has_vnni
     from tests.parity import layer_parity
 
     recipe = json.loads((units["recipe"] / "recipe.json").read_text())["layers"]

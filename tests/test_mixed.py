@@ -341,7 +341,7 @@ def test_qnn_target_mixes_w4_w8_and_a8_a16_within_both_budgets_and_exports(image
     static QNN check, and each profile matches the PyTorch simulation layer by layer."""
     onnx = pytest.importorskip("onnx")
     from quantface.export import ExportConfig, OnnxBackend, export_onnx, qnn_report
-    from quantface.export.peers import cpu_has_vnni
+    from quantface.onnx_runtime import cpu_has_vnni
     from tests.parity import layer_parity
 
     result = calibrate(_mp_cfg(image_folder, tmp_path, tiny_weights, "qnn", bits="W4A8", target="qnn",
@@ -401,7 +401,7 @@ def test_cpu_target_chooses_w4_or_w8_per_layer_with_no_online_node(image_folder,
     onnx = pytest.importorskip("onnx")
     from quantface.export import ExportConfig, export_onnx
     from quantface.export.fold import int4_storage
-    from quantface.export.peers import cpu_has_vnni
+    from quantface.onnx_runtime import cpu_has_vnni
     from tests.parity import layer_parity
 
     cfg = _mp_cfg(image_folder, tmp_path, tiny_weights, "cpu", bits="W4A8", target="cpu", mp_budget=0.7, steps=0)
