@@ -167,7 +167,7 @@ class CalibConfig(JsonConfig):
         if (self.lpips_backbone is None) != (self.lpips_lin is None):
             raise ConfigError("LPIPS needs both --lpips-backbone and --lpips-lin")
         check_device_name(self.device)
-        if self.reduce_range and self.weight_bits != 8:
+        if self.reduce_range and self.weight_bits != 8 and self.target != "cpu":  # --target cpu: its W8 layers
             raise ConfigError(f"--reduce-range applies to 8-bit weights; --bits {self.bits} has {self.weight_bits}-bit ones")
         refusal = TARGET_CLASSES[self.target].reduce_range_refusal if self.target in TARGET_CLASSES else ""
         if self.reduce_range and refusal:

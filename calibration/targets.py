@@ -109,7 +109,7 @@ class QnnCost(Cost):
 
 class CpuByteCost(Cost):
     def of(self, layer: LayerSize, w: int, a: int) -> float:
-        return layer.weights * w / 8
+        return layer.weights * (4 if w <= 4 else 8) / 8  # the container: 7-bit codes (--reduce-range) fill INT8
 
     def reference(self, layers: Sequence[LayerSize], weight_bits: int) -> float:
         return float(sum(s.weights for s in layers))
@@ -123,7 +123,7 @@ COSTS = {
 QNN_COST = QnnCost("qnn_bytes_latency", "of (the all-W8 weight bytes, the all-A8 latency proxy)",
                    "(bytes of the weight codes, latency proxy MACs·a/8)")
 CPU_BYTES = CpuByteCost("cpu_weight_bytes", "of the all-W8 weight bytes",
-                        "bytes of the weight codes (P_i · w / 8: 4-bit codes stored as INT4)")
+                        "bytes of the weight codes (P_i · w / 8: 4-bit codes stored as INT4, 7- and 8-bit ones as INT8)")
 
 
 # ----------------------------------------------------------------------------------------- targets

@@ -185,6 +185,14 @@ class OnnxBackend:
         self.input_name = inp.name
         self.input_shape = list(inp.shape)
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.path = path
+
+    def exact_qdq_note(self) -> str | None:
+        """The one line a command prints when it runs this graph with ORT's QDQ fusions off; None otherwise."""
+        if not self.exact_qdq:
+            return None
+        return (f"note: ONNX Runtime runs {self.path} with its QDQ fusions off (this CPU's U8S8 integer kernels "
+                "saturate full-range 8-bit codes; the HTP, which a qnn graph is for, does not)")
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)

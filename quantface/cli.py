@@ -235,8 +235,12 @@ def _cmd_validate(a: argparse.Namespace) -> int:
     if a.json:
         print(f"wrote {a.json}")
     if not r["passed"]:
+        saturated = r["saturating_w8a8_layers"]
+        why = (f"; {len(saturated)} of its layers have full-range W8A8 codes, which this CPU's U8S8 integer kernels "
+               f"saturate (x86 without VNNI): recalibrate with --reduce-range (7-bit weight codes) to run it exactly "
+               f"here" if saturated else "")
         print(f"FAIL: parity {r['parity_psnr']:.2f} dB is below --min-parity {r['min_parity']:g} dB: the graph does "
-              f"not compute what its PyTorch model does", file=sys.stderr)
+              f"not compute what its PyTorch model does{why}", file=sys.stderr)
         return 1
     print(f"pass: parity {r['parity_psnr']:.2f} dB >= --min-parity {r['min_parity']:g} dB")
     return 0
@@ -367,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "compensated under its input statistics; layers with no float branch left) (default: gptq "
                         "for quantface, nearest for the other methods)")
     p.add_argument("--reduce-range", action="store_true",
-                   help="8-bit weights as 7-bit codes in their INT8 container (ONNX Runtime's reduce_range): exact "
+                   help="8-bit weights (--bits W8Ax, or the W8 layers of --target cpu) as 7-bit codes in their INT8 "
+                        "container (ONNX Runtime's reduce_range): exact "
                         "ort-cpu results on x86 CPUs without VNNI, whose U8S8 kernels saturate with full-range "
                         "W8A8 codes; not needed on ARM, VNNI CPUs or the HTP")
     p.add_argument("--lpips-backbone", default=None, help="local LPIPS backbone weights (perceptual loss)")

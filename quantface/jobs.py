@@ -97,10 +97,8 @@ class ModelSpec(JsonConfig):
             from quantface.export.save import foreign_graph
 
             backend = OnnxBackend(self.onnx)
-            if backend.exact_qdq:
-                print(f"note: {self.onnx} is a qnn (HTP) graph and this CPU's U8S8 integer kernels saturate "
-                      "full-range 8-bit codes: ONNX Runtime runs it with its QDQ fusions off, as the HTP computes it",
-                      file=sys.stderr)
+            if backend.exact_qdq_note():
+                print(backend.exact_qdq_note(), file=sys.stderr)
             foreign = foreign_graph(self.onnx, backend.metadata)
             if foreign:
                 print(f"warning: {foreign}; running it as an image-to-image graph (nothing checks what it computes)",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -165,6 +166,18 @@ def _htp_part(cfg: ValidateConfig, lqs: list, batch: int, cpu: np.ndarray, torch
     }
 
 
+def saturating_layers(backend: OnnxBackend) -> list[str]:
+    """The layers of a graph that ONNX Runtime's fused U8S8 kernels saturate on this CPU: full-range 8-bit
+    weights on 8-bit inputs (7-bit codes, ``--reduce-range``, are exact), in a session with the fusions on,
+    on an x86 CPU without VNNI (``quantface.onnx_runtime``). Empty everywhere else."""
+    from quantface.onnx_runtime import u8s8_saturates
+
+    if backend.exact_qdq or not u8s8_saturates():
+        return []
+    bits = json.loads(backend.metadata.get("quantface.layer_bits", "{}"))
+    return sorted(n for n, e in bits.items() if (e["weight_bits"], e["act_bits"]) == (8, 8))
+
+
 def validate(cfg: ValidateConfig) -> dict:
     if cfg.ep == "qnn-htp":  # fail before the slow CPU and PyTorch runs
         from quantface.export.qnn_ep import get_target, require_qnn
@@ -177,6 +190,9 @@ def validate(cfg: ValidateConfig) -> dict:
     if foreign:  # nothing to compare it with: validate compares our exports with their PyTorch model
         raise ExportError(foreign)
     compared = _compared(cfg, onnx_backend.metadata)
+    compared["cpu_qdq_fusions_off"] = onnx_backend.exact_qdq  # OnnxBackend: a qnn graph on a saturating CPU
+    if onnx_backend.exact_qdq_note():
+        print(onnx_backend.exact_qdq_note(), file=sys.stderr)
     shape = onnx_backend.input_shape
     size = shape[-1] if isinstance(shape[-1], int) else cfg.model.fp_model().config.working_size
     batch = shape[0] if isinstance(shape[0], int) else 1
@@ -230,6 +246,7 @@ def validate(cfg: ValidateConfig) -> dict:
         "skipped": loaded.skipped,
         "tool_version": __version__,
     }
+    result["saturating_w8a8_layers"] = saturating_layers(onnx_backend)
     if cfg.ep == "qnn-htp":
         result["htp"] = _htp_part(cfg, lqs, batch, a, b)
     if cfg.json_out:

@@ -157,6 +157,7 @@ def test_onnx_backend_runs_a_qnn_graph_without_qdq_fusions_where_they_saturate_a
         qnn, cpu = OnnxBackend(units["qnn"]), OnnxBackend(ort_cpu)
         assert (qnn.exact_qdq, cpu.exact_qdq) == (saturates, False)
         assert (_config_entry(qnn.session, DISABLE_QUANT_QDQ) == "1") == saturates
+        assert (qnn.exact_qdq_note() is not None) == saturates and cpu.exact_qdq_note() is None
         assert not OnnxBackend(units["qnn"], exact_qdq=False).exact_qdq and OnnxBackend(ort_cpu, exact_qdq=True).exact_qdq
     x = images_to_tensor(load_folder(str(units["faces"]), SIZE, 1).images).numpy()
     monkeypatch.setattr(api, "u8s8_saturates", lambda: True)

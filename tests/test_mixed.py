@@ -8,6 +8,7 @@ import copy
 import itertools
 import json
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -401,7 +402,9 @@ def test_cpu_target_chooses_w4_or_w8_per_layer_with_no_online_node(image_folder,
     onnx = pytest.importorskip("onnx")
     from quantface.export import ExportConfig, export_onnx
     from quantface.export.fold import int4_storage
-    from quantface.onnx_runtime import cpu_has_vnni
+    from quantface.export.api import OnnxBackend
+    from quantface.onnx_runtime import cpu_has_vnni, u8s8_saturates
+    from quantface.validate import saturating_layers
     from tests.parity import layer_parity
 
     cfg = _mp_cfg(image_folder, tmp_path, tiny_weights, "cpu", bits="W4A8", target="cpu", mp_budget=0.7, steps=0)
@@ -436,7 +439,57 @@ def test_cpu_target_chooses_w4_or_w8_per_layer_with_no_online_node(image_folder,
     assert paths["mixed"].stat().st_size < paths["w8"].stat().st_size
     parity = layer_parity(paths["mixed"], qmodel, x.numpy())
     exact = {n: p for n, p in parity.items() if cpu_has_vnni() is not False or layers[n]["weight_bits"] != 8}
+    # validate names the layers this CPU's kernels saturate (its FAIL line then says --reduce-range)
+    w8 = sorted(n for n in layers if layers[n]["weight_bits"] == 8)
+    assert saturating_layers(OnnxBackend(paths["mixed"])) == (w8 if u8s8_saturates() else [])
     assert exact and all(p.rel_l2 <= 1e-4 and p.exact_fraction >= 0.99 for p in exact.values())
+
+
+def test_target_cpu_with_reduce_range_gives_its_w8_layers_7_bit_codes_that_onnx_runtime_runs_exactly(
+        image_folder, tmp_path, tiny_weights, tiny_model):
+    """``--target cpu --reduce-range``: the W8 layers of the W4/W8 allocation take 7-bit codes in their INT8
+    container (priced as INT8 bytes), the W4 ones stay 4-bit, and the ort-cpu graph matches the simulation
+    layer by layer on every CPU, x86 without VNNI included (where full-range W8A8 codes saturate)."""
+    from quantface.export import ExportConfig, export_onnx
+    from quantface.export.api import OnnxBackend
+    from quantface.validate import saturating_layers
+    from safetensors.torch import load_file
+    from tests.parity import layer_parity
+
+    cfg = _mp_cfg(image_folder, tmp_path, tiny_weights, "cpu_rr", bits="W4A8", target="cpu", mp_budget=0.7, steps=0,
+                  reduce_range=True)
+    result = calibrate(cfg)
+    meta = json.loads((result.recipe / "recipe.json").read_text())
+    alloc, layers = meta["allocation"], meta["layers"]
+    assert {e["weight_bits"] for e in layers.values()} == {4, 7}
+    params = {n: e["weight_params"] for n, e in alloc["layers"].items()}
+    spent = sum(params[n] * (1 if layers[n]["weight_bits"] == 7 else 0.5) for n in layers)
+    assert spent == pytest.approx(alloc["achieved_cost"]) and spent <= 0.7 * sum(params.values()) + 1e-6
+    tensors = load_file(str(result.recipe / "recipe.safetensors"))
+    for n, e in layers.items():  # (4-bit codes are stored packed, as INT4)
+        if e["weight_bits"] == 7:
+            c = tensors[f"{n}.weight_codes"]
+            assert -64 <= int(c.min()) and int(c.max()) <= 63, n
+        else:
+            assert f"{n}.weight_codes_int4" in tensors, n
+    path = tmp_path / "cpu_rr.onnx"
+    export_onnx(ExportConfig(weights=str(tiny_weights), recipe=str(result.recipe), profile="ort-cpu", out=str(path)))
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    parity = layer_parity(path, apply_recipe(tiny_model, result.recipe, requant_outputs=True), x.numpy())
+    assert any(layers[n]["weight_bits"] == 7 for n in parity) and saturating_layers(OnnxBackend(path)) == []
+    assert all(p.rel_l2 <= 1e-4 and p.exact_fraction >= 0.99 for p in parity.values()), \
+        {n: p for n, p in parity.items() if p.rel_l2 > 1e-4 or p.exact_fraction < 0.99}
+
+
+def test_validate_names_the_saturated_layers_only_where_this_cpu_saturates_them(monkeypatch):
+    import quantface.onnx_runtime as onnx_runtime
+    from quantface.validate import saturating_layers
+
+    bits = {"a": (8, 8), "b": (7, 8), "c": (8, 16), "d": (4, 8)}
+    meta = {"quantface.layer_bits": json.dumps({n: {"weight_bits": w, "act_bits": a} for n, (w, a) in bits.items()})}
+    for saturates, exact, want in ((True, False, ["a"]), (True, True, []), (False, False, [])):
+        monkeypatch.setattr(onnx_runtime, "u8s8_saturates", lambda: saturates)
+        assert saturating_layers(SimpleNamespace(exact_qdq=exact, metadata=meta)) == want
 
 
 def test_sixteen_bits_only_for_activations():
