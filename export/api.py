@@ -43,7 +43,7 @@ from quantface.export.integer_units import (layer_norms_as_instance_norms, lower
                                            through_data_movement, widen_norm_inputs)
 from quantface.export.norms import group_norm_to_instance_norm
 from quantface.export.profiles import get_profile
-from quantface.export.save import METADATA_PREFIX, add_metadata, save_atomic
+from quantface.export.save import add_metadata, read_metadata, save_atomic
 from quantface.export.trace import INPUT_NAME, trace_to_onnx
 from quantface import __version__
 from quantface.errors import ConfigError
@@ -152,7 +152,7 @@ def _profile(path: Path) -> str | None:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # protobuf's DecodeError and the like: the session's own error is the clearer one
         return None
-    return next((p.value for p in model.metadata_props if p.key == METADATA_PREFIX + "profile"), None)
+    return read_metadata(model).get("profile")
 
 
 class OnnxBackend:

@@ -97,8 +97,8 @@ class ModelSpec(JsonConfig):
             from quantface.export.save import foreign_graph
 
             backend = OnnxBackend(self.onnx)
-            if backend.exact_qdq_note():
-                print(backend.exact_qdq_note(), file=sys.stderr)
+            if note := backend.exact_qdq_note():
+                print(note, file=sys.stderr)
             foreign = foreign_graph(self.onnx, backend.metadata)
             if foreign:
                 print(f"warning: {foreign}; running it as an image-to-image graph (nothing checks what it computes)",

@@ -191,8 +191,8 @@ def validate(cfg: ValidateConfig) -> dict:
         raise ExportError(foreign)
     compared = _compared(cfg, onnx_backend.metadata)
     compared["cpu_qdq_fusions_off"] = onnx_backend.exact_qdq  # OnnxBackend: a qnn graph on a saturating CPU
-    if onnx_backend.exact_qdq_note():
-        print(onnx_backend.exact_qdq_note(), file=sys.stderr)
+    if note := onnx_backend.exact_qdq_note():
+        print(note, file=sys.stderr)
     shape = onnx_backend.input_shape
     size = shape[-1] if isinstance(shape[-1], int) else cfg.model.fp_model().config.working_size
     batch = shape[0] if isinstance(shape[0], int) else 1
