@@ -90,6 +90,10 @@ class CalibConfig(JsonConfig):
     # and Add cost more time than they give back), 'never', 'always'.
     fold_lowrank: str = "auto"
     reduce_range: bool = False  # 8-bit weights as 7-bit codes (REDUCED_WEIGHT_BITS above)
+    # Low-rank branch factors on a symmetric integer grid of this many bits, one scale per row
+    # (quantface.quant.factor_quantize): trained through its fake-quant, stored as int8 codes (INT4 in the
+    # reference export from 4 bits down) behind a DequantizeLinear. None: float16 factors.
+    branch_bits: int | None = None
     lambda_perceptual: float = 0.5
     lambda_mse: float = 0.5
     lpips_backbone: str | None = None  # local LPIPS backbone weights (VGG16/AlexNet features)
@@ -169,6 +173,9 @@ class CalibConfig(JsonConfig):
         check_device_name(self.device)
         if self.reduce_range and self.weight_bits != 8 and self.target != "cpu":  # --target cpu: its W8 layers
             raise ConfigError(f"--reduce-range applies to 8-bit weights; --bits {self.bits} has {self.weight_bits}-bit ones")
+        b = self.branch_bits
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8):
+            raise ConfigError(f"--branch-bits {b!r} must be a whole number of bits from 2 to 8")
         refusal = TARGET_CLASSES[self.target].reduce_range_refusal if self.target in TARGET_CLASSES else ""
         if self.reduce_range and refusal:
             raise ConfigError(refusal)

@@ -40,8 +40,8 @@ from torch.utils.hooks import RemovableHandle
 from quantface.errors import ConfigError
 from quantface.hadamard import fold_into_weight, rotate_channels
 from quantface.quant import (EPS, act_qparams_from_range, adaround_codes, adaround_fake_quantize,
-                             adaround_init, bias_codes, dequantize, fake_quantize, qrange, quantize, requant_bits,
-                             requantizable, requantize, weight_scale)
+                             adaround_init, bias_codes, dequantize, factor_fake_quantize, factor_quantize,
+                             fake_quantize, qrange, quantize, requant_bits, requantizable, requantize, weight_scale)
 from quantface.recipe import HadamardSpec
 
 
@@ -56,6 +56,10 @@ class LowRank(nn.Module):
         self.down = nn.Parameter(down.detach().contiguous().clone())  # (r, in, kh, kw) or (r, in)
         self.up = nn.Parameter(up.detach().contiguous().clone())  # (out, r, 1, 1) or (out, r)
         self.conv_args = conv_args
+        # Once ``round_to_grid`` put the factors on an integer grid: its bits and per-row scales.
+        self.bits: int | None = None
+        self.down_scale: torch.Tensor | None = None
+        self.up_scale: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -73,16 +77,31 @@ class LowRank(nn.Module):
             return cls(down.reshape(r, *weight.shape[1:]), up[:, :, None, None], conv_args)
         return cls(down, up, None)
 
+    def round_to_grid(self, bits: int) -> None:
+        """Put both factors on their symmetric ``bits``-bit per-row grids (``quantface.quant.factor_quantize``):
+        each becomes codes · scale in float32, which is what the recipe stores and the export dequantizes."""
+        with torch.no_grad():
+            for p, attr in ((self.down, "down_scale"), (self.up, "up_scale")):
+                codes, scale = factor_quantize(p, bits)
+                p.copy_(dequantize(codes, scale.view(-1, *[1] * (p.dim() - 1)), 0.0))
+                setattr(self, attr, scale.detach().clone())
+        self.bits = bits
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.conv_args is not None:
-            return F.conv2d(F.conv2d(x, self.down, None, **self.conv_args), self.up)
-        return F.linear(F.linear(x, self.down), self.up)
+        return branch_op(x, self.down, self.up, self.conv_args)
 
     def product(self) -> torch.Tensor:
         """The branch as one weight with the layer's shape (up · down)."""
         if self.conv_args is not None:
             return torch.einsum("or,rikl->oikl", self.up[:, :, 0, 0], self.down)
         return self.up @ self.down
+
+
+def branch_op(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, conv_args: dict | None) -> torch.Tensor:
+    """x ↦ up(down(x)): the down factor with the layer's geometry, the up factor 1×1 (or Linear)."""
+    if conv_args is not None:
+        return F.conv2d(F.conv2d(x, down, None, **conv_args), up)
+    return F.linear(F.linear(x, down), up)
 
 
 class QuantLayer(nn.Module):
@@ -105,6 +124,9 @@ class QuantLayer(nn.Module):
         self.hadamard: HadamardSpec | None = None  # the signs Q was built from (stored in the recipe)
         self.lowrank: LowRank | None = None  # SVD branch L1·L2
         self.lora: LowRank | None = None  # LoRA branch A·B
+        # Branch factors on an integer grid (``--branch-bits``): trained through its fake-quant (the two
+        # branches as the one merged branch the recipe stores), rounded to it at ``freeze``. None: float16.
+        self.branch_bits: int | None = None
         self.weight_bits: int | None = None
         self.act_bits: int | None = None
         self.w_scale: nn.Parameter | None = None  # (out,)
@@ -333,7 +355,9 @@ class QuantLayer(nn.Module):
             self.harden_rounding()
         self.fold_lba()
         self.merge_branches()
-        if self.lowrank is not None:
+        if self.lowrank is not None and self.branch_bits is not None:
+            self.lowrank.round_to_grid(self.branch_bits)
+        elif self.lowrank is not None:
             with torch.no_grad():
                 for p in (self.lowrank.down, self.lowrank.up):
                     p.copy_(p.half().float())
@@ -381,9 +405,18 @@ class QuantLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.transform_input(x)
         out = self.quantized_product(x)
-        for branch in (self.lowrank, self.lora):
-            if branch is not None:
-                out = out + branch(x)
+        branches = [b for b in (self.lowrank, self.lora) if b is not None]
+        if self.branch_bits is not None and branches and branches[0].bits is None:
+            # Training on the integer grid: the branches as the one merged branch ``freeze`` rounds, fake-quantized.
+            down = torch.cat([b.down for b in branches], 0)
+            up = torch.cat([b.up for b in branches], 1)
+            return self._with_lba(out + branch_op(x, factor_fake_quantize(down, self.branch_bits),
+                                                  factor_fake_quantize(up, self.branch_bits), self.conv_args))
+        for branch in branches:
+            out = out + branch(x)
+        return self._with_lba(out)
+
+    def _with_lba(self, out: torch.Tensor) -> torch.Tensor:
         if self.lba is not None:
             out = out + self._channel_view(self.lba)
         return out

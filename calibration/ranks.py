@@ -289,7 +289,7 @@ _ERRORS_IRRELEVANT = {"out", "steps", "lr", "scale_lr", "lora_lr", "lambda_perce
                       "resume", "threads", "device", "trq_steps", "e2e_steps", "timestep_lr", "lba_steps", "lba_lr",
                       "lpips_backbone", "lpips_lin", "lpips_net", "mp_budget", "mp_latency_budget", "mp_candidates",
                       "mp_epsilon", "mp_metric", "mp_cost", "rank_budget", "rank_cost", "rank_time_budget",
-                      "rank_errors_from", "weights"}
+                      "rank_errors_from", "weights", "branch_bits"}
 
 
 def reused_rank_errors(cfg: "CalibConfig", weights_sha256: str | None = None) -> dict[str, Any]:

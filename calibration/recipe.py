@@ -39,7 +39,12 @@ def layer_recipe(layer: QuantLayer) -> LayerRecipe:
     if layer.act_bits is not None:
         entry.act_scale = float(layer.a_scale.detach().float())
         entry.act_zero_point = int(layer.a_zero_point)
-    if layer.lowrank is not None:
+    if layer.lowrank is not None and layer.lowrank.bits is not None:  # on its integer grid (--branch-bits)
+        entry.lowrank_down = layer.lowrank.down.detach().float().contiguous()
+        entry.lowrank_up = layer.lowrank.up.detach().float().contiguous()
+        entry.lowrank_bits = layer.lowrank.bits
+        entry.lowrank_down_scale, entry.lowrank_up_scale = layer.lowrank.down_scale, layer.lowrank.up_scale
+    elif layer.lowrank is not None:
         entry.lowrank_down = _compact_float(layer.lowrank.down)
         entry.lowrank_up = _compact_float(layer.lowrank.up)
     if layer.bias_calibrated:
@@ -92,6 +97,9 @@ def apply_recipe(fp_model: torch.nn.Module, recipe: Recipe | str | Path, requant
             layer.hadamard = e.hadamard
         if e.lowrank_down is not None:
             layer.lowrank = LowRank(e.lowrank_down.float(), e.lowrank_up.float(), layer.conv_args)
+            if e.lowrank_bits is not None:
+                layer.lowrank.bits = e.lowrank_bits
+                layer.lowrank.down_scale, layer.lowrank.up_scale = e.lowrank_down_scale, e.lowrank_up_scale
         if e.bias is not None:
             layer.bias, layer.bias_calibrated = e.bias.clone(), True
         if e.weight_bits is not None:

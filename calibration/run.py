@@ -399,6 +399,8 @@ def _calibrate(cfg: CalibConfig, spec: MethodSpec, device: torch.device) -> Cali
     default_steps = target.default_steps if target.default_steps is not None else DEFAULT_STEPS.get(spec.refine or "", 0)
     steps = cfg.steps if cfg.steps is not None else default_steps
     stats: dict = {}
+    for layer in layers.values():  # the branches train on their integer grid (QuantLayer.branch_bits)
+        layer.branch_bits = cfg.branch_bits
     if spec.refine == "distill" and steps:
         from quantface.calibration.distill import distill
 

@@ -11,7 +11,8 @@ whose nodes therefore disappear from the exported graph (``constant_layers`` lis
 Kept although input-independent: ``DequantizeLinear`` of stored weight codes — the point of a QDQ
 graph is to ship integer codes, not their float values — and ``Cast`` of a float16 initializer to
 float or of an INT4 initializer to INT8 (low-rank factors and 4-bit codes stored at half the bytes,
-exactly; ``export.profiles``), with the weight DQ behind such a cast.
+exactly; ``export.profiles``), with the weight DQ behind such a cast; and integer codes cast to float
+and multiplied by their scales (a Linear layer's integer-grid branch factors, ``export.lower._int_factor``).
 """
 
 from __future__ import annotations
@@ -106,6 +107,20 @@ def _is_storage_cast(node: onnx.NodeProto, narrow_initializers: set[str]) -> boo
     return node.op_type == "Cast" and len(node.input) == 1 and node.input[0] in narrow_initializers
 
 
+def _is_code_cast(node: onnx.NodeProto, int_initializers: set[str]) -> bool:
+    """A ``Cast`` to float of an INT8 / INT4 initializer: integer codes a ``Mul`` by their scales dequantizes."""
+    to = {a.name: helper.get_attribute_value(a) for a in node.attribute}.get("to")
+    return (node.op_type == "Cast" and len(node.input) == 1 and node.input[0] in int_initializers
+            and to == onnx.TensorProto.FLOAT)
+
+
+def _is_scaled_codes(node: onnx.NodeProto, code_floats: set[str], inits: set[str]) -> bool:
+    """``Mul`` of cast codes by an initializer of scales: a dequantization written without DequantizeLinear
+    (a Linear layer's integer-grid branch factors, ``export.lower._int_factor``)."""
+    return node.op_type == "Mul" and len(node.input) == 2 and bool(set(node.input) & code_floats) \
+        and set(node.input) <= code_floats | inits
+
+
 def _fold_static_values(model: onnx.ModelProto, base_dir: str | None) -> int:
     """Evaluate the input-independent nodes feeding input-dependent ones (or graph outputs) into
     initializers; returns how many values were folded."""
@@ -125,7 +140,10 @@ def _fold_static_values(model: onnx.ModelProto, base_dir: str | None) -> int:
                        if v in outputs or any(u.output[0] in dynamic for u in users.get(v, []))})
     narrow = {i.name for i in graph.initializer if i.data_type in NARROW_STORAGE}
     stored = inits | {n.output[0] for n in graph.node if _is_storage_cast(n, narrow)}
-    frontier = [v for v in frontier if not (_is_weight_dq(made_by[v], stored) or _is_storage_cast(made_by[v], narrow))]
+    ints = {i.name for i in graph.initializer if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.INT4)}
+    code_floats = {n.output[0] for n in graph.node if _is_code_cast(n, ints)}
+    frontier = [v for v in frontier if not (_is_weight_dq(made_by[v], stored) or _is_storage_cast(made_by[v], narrow)
+                                            or _is_scaled_codes(made_by[v], code_floats, inits))]
     if not frontier:
         return 0
     values = _evaluate(model, static_nodes, frontier, base_dir)

@@ -80,7 +80,12 @@ class ExportLayer:
     @property
     def lowrank(self) -> SimpleNamespace | None:
         r = self.recipe
-        return None if r.lowrank_down is None else SimpleNamespace(down=r.lowrank_down.float(), up=r.lowrank_up.float())
+        if r.lowrank_down is None:
+            return None
+        codes = r.lowrank_codes() if r.lowrank_bits is not None else (None, None)
+        return SimpleNamespace(down=r.lowrank_down.float(), up=r.lowrank_up.float(), bits=r.lowrank_bits,
+                               down_codes=codes[0], up_codes=codes[1], down_scale=r.lowrank_down_scale,
+                               up_scale=r.lowrank_up_scale)
 
     @property
     def output_range(self) -> tuple[float, float] | None:

@@ -236,6 +236,31 @@ def _factor(b: GraphBuilder, name: str, array: np.ndarray, half: bool) -> tuple[
     return b.initializer(name, array), []
 
 
+def _int_factor(b: GraphBuilder, p: str, factor: str, codes, scale, bits: int, profile: Profile,
+                conv: bool) -> tuple[str, list[onnx.NodeProto]]:
+    """A factor on its integer grid (``--branch-bits``): codes in the profile's weight container
+    (initializer ``<layer>.lowrank_<factor>_codes``) times their per-row scales, code · scale in float32,
+    the values the fake-quant model computes with, bit for bit. A conv's factor through a per-channel
+    ``DequantizeLinear`` (axis 0); a Linear's (transposed: rows on axis 1) through ``Cast`` to float and
+    ``Mul``, because ONNX Runtime fuses a DequantizeLinear feeding a float MatMul into MatMulNBits, which
+    by default (``session.qdq_matmulnbits_accuracy_level`` 4) quantizes the activations to 8 bits; the
+    Cast and Mul of initializers are constant-folded into the float factor when the session starts."""
+    name, node = f"{p}.lowrank_{factor}", f"{p}_LowRank{factor.capitalize()}"
+    codes = _np(codes).astype(np.int64)
+    codes = codes if conv else np.ascontiguousarray(codes.T)
+    scale = _np(scale).astype(np.float32).reshape(-1)
+    if conv:
+        codes_name, cast = _codes(b, f"{name}_codes", codes, bits, profile.weight_type(bits), profile)
+        dq = b.node("DequantizeLinear", [codes_name, b.initializer(f"{name}_scale", scale)],
+                    f"{node}_DequantizeLinear", axis=0)
+        return dq.output[0], [*cast, dq]
+    narrow = bits <= 4 and (profile.int4_weights or profile.int4_storage)
+    stored = b.initializer(f"{name}_codes", codes, TensorProto.INT4 if narrow else TensorProto.INT8)
+    to_float = b.node("Cast", [stored], f"{node}_Cast", to=TensorProto.FLOAT)
+    mul = b.node("Mul", [to_float.output[0], b.initializer(f"{name}_scale", scale.reshape(1, -1))], f"{node}_Scale")
+    return mul.output[0], [to_float, mul]
+
+
 def _gemm_unit(b: GraphBuilder, p: str, x: str, y: str, layer: ExportLayer, profile: Profile
                ) -> list[onnx.NodeProto]:
     """A requantized Linear layer as the HTP's integer FullyConnected node unit: ``P_Flatten`` of the
@@ -323,14 +348,21 @@ def _branch(b: GraphBuilder, layer: ExportLayer, x: str, main: str, y: str, prof
     """The float low-rank branch from ``x`` (the transformed input), added to ``main``, writing ``y``."""
     p, branch, conv = layer.name, layer.lowrank, layer.conv_args is not None
     nodes: list[onnx.NodeProto] = []
-    down, up = _np(branch.down), _np(branch.up)
-    if not conv:
-        down, up = np.ascontiguousarray(down.T), np.ascontiguousarray(up.T)
-    down_name, cast_down = _factor(b, f"{p}.lowrank_down", down, profile.half_lowrank)
-    up_name, cast_up = _factor(b, f"{p}.lowrank_up", up, profile.half_lowrank)
+    if branch.bits is not None and profile.int_lowrank:
+        down_name, cast_down = _int_factor(b, p, "down", branch.down_codes, branch.down_scale, branch.bits, profile,
+                                           conv)
+        up_name, cast_up = _int_factor(b, p, "up", branch.up_codes, branch.up_scale, branch.bits, profile, conv)
+        down_shape = tuple(branch.down.shape)
+    else:
+        down, up = _np(branch.down), _np(branch.up)
+        down_shape = down.shape
+        if not conv:
+            down, up = np.ascontiguousarray(down.T), np.ascontiguousarray(up.T)
+        down_name, cast_down = _factor(b, f"{p}.lowrank_down", down, profile.half_lowrank)
+        up_name, cast_up = _factor(b, f"{p}.lowrank_up", up, profile.half_lowrank)
     nodes += cast_down + cast_up
     if conv:
-        d = b.node("Conv", [x, down_name], f"{p}_LowRankDown", **_conv_attrs(layer, tuple(down.shape[2:])))
+        d = b.node("Conv", [x, down_name], f"{p}_LowRankDown", **_conv_attrs(layer, tuple(down_shape[2:])))
         u = b.node("Conv", [d.output[0], up_name], f"{p}_LowRankUp")
     else:
         d = b.node("MatMul", [x, down_name], f"{p}_LowRankDown")

@@ -78,6 +78,8 @@ class Profile:
     uint4_acts: bool  # UINT4 container for activations of ≤ 4 bits
     inline_rotation: bool  # emit the Hadamard body inline instead of a quantface::Hadamard node
     half_lowrank: bool = False  # store float16-exact low-rank factors as float16 (+ Cast) for size
+    # Factors on an integer grid (a recipe calibrated with --branch-bits) as codes + DequantizeLinear, not floats.
+    int_lowrank: bool = False
     requant_conv_outputs: bool = False  # 8-bit Q→DQ on quantized convs' outputs, so ORT fuses QLinearConv
     # Layers not requantized: per-channel weight scales applied after the product (DQ of the codes at
     # unit per-tensor scale → Conv/MatMul → Mul by the scales), since the QNN EP runs a per-channel DQ
@@ -106,8 +108,9 @@ CONTAINER_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.INT8: 8
                   TensorProto.UINT16: 16}
 
 PROFILES: dict[str, Profile] = {p.name: p for p in [
-    Profile("reference", int4_weights=True, uint4_acts=True, inline_rotation=False, half_lowrank=True),
-    Profile("ort-cpu", int4_weights=False, uint4_acts=False, inline_rotation=False, half_lowrank=True,
+    Profile("reference", int4_weights=True, uint4_acts=True, inline_rotation=False, half_lowrank=True,
+            int_lowrank=True),
+    Profile("ort-cpu", int4_weights=False, uint4_acts=False, inline_rotation=False, half_lowrank=True, int_lowrank=True,
             requant_conv_outputs=True, integer_linears=True, int4_storage=True),
     Profile("qnn", int4_weights=False, uint4_acts=False, inline_rotation=True, requant_conv_outputs=True,
             scales_after_product=True, int4_storage=True, integer_units=True),

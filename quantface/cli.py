@@ -155,7 +155,8 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
                       steps=a.steps, trq_steps=a.trq_steps, e2e_steps=a.e2e_steps, timestep_lr=a.timestep_lr,
                       lba_steps=a.lba_steps, lba_lr=a.lba_lr,
                       batch_size=a.batch_size, lr=a.lr, scale_lr=a.scale_lr, lora_lr=a.lora_lr,
-                      fold_lowrank=a.fold_lowrank, reduce_range=a.reduce_range, weight_rounding=a.weight_rounding,
+                      fold_lowrank=a.fold_lowrank, reduce_range=a.reduce_range, branch_bits=a.branch_bits,
+                      weight_rounding=a.weight_rounding,
                       lpips_backbone=a.lpips_backbone, lpips_lin=a.lpips_lin, lpips_net=a.lpips_net,
                       fp_layers=tuple(a.fp_layers), resume=not a.no_resume, threads=a.threads, device=a.device,
                       rank_budget=a.rank_budget, rank_cost=a.rank_cost, rank_error=a.rank_error,
@@ -375,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "container (ONNX Runtime's reduce_range): exact "
                         "ort-cpu results on x86 CPUs without VNNI, whose U8S8 kernels saturate with full-range "
                         "W8A8 codes; not needed on ARM, VNNI CPUs or the HTP")
+    p.add_argument("--branch-bits", type=int, default=None,
+                   help="low-rank branch factors on a symmetric integer grid of this many bits (2-8, one scale per "
+                        "row), trained through it and stored as integer codes: an INT8 branch is half a float16 one "
+                        "(default: float16 factors)")
     p.add_argument("--lpips-backbone", default=None, help="local LPIPS backbone weights (perceptual loss)")
     p.add_argument("--lpips-lin", default=None, help="local LPIPS linear-head weights")
     p.add_argument("--lpips-net", default=d.lpips_net, choices=["vgg", "alex"],

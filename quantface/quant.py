@@ -122,6 +122,40 @@ def weight_scale(w: torch.Tensor, bits: int, method: str = "mse", grid: int = 40
     return best
 
 
+def _rows_view(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return scale.view(-1, *([1] * (like.dim() - 1)))
+
+
+def factor_quantize(factor: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A low-rank branch factor on a symmetric ``bits``-bit grid, one scale per row (dim 0: the rank
+    of a down factor (r, in, …), the output channel of an up factor (out, r, …)): (integer codes as
+    floats, scale (rows,)). The scale is the row's max |value| / (2^(b−1) − 1) (``weight_scale``'s
+    ``minmax``), recomputed from the factor, so the same call serves the straight-through fake-quant
+    of training (``fake_quantize`` with this scale) and the rounding at freeze."""
+    scale = weight_scale(factor, bits, "minmax")
+    qmin, qmax = qrange(bits, signed=True)
+    return quantize(factor.detach(), _rows_view(scale, factor), 0.0, qmin, qmax), scale
+
+
+def factor_fake_quantize(factor: torch.Tensor, bits: int) -> torch.Tensor:
+    """``factor`` through its ``factor_quantize`` grid, with the straight-through gradient."""
+    scale = weight_scale(factor, bits, "minmax")
+    qmin, qmax = qrange(bits, signed=True)
+    return fake_quantize(factor, _rows_view(scale, factor), 0.0, qmin, qmax)
+
+
+def factor_codes(values: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """The int8 codes of a factor stored as codes · scale per row (``factor_quantize`` then
+    ``dequantize``): ``dequantize(codes, scale)`` gives ``values`` back bit for bit. ValueError when
+    ``values`` are not on that grid."""
+    view = _rows_view(scale.float(), values)
+    codes = torch.round(values.float() / view)
+    qmin, qmax = qrange(bits, signed=True)
+    if codes.min() < qmin or codes.max() > qmax or not torch.equal(dequantize(codes, view, 0.0), values.float()):
+        raise ValueError(f"the factor is not on its {bits}-bit grid")
+    return codes.to(torch.int8)
+
+
 def act_qparams_from_range(lo: torch.Tensor | float, hi: torch.Tensor | float, bits: int
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric per-tensor (scale, zero_point) covering [lo, hi] (the range is widened to hold 0,

@@ -40,7 +40,7 @@ from quantface import __version__
 from quantface.errors import QuantFaceError
 from quantface.hadamard import random_signs, signed_hadamard
 from quantface.paths import atomic_write_bytes, file_mode, replace_dir, temp_dir
-from quantface.quant import check_bits, pack_int4, unpack_int4
+from quantface.quant import check_bits, dequantize, factor_codes, pack_int4, qrange, unpack_int4
 
 FORMAT = "quantface-recipe"
 VERSION = 2
@@ -106,6 +106,12 @@ class LayerRecipe:
     hadamard: HadamardSpec | None = None
     lowrank_down: torch.Tensor | None = None  # (r, in, kh, kw) or (r, in); float16 or float32 as stored
     lowrank_up: torch.Tensor | None = None  # (out, r, 1, 1) or (out, r)
+    # Factors on an integer grid (``--branch-bits``, ``quantface.quant.factor_quantize``): lowrank_down /
+    # lowrank_up are then float32 codes · scale, one scale per row of down (r,) and of up (out,); the file
+    # stores the int8 codes and the scales. None: float16-exact (or float32) factors, as stored.
+    lowrank_bits: int | None = None
+    lowrank_down_scale: torch.Tensor | None = None
+    lowrank_up_scale: torch.Tensor | None = None
     output_range: tuple[float, float] | None = None  # of the quantized product, on calibration images
     # float32, (out,): the bias calibration gave the layer (QuantVSR's LBA folded into it); None: the FP model's
     bias: torch.Tensor | None = None
@@ -113,6 +119,13 @@ class LayerRecipe:
     @property
     def lowrank_rank(self) -> int:
         return 0 if self.lowrank_down is None else int(self.lowrank_down.shape[0])
+
+    def lowrank_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int8 codes of integer-grid factors (``lowrank_bits``): codes · scale is each factor, bit for bit."""
+        if self.lowrank_bits is None or self.lowrank_down is None:
+            raise ValueError("this layer has no integer-grid low-rank factors")
+        return (factor_codes(self.lowrank_down, self.lowrank_down_scale, self.lowrank_bits),
+                factor_codes(self.lowrank_up, self.lowrank_up_scale, self.lowrank_bits))
 
 
 @dataclass
@@ -177,7 +190,14 @@ def _layer_entry(name: str, layer: LayerRecipe, tensors: dict[str, torch.Tensor]
         tensors[f"{name}.hadamard_signs"] = layer.hadamard.signs.to(torch.int8).contiguous()
         entry["hadamard"] = {"order": layer.hadamard.order, "seed": layer.hadamard.seed,
                              "signs": f"{name}.hadamard_signs", "convention": CONVENTION}
-    if layer.lowrank_down is not None:
+    if layer.lowrank_down is not None and layer.lowrank_bits is not None:
+        down, up = layer.lowrank_codes()
+        keys = {"down": f"{name}.lowrank_down_codes", "up": f"{name}.lowrank_up_codes",
+                "down_scale": f"{name}.lowrank_down_scale", "up_scale": f"{name}.lowrank_up_scale"}
+        for key, t in zip(keys.values(), (down, up, layer.lowrank_down_scale, layer.lowrank_up_scale)):
+            tensors[key] = t.contiguous() if t.dtype == torch.int8 else t.float().contiguous()
+        entry["lowrank"] = {"bits": layer.lowrank_bits, **keys}
+    elif layer.lowrank_down is not None:
         tensors[f"{name}.lowrank_down"] = layer.lowrank_down.contiguous()
         tensors[f"{name}.lowrank_up"] = layer.lowrank_up.contiguous()
         entry["lowrank"] = {"down": f"{name}.lowrank_down", "up": f"{name}.lowrank_up"}
@@ -341,7 +361,8 @@ def _read_layer(name: str, e: dict, tensors: dict, js: Path, version: int) -> La
     rank = f.get("lowrank_rank", int, optional=True) or 0
     if lr is not None:
         lf = _Fields(lr, f"the lowrank entry of layer {name}", js)
-        floats = (torch.float16, torch.float32)
+        bits = lf.get("bits", int, optional=True)
+        floats = (torch.float16, torch.float32) if bits is None else torch.int8
         down = _tensor(tensors, lf.get("down", str), f, floats, None)
         up = _tensor(tensors, lf.get("up", str), f, floats, None)
         geo = tuple(shape[1:])
@@ -350,6 +371,17 @@ def _read_layer(name: str, e: dict, tensors: dict, js: Path, version: int) -> La
         if tuple(down.shape) != want_down or tuple(up.shape) != want_up:
             raise RecipeError(f"recipe {js.parent}: the low-rank factors of layer {name} do not have rank {rank} "
                               f"and the layer's shape")
+        if bits is not None:
+            if not 2 <= bits <= 8:
+                raise RecipeError(f"recipe file {js}: layer {name} has low-rank bits {bits}, not 2 to 8")
+            qmin, qmax = qrange(bits, signed=True)
+            if int(down.min()) < qmin or int(down.max()) > qmax or int(up.min()) < qmin or int(up.max()) > qmax:
+                raise RecipeError(f"recipe {js.parent}: the low-rank codes of layer {name} exceed {bits} bits")
+            ds = _tensor(tensors, lf.get("down_scale", str), f, torch.float32, (rank,))
+            us = _tensor(tensors, lf.get("up_scale", str), f, torch.float32, (out_ch,))
+            layer.lowrank_bits, layer.lowrank_down_scale, layer.lowrank_up_scale = bits, ds, us
+            down = dequantize(down.float(), ds.view(-1, *[1] * (down.dim() - 1)), 0.0)
+            up = dequantize(up.float(), us.view(-1, *[1] * (up.dim() - 1)), 0.0)
         layer.lowrank_down, layer.lowrank_up = down, up
     elif rank:
         raise RecipeError(f"recipe file {js}: layer {name} has lowrank_rank {rank} but no lowrank entry")
