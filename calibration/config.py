@@ -92,7 +92,7 @@ class CalibConfig(JsonConfig):
     reduce_range: bool = False  # 8-bit weights as 7-bit codes (REDUCED_WEIGHT_BITS above)
     # Low-rank branch factors on a symmetric integer grid of this many bits, one scale per row
     # (quantface.quant.factor_quantize): trained through its fake-quant, stored as int8 codes (INT4 in the
-    # reference export from 4 bits down) behind a DequantizeLinear. None: float16 factors.
+    # reference export from 4 bits down) times their scales (export.lower._int_factor). None: float16 factors.
     branch_bits: int | None = None
     lambda_perceptual: float = 0.5
     lambda_mse: float = 0.5

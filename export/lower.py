@@ -9,8 +9,10 @@ output y, in order (every node optional, as the recipe says)::
                                          └─ P_LowRankDown ─ P_LowRankUp ──────────────────────── P_LowRankAdd ─ y
 
 * Smoothing stays an explicit ``Mul`` by 1/s (not folded into the previous op, whose output other
-  layers may share, nor into the rotation's signs, so ``rotation=False`` removes exactly the
-  Hadamard nodes and nothing else).
+  layers may share, nor — except in the ``reference`` profile — into the rotation's signs, so
+  ``rotation=False`` removes exactly the Hadamard nodes and nothing else). ``reference``
+  (``Profile.signs_carry_smoothing``) multiplies 1/s into the signs d of the Hadamard node instead:
+  x·(d/s) is (x/s)·d bit for bit (d = ±1), one vector and one node fewer per layer.
 * ``P_Hadamard`` is ``export.rotation``'s node (function call, or its body inline for ``qnn``).
 * Activations: per-tensor ``QuantizeLinear`` → ``DequantizeLinear`` with the recipe's scale and zero
   point in the profile's container; ``P_Clip`` keeps codes in [0, 2^b − 1] when the container is
@@ -238,26 +240,23 @@ def _factor(b: GraphBuilder, name: str, array: np.ndarray, half: bool) -> tuple[
 
 def _int_factor(b: GraphBuilder, p: str, factor: str, codes, scale, bits: int, profile: Profile,
                 conv: bool) -> tuple[str, list[onnx.NodeProto]]:
-    """A factor on its integer grid (``--branch-bits``): codes in the profile's weight container
-    (initializer ``<layer>.lowrank_<factor>_codes``) times their per-row scales, code · scale in float32,
-    the values the fake-quant model computes with, bit for bit. A conv's factor through a per-channel
-    ``DequantizeLinear`` (axis 0); a Linear's (transposed: rows on axis 1) through ``Cast`` to float and
-    ``Mul``, because ONNX Runtime fuses a DequantizeLinear feeding a float MatMul into MatMulNBits, which
-    by default (``session.qdq_matmulnbits_accuracy_level`` 4) quantizes the activations to 8 bits; the
-    Cast and Mul of initializers are constant-folded into the float factor when the session starts."""
+    """A factor on its integer grid (``--branch-bits``): its codes (initializer ``<layer>.lowrank_<factor>_codes``,
+    INT4 from 4 bits down where the profile stores 4-bit codes narrow, else INT8) → ``Cast`` to float →
+    ``Mul`` by the per-row scales: code · scale in float32, the values the fake-quant model computes with,
+    bit for bit. Not a DequantizeLinear: ONNX Runtime keeps a weight DQ in the graph and runs it on every
+    call, and fuses one feeding a float MatMul into MatMulNBits, which by default
+    (``session.qdq_matmulnbits_accuracy_level`` 4) quantizes the activations to 8 bits; a Cast and Mul of
+    initializers it constant-folds into the float factor once, when the session starts (``export.fold``
+    keeps them in the file). Rows: axis 0 of a conv's factors, axis 1 of a Linear's (stored transposed)."""
     name, node = f"{p}.lowrank_{factor}", f"{p}_LowRank{factor.capitalize()}"
     codes = _np(codes).astype(np.int64)
     codes = codes if conv else np.ascontiguousarray(codes.T)
-    scale = _np(scale).astype(np.float32).reshape(-1)
-    if conv:
-        codes_name, cast = _codes(b, f"{name}_codes", codes, bits, profile.weight_type(bits), profile)
-        dq = b.node("DequantizeLinear", [codes_name, b.initializer(f"{name}_scale", scale)],
-                    f"{node}_DequantizeLinear", axis=0)
-        return dq.output[0], [*cast, dq]
+    scale = _np(scale).astype(np.float32)
+    scale = scale.reshape(-1, *[1] * (codes.ndim - 1)) if conv else scale.reshape(1, -1)
     narrow = bits <= 4 and (profile.int4_weights or profile.int4_storage)
     stored = b.initializer(f"{name}_codes", codes, TensorProto.INT4 if narrow else TensorProto.INT8)
     to_float = b.node("Cast", [stored], f"{node}_Cast", to=TensorProto.FLOAT)
-    mul = b.node("Mul", [to_float.output[0], b.initializer(f"{name}_scale", scale.reshape(1, -1))], f"{node}_Scale")
+    mul = b.node("Mul", [to_float.output[0], b.initializer(f"{name}_scale", scale)], f"{node}_Scale")
     return mul.output[0], [to_float, mul]
 
 
@@ -289,14 +288,17 @@ def lower_layer(b: GraphBuilder, layer: ExportLayer, x: str, y: str, profile: Pr
     p = layer.name
     conv = layer.conv_args is not None
     nodes: list[onnx.NodeProto] = []
-    if layer.smooth is not None:
-        inv = (1.0 / layer.smooth).detach().cpu().numpy().astype(np.float32)  # bit-identical to the torch forward
+    rotated = layer.rotation is not None and rotation
+    inv = None if layer.smooth is None else (1.0 / layer.smooth).detach().cpu().numpy().astype(np.float32)  # as torch
+    carried = inv is not None and rotated and profile.signs_carry_smoothing and not profile.inline_rotation
+    if inv is not None and not carried:
         nodes.append(b.node("Mul", [x, b.initializer(f"{p}.smooth_inv", inv.reshape(-1, 1, 1) if conv else inv)],
                             f"{p}_Smooth"))
         x = nodes[-1].output[0]
-    if layer.rotation is not None and rotation:
+    if rotated:
         try:
-            nodes += emit_rotation(b, p, x, _np(layer.rotation), conv, profile.inline_rotation)
+            nodes += emit_rotation(b, p, x, _np(layer.rotation), conv, profile.inline_rotation,
+                                   profile.kron_min_order, inv if carried else None)
         except ValueError as exc:
             raise ExportError(f"layer {p}: {exc}") from None
         x = nodes[-1].output[0]
@@ -315,7 +317,7 @@ def lower_layer(b: GraphBuilder, layer: ExportLayer, x: str, y: str, profile: Pr
     if scales_after:
         w, w_nodes, w_scale = _weight_scales_after(b, p, layer, conv, profile)
     else:
-        w, w_nodes = _weight(b, p, layer, profile, conv, zero_point=not units)
+        w, w_nodes = _weight(b, p, layer, profile, conv, zero_point=not units and profile.weight_zero_points)
     nodes += w_nodes
     if requant and has_bias:
         bias, bias_nodes = _int32_bias(b, p, layer, zero_point=not units)

@@ -69,6 +69,7 @@ from dataclasses import dataclass
 from onnx import TensorProto
 
 from quantface.errors import ConfigError
+from quantface.export.rotation import KRON_MIN_ORDER
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,13 @@ class Profile:
     half_lowrank: bool = False  # store float16-exact low-rank factors as float16 (+ Cast) for size
     # Factors on an integer grid (a recipe calibrated with --branch-bits) as codes + DequantizeLinear, not floats.
     int_lowrank: bool = False
+    # Orders from which a Hadamard node uses its Kronecker-factored body (export.rotation): 128 is the
+    # measured speed crossover; the reference profile factors every order it can, for the smallest file.
+    kron_min_order: int = KRON_MIN_ORDER
+    # The Hadamard node's sign vector also carries the layer's smoothing 1/s (no Smooth Mul; export.lower).
+    signs_carry_smoothing: bool = False
+    # Zero points of the (symmetric) weight codes written out; without them DequantizeLinear's default 0.
+    weight_zero_points: bool = True
     requant_conv_outputs: bool = False  # 8-bit Q→DQ on quantized convs' outputs, so ORT fuses QLinearConv
     # Layers not requantized: per-channel weight scales applied after the product (DQ of the codes at
     # unit per-tensor scale → Conv/MatMul → Mul by the scales), since the QNN EP runs a per-channel DQ
@@ -109,7 +117,7 @@ CONTAINER_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.INT8: 8
 
 PROFILES: dict[str, Profile] = {p.name: p for p in [
     Profile("reference", int4_weights=True, uint4_acts=True, inline_rotation=False, half_lowrank=True,
-            int_lowrank=True),
+            int_lowrank=True, kron_min_order=4, signs_carry_smoothing=True, weight_zero_points=False),
     Profile("ort-cpu", int4_weights=False, uint4_acts=False, inline_rotation=False, half_lowrank=True, int_lowrank=True,
             requant_conv_outputs=True, integer_linears=True, int4_storage=True),
     Profile("qnn", int4_weights=False, uint4_acts=False, inline_rotation=True, requant_conv_outputs=True,

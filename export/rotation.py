@@ -20,7 +20,8 @@ Why these bodies (measured in docs/export_notes.md, "The Hadamard node's bodies"
 Mul(d) + a 1×1 Conv by H is within about 15 % of the fastest dense form and shares one matrix per
 order between layers (Einsum and Transpose-MatMul are slower); channels last, Mul(d) + MatMul. The
 Kronecker-factored body wins from order 128 on and loses on narrow layers (``KRON_MIN_ORDER``), and
-it shrinks the file.
+it shrinks the file: the ``reference`` profile, whose point is the smallest standard file, uses it
+from order 4 on (``Profile.kron_min_order``).
 
 The ``qnn`` profile has no local functions (QNN cannot run them): it emits the same two nodes inline
 (``<layer>_Hadamard_Mul`` then ``<layer>_Hadamard_Conv`` / ``<layer>_Hadamard_MatMul``, with Hᵀ stored
@@ -108,14 +109,20 @@ def split_rotation(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return d, h
 
 
-def emit_rotation(b: GraphBuilder, prefix: str, x: str, q: np.ndarray, conv: bool, inline: bool
-                  ) -> list[onnx.NodeProto]:
-    """Nodes computing x·Q for the layer ``prefix`` (channels on axis 1 if ``conv``, else last)."""
+def emit_rotation(b: GraphBuilder, prefix: str, x: str, q: np.ndarray, conv: bool, inline: bool,
+                  kron_min_order: int = KRON_MIN_ORDER, smooth_inv: np.ndarray | None = None) -> list[onnx.NodeProto]:
+    """Nodes computing x·Q for the layer ``prefix`` (channels on axis 1 if ``conv``, else last): the
+    Kronecker-factored body from order ``kron_min_order`` on; with ``smooth_inv`` (float32 1/s), D carries
+    the smoothing too, D = d·(1/s): (x ⊙ D)·H is ((x/s) ⊙ d)·H bit for bit, since d = ±1."""
     d, h = split_rotation(q)
     n = len(d)
-    signs = b.initializer(f"{prefix}.hadamard_signs", d.reshape(n, 1, 1) if conv else d)
+    if smooth_inv is None:
+        signs = b.initializer(f"{prefix}.hadamard_signs", d.reshape(n, 1, 1) if conv else d)
+    else:
+        carried = (np.asarray(smooth_inv, np.float32).reshape(-1) * d.astype(np.float32)).astype(np.float32)
+        signs = b.initializer(f"{prefix}.hadamard_signs_smooth_inv", carried.reshape(n, 1, 1) if conv else carried)
     if not inline:
-        factors = kron_factors(n) if n >= KRON_MIN_ORDER else None
+        factors = kron_factors(n) if n >= kron_min_order else None
         if factors is not None:
             fa, fb = factors
             mats = [b.shared_initializer(f"hadamard.H{n}.A{len(fa)}", fa),

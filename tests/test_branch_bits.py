@@ -1,6 +1,6 @@
 """Low-rank branch factors on an integer grid (``--branch-bits``): trained through their fake-quant,
-rounded at freeze, stored as int8 codes + per-row scales in the recipe, exported as codes behind a
-DequantizeLinear, and computed by ONNX Runtime as the fake-quant model computes them.
+rounded at freeze, stored as int8 codes + per-row scales in the recipe, exported as codes cast to
+float and multiplied by their scales, and computed by ONNX Runtime as the fake-quant model computes them.
 
 Tiny seeded model (32×32), a few distillation steps; every check is against values the code computes."""
 
@@ -127,7 +127,7 @@ def test_export_stores_codes_and_matches_the_fake_quant_model(assets, bits, prof
     export_onnx(ExportConfig(weights=str(stem), recipe=str(path), profile=profile, out=str(out)))
     m = onnx.load(str(out))
     types = {i.name: i.data_type for i in m.graph.initializer}
-    nodes = {n.name for n in m.graph.node}
+    nodes = {n.name: n for n in m.graph.node}
     recipe = read_recipe(path)
     branched = [n for n, e in recipe.layers.items() if e.lowrank_down is not None]
     want = TensorProto.INT4 if bits <= 4 else TensorProto.INT8
@@ -137,11 +137,11 @@ def test_export_stores_codes_and_matches_the_fake_quant_model(assets, bits, prof
             continue
         checked += 1
         for factor in ("down", "up"):
-            linear = recipe.layers[name].kind == "linear"
-            key = f"{name}.lowrank_{factor}_codes" + ("_int4" if profile == "ort-cpu" and bits <= 4 and not linear else "")
+            key = f"{name}.lowrank_{factor}_codes"
             assert types.get(key) == want, (key, types.get(key))
-            node = f"{name}_LowRank{factor.capitalize()}"
-            assert (f"{node}_Cast" in nodes and f"{node}_Scale" in nodes) if linear else f"{node}_DequantizeLinear" in nodes
+            cast, mul = nodes[f"{name}_LowRank{factor.capitalize()}_Cast"], nodes[f"{name}_LowRank{factor.capitalize()}_Scale"]
+            assert list(cast.input) == [key] and mul.input[0] == cast.output[0]
+            assert mul.input[1] == f"{name}.lowrank_{factor}_scale"
             assert f"{name}.lowrank_{factor}_fp16" not in types and f"{name}.lowrank_{factor}" not in types
     assert checked
     qmodel = apply_recipe(_fp(), path, requant_outputs=profile != "reference")

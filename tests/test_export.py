@@ -223,7 +223,15 @@ def test_graph_structure_follows_the_recipe(cache, method, bits, exporter, profi
                 assert types.get(f"{name}.lowrank_{factor}{'_fp16' if half else ''}") == \
                     (TensorProto.FLOAT16 if half else TensorProto.FLOAT)
                 assert (f"{name}.lowrank_{factor}_Cast" in nodes) == half
-        assert (f"{name}_Smooth" in nodes) == bool(e["smoothing"])
+        # reference: the Hadamard node's sign vector carries the smoothing, D = d · (1/s) (export.lower)
+        carried = profile == "reference" and bool(e["smoothing"]) and e["hadamard"] is not None
+        assert (f"{name}_Smooth" in nodes) == (bool(e["smoothing"]) and not carried)
+        if carried:
+            d_vec = numpy_helper.to_array(initializers[nodes[f"{name}_Hadamard"].input[1]]).reshape(-1)
+            inv = (1.0 / tensors[e["smoothing"]]).numpy()
+            assert np.array_equal(d_vec, inv * tensors[e["hadamard"]["signs"]].numpy().astype(np.float32))
+        if profile == "reference":  # symmetric weight codes: DequantizeLinear's default zero point
+            assert len(wdq.input) == 2 and f"{name}.weight_zero_point" not in types
         assert (f"{name}_OutputQuantizeLinear" in nodes) == (name in requant)
         if name in requant:  # Conv → Q → DQ (→ low-rank add), the bias as INT32 codes on s_x·s_w
             main, q = nodes[f"{name}_Conv"], nodes[f"{name}_OutputQuantizeLinear"]
@@ -243,7 +251,20 @@ def test_graph_structure_follows_the_recipe(cache, method, bits, exporter, profi
     assert bool(rotated) == (method == "quantface")
     functions = {(f.domain, f.name, f.overload) for f in model.functions}
     if rotated and profile != "qnn":
-        assert functions == {("quantface", "Hadamard", "nchw"), ("quantface", "Hadamard", "channels_last")}
+        from quantface.export.profiles import get_profile
+        from quantface.hadamard import kron_factors
+
+        kron_from = get_profile(profile).kron_min_order  # reference: every order that splits (a smaller file)
+
+        def overload(n: str) -> str:
+            order = live[n]["hadamard"]["order"]
+            kron = order >= kron_from and kron_factors(order) is not None
+            return ("nchw" if live[n]["kind"] == "conv" else "channels_last") + ("_kron" if kron else "")
+
+        assert {overload(n) for n in rotated} >= ({"nchw_kron", "channels_last_kron"} if profile == "reference"
+                                                  else {"nchw", "channels_last"})
+        assert functions == {("quantface", "Hadamard", overload(n)) for n in rotated}
+        assert all(nodes[f"{n}_Hadamard"].overload == overload(n) for n in rotated)
         assert [nodes[f"{n}_Hadamard"].domain for n in rotated] == ["quantface"] * len(rotated)
         assert ops.count("Hadamard") == len(rotated)
     else:
@@ -707,4 +728,40 @@ def test_hadamard_node_computes_the_rotation(n, overload, conv):
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     y = sess.run(None, {"x": x})[0]
     expected = rotate_channels(torch.from_numpy(x).double(), torch.from_numpy(q), 1 if conv else -1).numpy()
+    np.testing.assert_allclose(y, expected, atol=2e-5)
+
+
+@pytest.mark.parametrize("conv", [True, False], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("n", [32, 96])
+def test_reference_hadamard_node_factors_small_orders_and_carries_the_smoothing(n, conv):
+    """The ``reference`` profile's form (``Profile.kron_min_order`` 4, ``signs_carry_smoothing``): the
+    Kronecker-factored body at orders below KRON_MIN_ORDER, D = d·(1/s), and ONNX Runtime computes
+    (x/s)·Q to float32 accuracy, storing fewer numbers than the dense matrix and the two vectors."""
+    from onnx import helper
+
+    from quantface.export.graph import GraphBuilder
+    from quantface.export.profiles import get_profile
+    from quantface.export.rotation import DOMAIN, VERSION, emit_rotation, hadamard_functions
+    from quantface.hadamard import random_hadamard, rotate_channels
+
+    profile = get_profile("reference")
+    q = random_hadamard(n, seed=n)
+    s = np.random.default_rng(n + 1).uniform(0.5, 4.0, n).astype(np.float32)
+    shape = [1, n, 5, 7] if conv else [2, 9, n]
+    graph = helper.make_graph([], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
+    nodes = emit_rotation(GraphBuilder(graph), "layer", "x", q, conv, inline=False,
+                          kron_min_order=profile.kron_min_order, smooth_inv=(1.0 / s).astype(np.float32))
+    assert [nd.op_type for nd in nodes] == ["Hadamard"] and nodes[0].overload.endswith("_kron")
+    nodes[0].output[0] = "y"
+    graph.node.extend(nodes)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, VERSION)],
+                              functions=hadamard_functions({nodes[0].overload}), ir_version=10)
+    onnx.checker.check_model(model, full_check=True)
+    assert sum(numpy_helper.to_array(i).size for i in graph.initializer) < n * n // 2 + n
+    x = np.random.default_rng(n).standard_normal(shape).astype(np.float32)
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    view = (1, n, 1, 1) if conv else (1, 1, n)
+    expected = rotate_channels(torch.from_numpy(x / s.reshape(view)).double(), torch.from_numpy(q),
+                               1 if conv else -1).numpy()
     np.testing.assert_allclose(y, expected, atol=2e-5)
