@@ -5,7 +5,8 @@ the calibration config and stats, and per layer its weight / activation bits, gr
 activation scale and zero point, the Hadamard order, seed and a reference to its stored signs, the
 smoothing and low-rank tensor references, and the range of the quantized product's output on
 calibration images) and ``recipe.safetensors`` (integer weight codes — 4-bit codes packed two per
-byte —, per-channel weight scales, Hadamard signs, smoothing vectors, merged low-rank factors, and
+byte —, per-channel weight scales, Hadamard signs, smoothing vectors, merged low-rank factors (float16,
+or int8 codes and per-row scales when calibrated with ``--branch-bits``), and
 the layer's bias where calibration changed it: QuantVSR's learned bias alignment folded in; a layer
 without a ``bias`` entry uses the FP model's).
 

@@ -314,6 +314,7 @@ BAD = [
         "{fx.lpips}/lin.pth", "LPIPS weights file {fx.lpips}/truncated.safetensors is unreadable or truncated"),
     Bad("calibrate-lpips-without-lin", C + " --lpips-backbone {fx.lpips}/pickled.pth",
         "LPIPS needs both --lpips-backbone and --lpips-lin"),
+    Bad("calibrate-branch-bits", C + " --branch-bits 9", "--branch-bits 9 must be a whole number of bits from 2 to 8"),
     Bad("calibrate-corrupt-checkpoint", C.replace("--method minmax", "--method quantface") + " --steps 1",
         "checkpoint {tmp}/.recipe.distill_checkpoint.safetensors is unreadable or truncated", _checkpoint),
     # ---- output paths
