@@ -15,7 +15,7 @@ from quantface.calibration.targets import COSTS as COST_MODELS, TARGETS as TARGE
 from quantface.errors import ConfigError
 
 # The --rank-cost choices (calibration.ranks, which needs torch: not imported here).
-RANK_COSTS = ("params", "macs", "both", "time", "params+time")
+RANK_COSTS = ("params", "macs", "both", "time", "params+time", "bytes")
 # The --rank-error choices: a layer's error at each candidate rank measured on the model's output or on its own.
 RANK_ERRORS = ("output", "layer", "energy")
 BITS_PATTERN = re.compile(r"^W([1-9]\d*)A([1-9]\d*)$")
@@ -121,7 +121,8 @@ class CalibConfig(JsonConfig):
     # 'cpu': W4/W8 weights, no online node, weight bytes (calibration.targets)
     target: str | None = None
     # Per-layer branch ranks (calibration.ranks): 1.0 = uniform rank (capped below each layer's size); else
-    # a fraction F of the uniform branches' cost (rank_cost: parameters, MACs, or both, each within F) shared
+    # a fraction F of the uniform branches' cost (rank_cost: parameters, MACs, both, time, or reference-export
+    # bytes at branch_bits; each dimension within F) shared
     # by an integer program. QuantVSR always allocates (its STCA ranks), F = 1.0 being the uniform total.
     rank_budget: float = 1.0
     rank_cost: str = "params"

@@ -70,8 +70,8 @@ from torch import nn
 
 from quantface.calibration.allocation import Option, allocate
 from quantface.calibration.layers import QuantLayer, hooks_removed
-from quantface.calibration.ranks import (branch_params, candidates, cost_unit, energy_beyond, layer_size, rank_cost,
-                                        reference_cost, scaled_budget, split_rank)
+from quantface.calibration.ranks import (Storage, branch_params, candidates, cost_unit, energy_beyond, layer_size,
+                                        rank_cost, reference_cost, scaled_budget, split_rank)
 
 if TYPE_CHECKING:
     from quantface.calibration.config import CalibConfig
@@ -144,11 +144,13 @@ def allocate_stca(complexity: dict[str, LayerComplexity], layers: dict[str, Quan
         else:  # the uniform rank too: for the 3- and 8-channel output convs, their whole weight
             ranks = sorted(set(candidates(layer)) | {uniform[name]})
         energies = energy_beyond(layer.weight, ranks)
-        options[name] = [Option(r, weight[name] * e, rank_cost(layer, r, complexity[name].positions, cfg.rank_cost))
+        options[name] = [Option(r, weight[name] * e, rank_cost(layer, r, complexity[name].positions, cfg.rank_cost,
+                                                                        Storage.of(cfg)))
                          for r, e in zip(ranks, energies)]
     ref_params = float(sum(branch_params(l, uniform[n]) for n, l in layers.items()))
     ref_macs = float(sum(branch_params(l, uniform[n]) * complexity[n].positions for n, l in layers.items()))
-    reference = reference_cost(layers, uniform, {n: c.positions for n, c in complexity.items()}, cfg.rank_cost)
+    reference = reference_cost(layers, uniform, {n: c.positions for n, c in complexity.items()}, cfg.rank_cost,
+                               Storage.of(cfg))
     budget = scaled_budget(reference, cfg.rank_budget)
     unit = cost_unit(cfg.rank_cost)
     sol = allocate(options, budget, lambda c: f"{c:g} branch {unit}")

@@ -16,7 +16,10 @@ the floor). Two regimes:
   - cost M_{i,R} (``rank_cost``): ``params`` = R·(in·kh·kw + out), the branch's parameters (down
     factor R × in × kh × kw, up factor out × R); ``macs`` = that × the layer's output positions per
     image (the branch's multiply-accumulates); or ``both``, a two-dimensional cost with one
-    constraint each. Parameters alone favour the many-parameter, low-resolution UNet layers'
+    constraint each; ``bytes`` = what the choice stores in the ``reference`` export beyond a branch-less
+    quantized layer (``option_bytes``: the factors at ``--branch-bits`` with their per-row scales, or float16;
+    for ``FULL_PRECISION`` the float32 weight less the codes and scales it replaces) — the cost that prices a
+    float layer at 32 bits a weight where ``params`` prices it as one branch parameter. Parameters alone favour the many-parameter, low-resolution UNet layers'
     branches for removal and keep the few-parameter, full-resolution ones, whose MACs dominate
     (on the reference model F = 0.5 by parameters leaves 1.05 × the uniform MACs);
   - budget = F × Σ_i M_{i, uniform R_i} (the capped uniform branches above), per dimension;
@@ -110,6 +113,42 @@ def options_of(layer: QuantLayer) -> list[int | str]:
 def option_params(layer: QuantLayer, choice: int | str) -> int:
     """Float parameters a choice keeps: a branch's, or the whole weight's for ``FULL_PRECISION``."""
     return layer.weight.numel() if choice == FULL_PRECISION else branch_params(layer, choice)
+
+
+# Bytes of one stored float: a float32 weight of a full-precision layer, a per-row scale, a float16 factor element.
+FLOAT32_BYTES, FLOAT16_BYTES = 4, 2
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How the ``bytes`` cost stores a layer in the ``reference`` export: its weight codes' bits and its branch
+    factors' (``--branch-bits``; None: float16 factors, as frozen recipes round them)."""
+    weight_bits: int = 4
+    branch_bits: int | None = None
+
+    @classmethod
+    def of(cls, cfg: "CalibConfig") -> "Storage":
+        return cls(cfg.weight_bits, cfg.branch_bits)
+
+
+def option_bytes(layer: QuantLayer, choice: int | str, storage: Storage) -> float:
+    """The ``bytes`` cost of a choice: bytes the ``reference`` export stores for it beyond the layer quantized
+    without a branch. A rank-R branch: its R·(in·kh·kw + out) factor elements as the INT4 (``branch_bits`` ≤ 4)
+    or INT8 codes the export stores, plus a float32 scale per factor row (R + out), or as float16 without
+    ``branch_bits``. ``FULL_PRECISION``: the float32 weight less the weight's codes (INT4 or INT8) and
+    per-output-channel scales it replaces (its input's activation quantizer and rotation vector are left
+    out: a few bytes a channel)."""
+    if choice == FULL_PRECISION:
+        out = layer.out_channels
+        codes = 4 if storage.weight_bits <= 4 else 8  # the weight's INT4 / INT8 codes in the reference export
+        return max(layer.weight.numel() * (FLOAT32_BYTES - codes / 8) - FLOAT32_BYTES * out, 0.0)
+    if choice == 0:
+        return 0.0
+    elements = branch_params(layer, choice)
+    if storage.branch_bits is None:
+        return float(FLOAT16_BYTES * elements)
+    container = 4 if storage.branch_bits <= 4 else 8  # the export's INT4 / INT8 code tensors
+    return elements * container / 8 + FLOAT32_BYTES * (choice + layer.out_channels)
 
 
 @dataclass
@@ -349,8 +388,9 @@ def _stats_from(section: dict[str, Any], layers: dict[str, QuantLayer], images: 
 
 # ``rank_cost`` names → the cost's dimensions (one budget constraint each).
 COST_DIMS = {"params": ("params",), "macs": ("macs",), "both": ("params", "macs"), "time": ("time",),
-             "params+time": ("params", "time")}
-_DIM_UNITS = {"params": "parameters", "macs": "multiply-accumulates per image", "time": "modelled CPU ms per image"}
+             "params+time": ("params", "time"), "bytes": ("bytes",)}
+_DIM_UNITS = {"params": "parameters", "macs": "multiply-accumulates per image", "time": "modelled CPU ms per image",
+              "bytes": "bytes of the reference export"}
 # The ``time`` cost: a branch's kernel time on ONNX Runtime's CPU EP (the ``ort-cpu`` graph: the down conv /
 # MatMul, the up conv / MatMul and the Add onto the quantized product, all float32) modelled as
 #     t(R) = a·(input elements) + b·(output elements) + c·(branch MACs) for R > 0, t(0) = 0,
@@ -380,12 +420,18 @@ def branch_time(layer: QuantLayer, rank: int | str, positions: int) -> float:
             + k["mac"] * option_params(layer, rank) * positions)
 
 
-def rank_cost(layer: QuantLayer, rank: int | str, positions: int, cost: str) -> float | tuple[float, ...]:
-    """M_{i,R}: the branch's parameters (``option_params``), its MACs per image, its modelled CPU time, or a
-    tuple of several (``COST_DIMS``: one budget constraint each)."""
+def rank_cost(layer: QuantLayer, rank: int | str, positions: int, cost: str,
+              storage: Storage = Storage()) -> float | tuple[float, ...]:
+    """M_{i,R}: the branch's parameters (``option_params``), its MACs per image, its modelled CPU time, its
+    bytes in the reference export (``option_bytes`` under ``storage``), or a tuple of several (``COST_DIMS``:
+    one budget constraint each)."""
     params = float(option_params(layer, rank))
-    value = {"params": params, "macs": params * positions, "time": branch_time(layer, rank, positions)}
     dims = COST_DIMS[cost]
+    value = {"params": params, "macs": params * positions}
+    if "time" in dims:
+        value["time"] = branch_time(layer, rank, positions)
+    if "bytes" in dims:
+        value["bytes"] = option_bytes(layer, rank, storage)
     return value[dims[0]] if len(dims) == 1 else tuple(value[d] for d in dims)
 
 
@@ -395,9 +441,9 @@ def cost_unit(cost: str) -> str:
 
 
 def reference_cost(layers: dict[str, QuantLayer], uniform: dict[str, int], positions: dict[str, int],
-                   cost: str) -> float | tuple[float, ...]:
-    """Σ_i M_{i, U_i}: the uniform branches' cost, the budget's unit."""
-    totals = [rank_cost(l, uniform[n], positions[n], cost) for n, l in layers.items()]
+                   cost: str, storage: Storage = Storage()) -> float | tuple[float, ...]:
+    """Σ_i M_{i, U_i}: the uniform branches' cost (``bytes``: stored as ``storage`` stores them), the budget's unit."""
+    totals = [rank_cost(l, uniform[n], positions[n], cost, storage) for n, l in layers.items()]
     if isinstance(totals[0], tuple):
         return tuple(float(sum(t[d] for t in totals)) for d in range(len(totals[0])))
     return float(sum(totals))
@@ -445,14 +491,16 @@ def allocate_ranks(model: torch.nn.Module, layers: dict[str, QuantLayer], x: tor
     else:
         stats = (rank_output_errors if cfg.rank_error == "output" else rank_errors)(model, layers, x, act, cfg, spec)
     measure_seconds = time.time() - t0
-    options = {n: [Option(r, stats[n].sq_error[r], rank_cost(l, r, stats[n].positions, cfg.rank_cost))
+    storage = Storage.of(cfg)
+    options = {n: [Option(r, stats[n].sq_error[r], rank_cost(l, r, stats[n].positions, cfg.rank_cost, storage))
                    for r in options_of(l)] for n, l in layers.items()}
     uniform = {n: uniform_rank(spec, cfg, l) for n, l in layers.items()}
     positions = {n: stats[n].positions for n in layers}
     ref_params = sum(branch_params(l, uniform[n]) for n, l in layers.items())
     ref_macs = sum(branch_params(l, uniform[n]) * positions[n] for n, l in layers.items())
     ref_time = sum(branch_time(l, uniform[n], positions[n]) for n, l in layers.items())
-    reference = reference_cost(layers, uniform, positions, cfg.rank_cost)
+    ref_bytes = sum(option_bytes(l, uniform[n], storage) for n, l in layers.items())
+    reference = reference_cost(layers, uniform, positions, cfg.rank_cost, storage)
     dims = reference if isinstance(reference, tuple) else (reference,)
     fractions = budget_fractions(cfg)
     budget = tuple(f * r for f, r in zip(fractions, dims))
@@ -467,6 +515,7 @@ def allocate_ranks(model: torch.nn.Module, layers: dict[str, QuantLayer], x: tor
     params = {n: option_params(l, ranks[n]) for n, l in layers.items()}
     macs = {n: params[n] * stats[n].positions for n in layers}
     times = {n: branch_time(l, ranks[n], positions[n]) for n, l in layers.items()}
+    stored = {n: option_bytes(l, ranks[n], storage) for n, l in layers.items()}
     achieved = sol.cost if isinstance(sol.cost, tuple) else (sol.cost,)
     meta = {
         "budget": cfg.rank_budget, "cost": cfg.rank_cost, "cost_unit": unit, "error": cfg.rank_error,
@@ -479,6 +528,8 @@ def allocate_ranks(model: torch.nn.Module, layers: dict[str, QuantLayer], x: tor
         "branch_params": sum(params.values()), "uniform_branch_params": ref_params,
         "branch_macs_per_image": sum(macs.values()), "uniform_branch_macs_per_image": ref_macs,
         "branch_time_ms": sum(times.values()), "uniform_branch_time_ms": ref_time, "time_model": BRANCH_TIME_MS,
+        "branch_bytes": sum(stored.values()), "uniform_branch_bytes": ref_bytes,
+        "storage": dataclasses.asdict(storage),
         "candidates": [*RANK_CANDIDATES, FULL_PRECISION], "error_images": len(x),
         "full_precision_layers": [n for n in layers if ranks[n] == FULL_PRECISION],
         "objective": sol.objective, "solve_seconds": sol.seconds, "solver": "pulp CBC",
@@ -496,7 +547,8 @@ def allocate_ranks(model: torch.nn.Module, layers: dict[str, QuantLayer], x: tor
     print(f"rank allocation (budget {shares} of the uniform branches' {unit}; full precision: "
           f"{', '.join(fp) if fp else 'none'}): parameters "
           f"{sum(params.values()) / max(ref_params, 1):.3f}, MACs {sum(macs.values()) / max(ref_macs, 1):.3f} of "
-          f"the uniform branches', modelled CPU time {sum(times.values()) / max(ref_time, 1e-12):.3f}, solved in {sol.seconds:.2f}s")
+          f"the uniform branches', modelled CPU time {sum(times.values()) / max(ref_time, 1e-12):.3f}, reference-export bytes "
+          f"{sum(stored.values()) / max(ref_bytes, 1e-12):.3f}, solved in {sol.seconds:.2f}s")
     return RankAllocation(ranks, meta)
 
 

@@ -397,8 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "branches' total)")
     g.add_argument("--rank-cost", default=d.rank_cost, choices=list(RANK_COSTS),
                    help="branch cost: its parameters, its multiply-accumulates per image, both, its modelled ONNX "
-                        "Runtime CPU time (calibration.ranks.BRANCH_TIME_MS), or parameters and time (each within the "
-                        "budget; default: %(default)s)")
+                        "Runtime CPU time (calibration.ranks.BRANCH_TIME_MS), parameters and time (each within the "
+                        "budget), or the bytes it adds to the reference export (factors at --branch-bits; a "
+                        "full-precision layer's float32 weight; default: %(default)s)")
     g.add_argument("--rank-time-budget", type=float, default=None,
                    help="with --rank-cost time or params+time: the time constraint's own fraction of the uniform "
                         "branches' modelled time (default: --rank-budget's)")

@@ -174,3 +174,35 @@ def test_reader_refuses_codes_beyond_the_recorded_bits(assets, tmp_path):
 def test_branch_bits_outside_2_to_8_is_one_clear_error(bits):
     with pytest.raises(ConfigError, match="--branch-bits"):
         CalibConfig(method="quantface", bits="W4A4", data="x", out="y", branch_bits=bits).check()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_bytes_cost_counts_what_the_reference_export_stores(assets, bits):
+    """``--rank-cost bytes`` prices a rank-R branch as the bytes its factors' codes and scales take in the
+    reference export, and a full-precision layer as its float32 weight less the codes and scales a quantized
+    layer stores instead (one byte of slack per INT4 tensor: an odd count of codes pads its last byte)."""
+    from quantface.calibration.ranks import FULL_PRECISION, Storage, option_bytes
+
+    root, stem, recipes = assets
+    path, model = recipes[bits]
+    out = root / f"bytes_b{bits}.onnx"
+    export_onnx(ExportConfig(weights=str(stem), recipe=str(path), profile="reference", out=str(out)))
+    stored = {t.name: len(t.raw_data) for t in onnx.load(str(out)).graph.initializer}
+    assert all(stored.values())  # every initializer is raw bytes: the lengths below are what the file holds
+    recipe, layers, storage = read_recipe(path), quant_layers(model), Storage(4, bits)
+    slack = 1 if bits <= 4 else 0
+    branches = 0
+    for name, entry in recipe.layers.items():
+        layer = layers[name]
+        codes = stored.get(f"{name}.weight_codes")
+        if codes is None:  # a timestep-path layer folded to a constant
+            continue
+        quantized = codes + stored[f"{name}.weight_scale"]
+        assert abs(layer.weight.numel() * 4 - quantized - option_bytes(layer, FULL_PRECISION, storage)) <= slack
+        if entry.lowrank_down is None:
+            assert option_bytes(layer, 0, storage) == 0
+            continue
+        branches += 1
+        keys = [f"{name}.lowrank_{f}_{k}" for f in ("down", "up") for k in ("codes", "scale")]
+        assert abs(sum(stored[k] for k in keys) - option_bytes(layer, entry.lowrank_rank, storage)) <= 2 * slack
+    assert branches

@@ -103,7 +103,7 @@ def test_rank_budget_is_checked_before_work(image_folder, tmp_path, tiny_weights
     with pytest.raises(ConfigError, match="--rank-budget"):
         CalibConfig(rank_budget=0)
     with pytest.raises(ConfigError, match="--rank-cost"):
-        CalibConfig(rank_cost="bytes")
+        CalibConfig(rank_cost="watts")
     with pytest.raises(ConfigError, match="--rank-error 'psnr' is not one of output, layer, energy"):
         CalibConfig(rank_error="psnr")
     with pytest.raises(ConfigError, match="--rank-time-budget needs a --rank-cost with time"):
@@ -299,3 +299,26 @@ def test_rank_errors_reused_from_a_recipe_give_the_freshly_measured_allocation(i
     with pytest.raises(ConfigError, match="needs a --rank-budget"):
         CalibConfig(rank_errors_from=str(tmp_path / "recipes" / "a"))
     assert not (tmp_path / "recipes" / "d").exists() and not (tmp_path / "recipes" / "e").exists()
+
+
+def test_a_bytes_budget_holds_and_prices_float_layers_by_their_float32_weight(image_folder, tmp_path, tiny_weights):
+    """``--rank-cost bytes`` with ``--branch-bits 4``: the program's choices store at most the budget's share of
+    the uniform branches' bytes, and a full-precision layer costs 3.5 bytes a W4 weight less its scales, where
+    ``params`` counts it one parameter a weight."""
+    from quantface.calibration.ranks import FULL_PRECISION, Storage, option_bytes
+
+    result = calibrate(_cfg(image_folder, tmp_path, tiny_weights, steps=0, rank_budget=0.5, rank_cost="bytes",
+                            rank_error="energy", branch_bits=4))
+    alloc = result_meta(result)["rank_allocation"]
+    assert alloc["cost_unit"] == "bytes of the reference export" and alloc["storage"] == {"weight_bits": 4,
+                                                                                        "branch_bits": 4}
+    assert alloc["branch_bytes"] == alloc["achieved_cost"] <= 0.5 * alloc["uniform_branch_bytes"]
+    for entry in alloc["layers"].values():
+        assert entry["costs"][entry["candidates"].index(0)] == 0.0
+    conv = QuantLayer(nn.Conv2d(16, 24, 3))
+    assert option_bytes(conv, FULL_PRECISION, Storage(4, 4)) == 16 * 24 * 9 * 3.5 - 4 * 24
+    assert option_bytes(conv, 4, Storage(4, 4)) == 4 * (16 * 9 + 24) / 2 + 4 * (4 + 24)
+    assert option_bytes(conv, 4, Storage(4, None)) == 2 * 4 * (16 * 9 + 24)
+    assert option_bytes(conv, 4, Storage(4, 3)) == option_bytes(conv, 4, Storage(4, 4))  # an INT4 container
+    assert option_bytes(conv, 4, Storage(4, 6)) == option_bytes(conv, 4, Storage(4, 8))  # an INT8 one
+    assert rank_cost(conv, 4, 64, "bytes", Storage(4, 8)) == 4 * (16 * 9 + 24) + 4 * (4 + 24)
