@@ -8,11 +8,12 @@ output y, in order (every node optional, as the recipe says)::
                                          │                                                      (+ P_BiasAdd)
                                          └─ P_LowRankDown ─ P_LowRankUp ──────────────────────── P_LowRankAdd ─ y
 
-* Smoothing stays an explicit ``Mul`` by 1/s (not folded into the previous op, whose output other
-  layers may share, nor — except in the ``reference`` profile — into the rotation's signs, so
-  ``rotation=False`` removes exactly the Hadamard nodes and nothing else). ``reference``
-  (``Profile.signs_carry_smoothing``) multiplies 1/s into the signs d of the Hadamard node instead:
-  x·(d/s) is (x/s)·d bit for bit (d = ±1), one vector and one node fewer per layer.
+* Smoothing is a ``Mul`` by 1/s (not folded into the previous op, whose output other layers may
+  share) unless the layer's Hadamard node carries it: ``reference`` and ``ort-cpu``
+  (``Profile.signs_carry_smoothing``) multiply 1/s into the node's signs d, x·(d/s) being (x/s)·d bit
+  for bit (d = ±1) — one vector and one elementwise pass fewer per layer. ``rotation=False`` then
+  puts the explicit ``P_Smooth`` back where the Hadamard node was; ``qnn``, whose rotation is inline,
+  keeps the ``Mul``.
 * ``P_Hadamard`` is ``export.rotation``'s node (function call, or its body inline for ``qnn``).
 * Activations: per-tensor ``QuantizeLinear`` → ``DequantizeLinear`` with the recipe's scale and zero
   point in the profile's container; ``P_Clip`` keeps codes in [0, 2^b − 1] when the container is

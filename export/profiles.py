@@ -119,7 +119,7 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
     Profile("reference", int4_weights=True, uint4_acts=True, inline_rotation=False, half_lowrank=True,
             int_lowrank=True, kron_min_order=4, signs_carry_smoothing=True, weight_zero_points=False),
     Profile("ort-cpu", int4_weights=False, uint4_acts=False, inline_rotation=False, half_lowrank=True, int_lowrank=True,
-            requant_conv_outputs=True, integer_linears=True, int4_storage=True),
+            signs_carry_smoothing=True, requant_conv_outputs=True, integer_linears=True, int4_storage=True),
     Profile("qnn", int4_weights=False, uint4_acts=False, inline_rotation=True, requant_conv_outputs=True,
             scales_after_product=True, int4_storage=True, integer_units=True),
 ]}

@@ -182,6 +182,14 @@ def test_graph_structure_follows_the_recipe(cache, method, bits, exporter, profi
 
     for name, e in live.items():
         assert nodes[f"{name}_QuantizeLinear"].op_type == "QuantizeLinear"
+        # reference, ort-cpu: the Hadamard node's sign vector carries the smoothing, D = d · (1/s) (export.lower)
+        carried = profile != "qnn" and bool(e["smoothing"]) and e["hadamard"] is not None
+        assert (f"{name}_Smooth" in nodes) == (bool(e["smoothing"]) and not carried)
+        if carried:
+            d_vec = numpy_helper.to_array(initializers[nodes[f"{name}_Hadamard"].input[1]]).reshape(-1)
+            inv = (1.0 / tensors[e["smoothing"]]).numpy()
+            assert np.array_equal(d_vec, inv * tensors[e["hadamard"]["signs"]].numpy().astype(np.float32))
+            assert f"{name}.smooth_inv" not in types and f"{name}.hadamard_signs" not in types
         if name in int_linear:
             mm, q = nodes[f"{name}_MatMulIntegerToFloat"], nodes[f"{name}_QuantizeLinear"]
             assert mm.domain == "com.microsoft"
@@ -193,7 +201,6 @@ def test_graph_structure_follows_the_recipe(cache, method, bits, exporter, profi
             assert not any(f"{name}_{op}" in nodes for op in ("DequantizeLinear", "weight_DequantizeLinear",
                                                                "MatMul", "BiasAdd"))
             assert (f"{name}_LowRankAdd" in nodes) == bool(e["lowrank_rank"])
-            assert (f"{name}_Smooth" in nodes) == bool(e["smoothing"])
             assert types[f"{name}.act_zero_point"] == TensorProto.UINT8
             assert (f"{name}_Clip" in nodes) == (a_bits < 8)
             continue
@@ -223,13 +230,6 @@ def test_graph_structure_follows_the_recipe(cache, method, bits, exporter, profi
                 assert types.get(f"{name}.lowrank_{factor}{'_fp16' if half else ''}") == \
                     (TensorProto.FLOAT16 if half else TensorProto.FLOAT)
                 assert (f"{name}.lowrank_{factor}_Cast" in nodes) == half
-        # reference: the Hadamard node's sign vector carries the smoothing, D = d · (1/s) (export.lower)
-        carried = profile == "reference" and bool(e["smoothing"]) and e["hadamard"] is not None
-        assert (f"{name}_Smooth" in nodes) == (bool(e["smoothing"]) and not carried)
-        if carried:
-            d_vec = numpy_helper.to_array(initializers[nodes[f"{name}_Hadamard"].input[1]]).reshape(-1)
-            inv = (1.0 / tensors[e["smoothing"]]).numpy()
-            assert np.array_equal(d_vec, inv * tensors[e["hadamard"]["signs"]].numpy().astype(np.float32))
         if profile == "reference":  # symmetric weight codes: DequantizeLinear's default zero point
             assert len(wdq.input) == 2 and f"{name}.weight_zero_point" not in types
         assert (f"{name}_OutputQuantizeLinear" in nodes) == (name in requant)
@@ -519,17 +519,29 @@ def test_fp32_export_matches_the_torch_model(cache, exporter):
 
 @pytest.mark.parametrize("profile", ["ort-cpu", "qnn"])
 def test_rotation_off_removes_exactly_the_hadamard_nodes(cache, profile):
+    """Without rotation the graph is the rotated one less its Hadamard nodes and tensors, plus — where a
+    Hadamard node's signs carried the layer's smoothing (ort-cpu) — that layer's explicit Smooth Mul, in
+    the Hadamard node's place; qnn's inline rotation never carries it."""
     full = onnx.load(str(cache.export("quantface", "W4A4", profile)))
     bare = onnx.load(str(cache.export("quantface", "W4A4", profile, rotation=False)))
 
     def is_rotation(name: str) -> bool:
         return name.endswith("_Hadamard") or "_Hadamard_" in name or name.startswith("hadamard.") \
-            or name.endswith(".hadamard_signs")
+            or name.endswith((".hadamard_signs", ".hadamard_signs_smooth_inv"))
+
+    carried = {n.name[:-len("_Hadamard")] for n in full.graph.node
+               if n.name.endswith("_Hadamard") and n.input[1].endswith(".hadamard_signs_smooth_inv")}
+    assert bool(carried) == (profile == "ort-cpu")
+
+    def put_back(name: str) -> bool:  # the carried layers' Smooth Mul and its vector, back without rotation
+        return any(name in (f"{p}_Smooth", f"{p}.smooth_inv") for p in carried)
 
     assert [(n.name, n.op_type) for n in full.graph.node if not is_rotation(n.name)] == \
-        [(n.name, n.op_type) for n in bare.graph.node]
+        [(n.name, n.op_type) for n in bare.graph.node if not put_back(n.name)]
+    assert {n.name for n in bare.graph.node if put_back(n.name)} == {f"{p}_Smooth" for p in carried}
     assert {i.name for i in full.graph.initializer if not is_rotation(i.name)} == \
-        {i.name for i in bare.graph.initializer}
+        {i.name for i in bare.graph.initializer if not put_back(i.name)}
+    assert {i.name for i in bare.graph.initializer if put_back(i.name)} == {f"{p}.smooth_inv" for p in carried}
     assert not bare.functions and read_metadata(bare)["rotation"] == "false"
 
 
