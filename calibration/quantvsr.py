@@ -137,6 +137,7 @@ def allocate_stca(complexity: dict[str, LayerComplexity], layers: dict[str, Quan
     weight = {n: (c.complexity / mean_c if mean_c > 0 else 1.0) for n, c in complexity.items()}
     # The uniform reference: rank 2r, capped at the layer's size as split_lowrank caps the SVD branch.
     uniform = {n: min(uniform_unit, layer_size(l)) for n, l in layers.items()}
+    storage = Storage.of(cfg)
     options: dict[str, list[Option]] = {}
     for name, layer in layers.items():
         if not complexity[name].spatial:  # no statistic (the timestep MLP): the uniform rank, as QuantVSR keeps
@@ -144,13 +145,13 @@ def allocate_stca(complexity: dict[str, LayerComplexity], layers: dict[str, Quan
         else:  # the uniform rank too: for the 3- and 8-channel output convs, their whole weight
             ranks = sorted(set(candidates(layer)) | {uniform[name]})
         energies = energy_beyond(layer.weight, ranks)
-        options[name] = [Option(r, weight[name] * e, rank_cost(layer, r, complexity[name].positions, cfg.rank_cost,
-                                                                        Storage.of(cfg)))
+        positions = complexity[name].positions
+        options[name] = [Option(r, weight[name] * e, rank_cost(layer, r, positions, cfg.rank_cost, storage))
                          for r, e in zip(ranks, energies)]
     ref_params = float(sum(branch_params(l, uniform[n]) for n, l in layers.items()))
     ref_macs = float(sum(branch_params(l, uniform[n]) * complexity[n].positions for n, l in layers.items()))
     reference = reference_cost(layers, uniform, {n: c.positions for n, c in complexity.items()}, cfg.rank_cost,
-                               Storage.of(cfg))
+                               storage)
     budget = scaled_budget(reference, cfg.rank_budget)
     unit = cost_unit(cfg.rank_cost)
     sol = allocate(options, budget, lambda c: f"{c:g} branch {unit}")

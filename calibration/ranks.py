@@ -19,8 +19,8 @@ the floor). Two regimes:
     constraint each; ``bytes`` = what the choice stores in the ``reference`` export beyond a branch-less
     quantized layer (``option_bytes``: the factors at ``--branch-bits`` with their per-row scales, or float16;
     for ``FULL_PRECISION`` the float32 weight less the codes and scales it replaces) — the cost that prices a
-    float layer at 32 bits a weight where ``params`` prices it as one branch parameter. Parameters alone favour the many-parameter, low-resolution UNet layers'
-    branches for removal and keep the few-parameter, full-resolution ones, whose MACs dominate
+    float layer at 32 bits a weight where ``params`` prices it as one branch parameter. Parameters alone
+    favour the many-parameter, low-resolution UNet layers' branches for removal and keep the few-parameter, full-resolution ones, whose MACs dominate
     (on the reference model F = 0.5 by parameters leaves 1.05 × the uniform MACs);
   - budget = F × Σ_i M_{i, uniform R_i} (the capped uniform branches above), per dimension;
   - error (``rank_error``): ``output`` (default, ``rank_output_errors``: the change of the model output's MSE
@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from quantface.bits import container_bits
 from quantface.calibration.allocation import Option, allocate
 from quantface.calibration.layers import QuantLayer, hooks_removed
 from quantface.errors import ConfigError
@@ -140,15 +141,14 @@ def option_bytes(layer: QuantLayer, choice: int | str, storage: Storage) -> floa
     out: a few bytes a channel)."""
     if choice == FULL_PRECISION:
         out = layer.out_channels
-        codes = 4 if storage.weight_bits <= 4 else 8  # the weight's INT4 / INT8 codes in the reference export
-        return max(layer.weight.numel() * (FLOAT32_BYTES - codes / 8) - FLOAT32_BYTES * out, 0.0)
+        codes = container_bits(storage.weight_bits) / 8
+        return max(layer.weight.numel() * (FLOAT32_BYTES - codes) - FLOAT32_BYTES * out, 0.0)
     if choice == 0:
         return 0.0
     elements = branch_params(layer, choice)
     if storage.branch_bits is None:
         return float(FLOAT16_BYTES * elements)
-    container = 4 if storage.branch_bits <= 4 else 8  # the export's INT4 / INT8 code tensors
-    return elements * container / 8 + FLOAT32_BYTES * (choice + layer.out_channels)
+    return elements * container_bits(storage.branch_bits) / 8 + FLOAT32_BYTES * (choice + layer.out_channels)
 
 
 @dataclass

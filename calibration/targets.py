@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from quantface.bits import container_bits
 from quantface.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -109,7 +110,7 @@ class QnnCost(Cost):
 
 class CpuByteCost(Cost):
     def of(self, layer: LayerSize, w: int, a: int) -> float:
-        return layer.weights * (4 if w <= 4 else 8) / 8  # the container: 7-bit codes (--reduce-range) fill INT8
+        return layer.weights * container_bits(w) / 8  # the container: 7-bit codes (--reduce-range) fill INT8
 
     def reference(self, layers: Sequence[LayerSize], weight_bits: int) -> float:
         return float(sum(s.weights for s in layers))

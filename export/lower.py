@@ -56,6 +56,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from quantface.bits import container_bits
 from quantface.export.errors import ExportError
 from quantface.export.graph import GraphBuilder, replace_nodes
 from quantface.export.layer import ExportLayer
@@ -127,7 +128,7 @@ def _codes(b: GraphBuilder, name: str, codes: np.ndarray, bits: int, container: 
            ) -> tuple[str, list[onnx.NodeProto]]:
     """Weight codes in ``container``: as an initializer of that type, or (``Profile.int4_storage``,
     ≤ 4-bit codes in an INT8 container) an INT4 initializer and a ``Cast`` to INT8."""
-    if profile.int4_storage and bits <= 4 and container == TensorProto.INT8:
+    if profile.int4_storage and container_bits(bits) == 4 and container == TensorProto.INT8:
         cast = b.node("Cast", [b.initializer(f"{name}_int4", codes, TensorProto.INT4)], f"{name}_Cast",
                       to=TensorProto.INT8)
         return cast.output[0], [cast]
@@ -254,7 +255,7 @@ def _int_factor(b: GraphBuilder, p: str, factor: str, codes, scale, bits: int, p
     codes = codes if conv else np.ascontiguousarray(codes.T)
     scale = _np(scale).astype(np.float32)
     scale = scale.reshape(-1, *[1] * (codes.ndim - 1)) if conv else scale.reshape(1, -1)
-    narrow = bits <= 4 and (profile.int4_weights or profile.int4_storage)
+    narrow = container_bits(bits) == 4 and (profile.int4_weights or profile.int4_storage)
     stored = b.initializer(f"{name}_codes", codes, TensorProto.INT4 if narrow else TensorProto.INT8)
     to_float = b.node("Cast", [stored], f"{node}_Cast", to=TensorProto.FLOAT)
     mul = b.node("Mul", [to_float.output[0], b.initializer(f"{name}_scale", scale)], f"{node}_Scale")

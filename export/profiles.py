@@ -68,6 +68,7 @@ from dataclasses import dataclass
 
 from onnx import TensorProto
 
+from quantface.bits import container_bits
 from quantface.errors import ConfigError
 from quantface.export.rotation import KRON_MIN_ORDER
 
@@ -104,7 +105,7 @@ class Profile:
     integer_units: bool = False
 
     def weight_type(self, bits: int) -> int:
-        return TensorProto.INT4 if self.int4_weights and bits <= 4 else TensorProto.INT8
+        return TensorProto.INT4 if self.int4_weights and container_bits(bits) == 4 else TensorProto.INT8
 
     def act_type(self, bits: int) -> int:
         if self.uint4_acts and bits <= 4:

@@ -22,6 +22,13 @@ def check_bits(bits: int, wide: bool = False) -> int:
     return bits
 
 
+def container_bits(bits: int) -> int:
+    """Width of the stored container of ``bits``-bit weight or factor codes where 4-bit containers exist
+    (the ``reference`` export, the 4-bit storage of ``ort-cpu`` / ``qnn``): INT4 from 4 bits down, else INT8 —
+    so 3-bit codes take 4 and 7-bit ones (``--reduce-range``) 8."""
+    return 4 if bits <= 4 else 8
+
+
 def qrange(bits: int, signed: bool) -> tuple[int, int]:
     """Integer code range of a b-bit grid: signed [−2^(b−1), 2^(b−1)−1], unsigned [0, 2^b−1]
     (unsigned activation grids also allow b = WIDE_ACT_BITS)."""
